@@ -1,7 +1,7 @@
 """Shared fixtures for the interop suite: start the real `mooring` binary on ephemeral ports
 with a temporary data directory, and hand tests real AWS clients pointed at it.
 
-The binary is `$MOORING_BIN` when set (scripts/test sets it to the release build), else
+The binary is `$TEST_MOORING_BIN` when set (scripts/test sets it to the release build), else
 `target/release/mooring` or `target/debug/mooring` under the repository root.
 """
 
@@ -20,14 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def mooring_binary() -> str:
-    explicit = os.environ.get("MOORING_BIN")
+    explicit = os.environ.get("TEST_MOORING_BIN")
     if explicit:
         return explicit
     for profile in ("release", "debug"):
         candidate = REPO / "target" / profile / "mooring"
         if candidate.exists():
             return str(candidate)
-    raise RuntimeError("no mooring binary: build it or set MOORING_BIN")
+    raise RuntimeError("no mooring binary: build it or set TEST_MOORING_BIN")
 
 
 class Mooring:

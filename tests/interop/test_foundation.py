@@ -15,11 +15,12 @@ from botocore.exceptions import ClientError
 
 
 def http_get(url):
+    """(status, headers with case-insensitive lookup, body)."""
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def test_first_start_prints_banner_and_writes_credentials_and_ca(mooring):
@@ -147,8 +148,10 @@ def test_skewed_clock_is_refused(mooring):
 
 
 def test_aws_cli_with_written_profile_files(mooring):
+    # AWS CLI v1 ignores endpoint_url in the config file, so it takes --endpoint-url.
     result = subprocess.run(
-        ["aws", "sqs", "list-queues"], env=mooring.cli_env(), capture_output=True, text=True, timeout=60,
+        ["aws", "sqs", "list-queues", "--endpoint-url", mooring.url],
+        env=mooring.cli_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
     assert "UnknownOperationException" in result.stderr, result.stderr
@@ -160,6 +163,19 @@ def test_aws_cli_with_written_profile_files(mooring):
         env=bad_env, capture_output=True, text=True, timeout=60,
     )
     assert "InvalidSignatureException" in result.stderr, result.stderr
+
+
+def test_boto3_profile_files_need_no_endpoint_url(mooring, monkeypatch):
+    import boto3
+    for k, v in mooring.cli_env().items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    sqs = boto3.Session(profile_name="mooring").client("sqs")
+    assert sqs.meta.endpoint_url == mooring.url
+    with pytest.raises(ClientError) as err:
+        sqs.list_queues()
+    assert err.value.response["Error"]["Code"] == "UnknownOperationException"
 
 
 def test_restart_keeps_credentials_and_ca(mooring):

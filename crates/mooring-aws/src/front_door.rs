@@ -143,15 +143,19 @@ pub fn default_auth_error(failure: &AuthFailure) -> AwsError {
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
         ),
-        AuthFailure::SignatureMismatch(m) => {
-            AwsError::new(StatusCode::FORBIDDEN, "InvalidSignatureException", m.clone())
-        }
+        AuthFailure::SignatureMismatch(m) => AwsError::new(
+            StatusCode::FORBIDDEN,
+            "InvalidSignatureException",
+            m.clone(),
+        ),
         AuthFailure::Expired(m) if m.starts_with("Request has expired") => {
             AwsError::new(StatusCode::FORBIDDEN, "RequestExpired", m.clone())
         }
-        AuthFailure::Expired(m) => {
-            AwsError::new(StatusCode::FORBIDDEN, "InvalidSignatureException", m.clone())
-        }
+        AuthFailure::Expired(m) => AwsError::new(
+            StatusCode::FORBIDDEN,
+            "InvalidSignatureException",
+            m.clone(),
+        ),
     }
 }
 
@@ -281,11 +285,14 @@ impl FrontDoor {
             signing_name: signing_name.as_deref(),
         };
         let service = self.find_service(&route).cloned();
-        let protocol = service.as_ref().map(|s| s.protocol()).unwrap_or(if target.is_some() {
-            Protocol::AwsJson1_1
-        } else {
-            Protocol::RestJson1
-        });
+        let protocol = service
+            .as_ref()
+            .map(|s| s.protocol())
+            .unwrap_or(if target.is_some() {
+                Protocol::AwsJson1_1
+            } else {
+                Protocol::RestJson1
+            });
         let name = service.as_ref().map(|s| s.name()).unwrap_or("unknown");
         let body_mode = service
             .as_ref()

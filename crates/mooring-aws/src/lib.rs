@@ -11,7 +11,7 @@ pub mod protocol;
 pub mod sigv4;
 
 pub use front_door::{
-    AwsRequest, AwsService, Authentication, BodyMode, FrontDoor, FrontDoorConfig, RequestContext,
+    Authentication, AwsRequest, AwsService, BodyMode, FrontDoor, FrontDoorConfig, RequestContext,
     Route,
 };
 pub use protocol::{json_response, parse_json_body, AwsError, OperationName, Protocol};

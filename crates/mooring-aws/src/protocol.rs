@@ -65,7 +65,11 @@ impl AwsError {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure", message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalFailure",
+            message,
+        )
     }
 
     pub fn unknown_operation(what: &str) -> Self {

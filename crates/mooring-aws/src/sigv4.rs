@@ -147,9 +147,7 @@ pub fn parse(parts: &RequestParts<'_>) -> Result<Option<ParsedSignature>, AuthFa
     Ok(None)
 }
 
-fn parse_credential(
-    credential: &str,
-) -> Result<(String, String, String, String), AuthFailure> {
+fn parse_credential(credential: &str) -> Result<(String, String, String, String), AuthFailure> {
     let pieces: Vec<&str> = credential.split('/').collect();
     if pieces.len() != 5 || pieces[4] != "aws4_request" || pieces.iter().any(|p| p.is_empty()) {
         return Err(AuthFailure::Incomplete(format!(

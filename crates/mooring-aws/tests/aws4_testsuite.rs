@@ -10,8 +10,7 @@ use mooring_aws::sigv4::{self, AuthFailure, RequestParts};
 const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 
 fn suite_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/testdata/sigv4/aws4_testsuite")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/sigv4/aws4_testsuite")
 }
 
 struct RawRequest {
@@ -105,7 +104,11 @@ fn every_case_of_the_suite_canonicalizes_signs_and_verifies() {
         let authz = read(case, "authz");
         for header in raw.headers.iter_mut() {
             if header.0.eq_ignore_ascii_case("authorization") {
-                header.1 = authz.trim().trim_start_matches("Authorization:").trim().to_string();
+                header.1 = authz
+                    .trim()
+                    .trim_start_matches("Authorization:")
+                    .trim()
+                    .to_string();
             }
         }
         let parts = RequestParts {
@@ -163,12 +166,8 @@ fn presigned_query_form_verifies_and_expires() {
         raw_query: &base_query,
         headers: headers.clone(),
     };
-    let canonical = sigv4::canonical_request(
-        &unsigned,
-        &["host".to_string()],
-        sigv4::EMPTY_SHA256,
-        true,
-    );
+    let canonical =
+        sigv4::canonical_request(&unsigned, &["host".to_string()], sigv4::EMPTY_SHA256, true);
     let sts = sigv4::string_to_sign(amz_date, scope, &canonical);
     let key = sigv4::signing_key(SECRET, "20150830", "us-east-1", "iotdevicegateway");
     let query = format!("{base_query}&X-Amz-Signature={}", sigv4::sign(&key, &sts));

@@ -68,7 +68,10 @@ mod tests {
     fn builds_and_parses() {
         let arns = Arns::new("123456789012", "eu-west-1");
         let arn = arns.arn("events", "event-bus/default");
-        assert_eq!(arn, "arn:aws:events:eu-west-1:123456789012:event-bus/default");
+        assert_eq!(
+            arn,
+            "arn:aws:events:eu-west-1:123456789012:event-bus/default"
+        );
         let parsed = Arns::parse(&arn).unwrap();
         assert_eq!(parsed.service, "events");
         assert_eq!(parsed.resource, "event-bus/default");

@@ -349,7 +349,9 @@ fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<()> {
 fn parse_scalar(raw: &str) -> toml::Value {
     let probe = format!("v = {raw}");
     match probe.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -382,7 +384,10 @@ mod tests {
         .unwrap();
         let env = vec![
             ("MOORING_REGION".to_string(), "eu-central-1".to_string()),
-            ("MOORING_HTTP__LISTEN".to_string(), "127.0.0.1:2".to_string()),
+            (
+                "MOORING_HTTP__LISTEN".to_string(),
+                "127.0.0.1:2".to_string(),
+            ),
             ("MOORING_HTTP__AUTH".to_string(), "none".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
@@ -397,7 +402,10 @@ mod tests {
     #[test]
     fn numbers_from_environment_become_numbers_and_digits_in_ids_stay_strings() {
         let env = vec![
-            ("MOORING_HTTP__MAX_BODY_BYTES".to_string(), "1024".to_string()),
+            (
+                "MOORING_HTTP__MAX_BODY_BYTES".to_string(),
+                "1024".to_string(),
+            ),
             ("MOORING_ACCOUNT_ID".to_string(), "123456789012".to_string()),
         ];
         let config = Config::load(None, env, &[]).unwrap();
@@ -421,11 +429,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_context() {
-        let err = Config::load(None, vec![("MOORING_ACCOUNT_ID".into(), "12".into())], &[])
-            .unwrap_err();
+        let err =
+            Config::load(None, vec![("MOORING_ACCOUNT_ID".into(), "12".into())], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("12 digits"), "{err:#}");
         let err =
             Config::load(None, Vec::new(), &[("http.auth".into(), "maybe".into())]).unwrap_err();
-        assert!(format!("{err:#}").contains("invalid configuration"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("invalid configuration"),
+            "{err:#}"
+        );
     }
 }

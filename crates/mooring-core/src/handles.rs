@@ -93,7 +93,9 @@ impl ServiceHandles {
     }
 
     pub fn broker(&self) -> Result<&Arc<dyn BrokerHandle>, HandleError> {
-        self.broker.get().ok_or(HandleError::Unavailable("MQTT broker"))
+        self.broker
+            .get()
+            .ok_or(HandleError::Unavailable("MQTT broker"))
     }
 
     pub fn streams(&self) -> Result<&Arc<dyn StreamsHandle>, HandleError> {
@@ -103,7 +105,9 @@ impl ServiceHandles {
     }
 
     pub fn events(&self) -> Result<&Arc<dyn EventsHandle>, HandleError> {
-        self.events.get().ok_or(HandleError::Unavailable("event bus"))
+        self.events
+            .get()
+            .ok_or(HandleError::Unavailable("event bus"))
     }
 }
 

@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+use base64::Engine;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use base64::Engine;
 use sha2::{Digest, Sha256};
 
 /// A certificate and its private key, both PEM.
@@ -128,7 +128,10 @@ impl CertificateAuthority {
             })
             .collect::<Result<Vec<_>, rcgen::Error>>()?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);

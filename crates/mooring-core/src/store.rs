@@ -48,7 +48,9 @@ struct Inner {
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("path", &self.inner.path).finish()
+        f.debug_struct("Db")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -130,7 +132,10 @@ impl Db {
     }
 
     /// Runs `f` against a reader connection (the writer for in-memory databases).
-    pub fn read_blocking<R>(&self, f: impl FnOnce(&Connection) -> StoreResult<R>) -> StoreResult<R> {
+    pub fn read_blocking<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<R>,
+    ) -> StoreResult<R> {
         let Some(path) = &self.inner.path else {
             let conn = self.inner.writer.lock().map_err(poisoned)?;
             return f(&conn);
@@ -223,9 +228,11 @@ mod tests {
         db.migrate("iot", STEPS).unwrap();
         let (name, attributes): (String, String) = db
             .read(|conn| {
-                Ok(conn.query_row("SELECT name, attributes FROM things", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?)
+                Ok(
+                    conn.query_row("SELECT name, attributes FROM things", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?,
+                )
             })
             .await
             .unwrap();

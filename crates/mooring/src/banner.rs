@@ -70,8 +70,16 @@ impl Endpoints {
 pub fn render(endpoints: &Endpoints, credentials: &Credentials, auth_none: bool) -> String {
     let e = endpoints;
     let off = || "(disabled)".to_string();
-    let mqtt = e.mqtt.as_ref().map(|a| format!("mqtt://{a}")).unwrap_or_else(off);
-    let mqtts = e.mqtts.as_ref().map(|a| format!("mqtts://{a}")).unwrap_or_else(off);
+    let mqtt = e
+        .mqtt
+        .as_ref()
+        .map(|a| format!("mqtt://{a}"))
+        .unwrap_or_else(off);
+    let mqtts = e
+        .mqtts
+        .as_ref()
+        .map(|a| format!("mqtts://{a}"))
+        .unwrap_or_else(off);
     let sm = e.stream_manager.clone().unwrap_or_else(off);
     let (http, key, secret) = (
         &e.http_url,
@@ -100,9 +108,10 @@ pub fn render(endpoints: &Endpoints, credentials: &Credentials, auth_none: bool)
         format!("  aws configure set aws_secret_access_key {secret} --profile {PROFILE}"),
         format!("  aws configure set region {region} --profile {PROFILE}"),
         format!("  aws --profile {PROFILE} --endpoint-url {http} iot list-things"),
-        "or, without touching ~/.aws:".to_string(),
+        "or, without touching ~/.aws (boto3 and AWS CLI v2 also read the endpoint from it):"
+            .to_string(),
         format!("  export AWS_SHARED_CREDENTIALS_FILE={creds} AWS_CONFIG_FILE={cfg} AWS_PROFILE={PROFILE}"),
-        "  aws iot list-things".to_string(),
+        format!("  aws --endpoint-url {http} iot list-things"),
         "boto3:".to_string(),
         format!("  boto3.Session(profile_name=\"{PROFILE}\").client(\"iot\", endpoint_url=\"{http}\")"),
     ];

@@ -24,7 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Start every listener (HTTP APIs, MQTT, MQTTS, stream manager) and serve until
     /// SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a commented default configuration file.
     Init(InitArgs),
     /// Ask a running server for its health and endpoints.
