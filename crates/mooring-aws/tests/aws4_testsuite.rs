@@ -241,7 +241,7 @@ fn random_signature_inputs_never_panic() {
         "\t",
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5167_0004);
-    let mut pick = |rng: &mut rand::rngs::StdRng| {
+    let pick = |rng: &mut rand::rngs::StdRng| {
         let n = rng.gen_range(0..8);
         (0..n)
             .map(|_| fragments[rng.gen_range(0..fragments.len())])
