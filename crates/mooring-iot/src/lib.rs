@@ -8,3 +8,13 @@
 
 pub mod sql;
 pub mod topic;
+pub mod actions;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod model;
+pub mod service;
+pub mod store;
+
+pub use engine::{InboundMessage, RulesEngine};
+pub use service::{Iot, IotService};

@@ -80,9 +80,17 @@ pub fn parse_basic_ingest(topic: &str) -> Option<BasicIngest<'_>> {
 
 /// A trie from topic filters to values (rule indices), answering every value whose filter
 /// matches a topic.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct FilterIndex<T> {
     root: Node<T>,
+}
+
+impl<T> Default for FilterIndex<T> {
+    fn default() -> Self {
+        FilterIndex {
+            root: Node::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
