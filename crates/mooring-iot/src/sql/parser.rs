@@ -47,7 +47,7 @@ pub fn parse_expression(text: &str, version: SqlVersion) -> Result<Expr, ParseEr
 }
 
 /// How deeply expressions may nest before the parser refuses (protects the stack).
-const MAX_DEPTH: usize = 128;
+const MAX_DEPTH: usize = 40;
 
 struct Parser<'t> {
     text: &'t str,
@@ -224,7 +224,7 @@ impl<'t> Parser<'t> {
         let value = self.is_keyword("VALUE")
             && !matches!(
                 self.peek_at(1),
-                Token::Comma | Token::Eof | Token::Dot | Token::LBracket | Token::RParen
+                Token::Comma | Token::Eof | Token::Dot | Token::RParen
             )
             && !self.is_keyword_at(1, "FROM")
             && !self.is_keyword_at(1, "AS")
