@@ -187,7 +187,10 @@ async fn execute(
         } => {
             let topic = render(topic, job);
             if topic.is_empty() || topic.contains('+') || topic.contains('#') {
-                return Err(fail(topic.clone(), format!("invalid republish topic '{topic}'")));
+                return Err(fail(
+                    topic.clone(),
+                    format!("invalid republish topic '{topic}'"),
+                ));
             }
             let message = republish_message(topic.clone(), payload, *qos, headers, job);
             let broker = runtime
@@ -209,9 +212,11 @@ async fn execute(
                 .await
                 .map_err(|e| fail(url, e))
         }
-        CompiledAction::Lambda { function_arn } => invoke_local_function(runtime, function_arn, payload)
-            .await
-            .map_err(|e| fail(function_arn.clone(), e)),
+        CompiledAction::Lambda { function_arn } => {
+            invoke_local_function(runtime, function_arn, payload)
+                .await
+                .map_err(|e| fail(function_arn.clone(), e))
+        }
         CompiledAction::Kinesis {
             stream_name,
             partition_key: _,
@@ -277,7 +282,9 @@ async fn post_with_retries(
     let mut last_error = String::new();
     for attempt in 1..=attempts {
         let mut request = runtime.http.post(url).body(body.clone());
-        let has_content_type = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        let has_content_type = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
         if !has_content_type {
             request = request.header("content-type", "application/json");
         }
@@ -335,12 +342,17 @@ async fn invoke_local_function(
         return post_with_retries(runtime, url, &[], event).await;
     }
     let Some(command) = function.command.as_ref().filter(|c| !c.is_empty()) else {
-        return Err(format!("local function for {function_arn} has neither url nor command"));
+        return Err(format!(
+            "local function for {function_arn} has neither url nor command"
+        ));
     };
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .envs(&function.env)
-        .env("AWS_LAMBDA_FUNCTION_NAME", function_arn.rsplit(':').next().unwrap_or(function_arn))
+        .env(
+            "AWS_LAMBDA_FUNCTION_NAME",
+            function_arn.rsplit(':').next().unwrap_or(function_arn),
+        )
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -66,10 +66,12 @@ impl Router {
                 segments: pattern
                     .trim_matches('/')
                     .split('/')
-                    .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                        Some(name) => Segment::Param(name),
-                        None => Segment::Literal(s),
-                    })
+                    .map(
+                        |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                            Some(name) => Segment::Param(name),
+                            None => Segment::Literal(s),
+                        },
+                    )
                     .collect(),
             })
             .collect();
@@ -109,12 +111,42 @@ impl Router {
 pub fn routes() -> Router {
     Router::new(&[
         (Method::GET, "/rules", "ListTopicRules", list_topic_rules),
-        (Method::POST, "/rules/{ruleName}/enable", "EnableTopicRule", enable_topic_rule),
-        (Method::POST, "/rules/{ruleName}/disable", "DisableTopicRule", disable_topic_rule),
-        (Method::POST, "/rules/{ruleName}", "CreateTopicRule", create_topic_rule),
-        (Method::GET, "/rules/{ruleName}", "GetTopicRule", get_topic_rule),
-        (Method::PATCH, "/rules/{ruleName}", "ReplaceTopicRule", replace_topic_rule),
-        (Method::DELETE, "/rules/{ruleName}", "DeleteTopicRule", delete_topic_rule),
+        (
+            Method::POST,
+            "/rules/{ruleName}/enable",
+            "EnableTopicRule",
+            enable_topic_rule,
+        ),
+        (
+            Method::POST,
+            "/rules/{ruleName}/disable",
+            "DisableTopicRule",
+            disable_topic_rule,
+        ),
+        (
+            Method::POST,
+            "/rules/{ruleName}",
+            "CreateTopicRule",
+            create_topic_rule,
+        ),
+        (
+            Method::GET,
+            "/rules/{ruleName}",
+            "GetTopicRule",
+            get_topic_rule,
+        ),
+        (
+            Method::PATCH,
+            "/rules/{ruleName}",
+            "ReplaceTopicRule",
+            replace_topic_rule,
+        ),
+        (
+            Method::DELETE,
+            "/rules/{ruleName}",
+            "DeleteTopicRule",
+            delete_topic_rule,
+        ),
     ])
 }
 
@@ -195,9 +227,15 @@ pub fn render_rule(rule: &StoredRule) -> serde_json::Value {
         out.insert("description".into(), json!(d));
     }
     out.insert("createdAt".into(), json!(rule.created_at));
-    out.insert("actions".into(), json!(p.actions.clone().unwrap_or_default()));
+    out.insert(
+        "actions".into(),
+        json!(p.actions.clone().unwrap_or_default()),
+    );
     out.insert("ruleDisabled".into(), json!(rule.disabled()));
-    out.insert("awsIotSqlVersion".into(), json!(rule.sql_version().as_str()));
+    out.insert(
+        "awsIotSqlVersion".into(),
+        json!(rule.sql_version().as_str()),
+    );
     if let Some(e) = &p.error_action {
         out.insert("errorAction".into(), e.clone());
     }
@@ -357,11 +395,26 @@ mod tests {
         let (op, params) = find(Method::POST, "/rules/my_rule").unwrap();
         assert_eq!(op, "CreateTopicRule");
         assert_eq!(params.get("ruleName"), "my_rule");
-        assert_eq!(find(Method::POST, "/rules/r/enable").unwrap().0, "EnableTopicRule");
-        assert_eq!(find(Method::POST, "/rules/r/disable").unwrap().0, "DisableTopicRule");
-        assert_eq!(find(Method::PATCH, "/rules/r").unwrap().0, "ReplaceTopicRule");
-        assert_eq!(find(Method::DELETE, "/rules/r").unwrap().0, "DeleteTopicRule");
-        assert_eq!(find(Method::GET, "/rules/a%20b").unwrap().1.get("ruleName"), "a b");
+        assert_eq!(
+            find(Method::POST, "/rules/r/enable").unwrap().0,
+            "EnableTopicRule"
+        );
+        assert_eq!(
+            find(Method::POST, "/rules/r/disable").unwrap().0,
+            "DisableTopicRule"
+        );
+        assert_eq!(
+            find(Method::PATCH, "/rules/r").unwrap().0,
+            "ReplaceTopicRule"
+        );
+        assert_eq!(
+            find(Method::DELETE, "/rules/r").unwrap().0,
+            "DeleteTopicRule"
+        );
+        assert_eq!(
+            find(Method::GET, "/rules/a%20b").unwrap().1.get("ruleName"),
+            "a b"
+        );
         assert!(find(Method::PUT, "/rules/r").is_none());
         assert!(find(Method::GET, "/things").is_none());
         assert!(find(Method::POST, "/rules/r/other").is_none());

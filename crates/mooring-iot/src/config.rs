@@ -124,7 +124,10 @@ mod tests {
             config.rules[0].payload().actions.unwrap()[0]["lambda"]["functionArn"],
             "arn:aws:lambda:us-east-1:0:function:broker"
         );
-        assert_eq!(config.functions["broker"].command.as_deref(), Some(&["cat".to_string()][..]));
+        assert_eq!(
+            config.functions["broker"].command.as_deref(),
+            Some(&["cat".to_string()][..])
+        );
         assert_eq!(config.engine.http_attempts, 5);
         assert_eq!(config.engine.queue_capacity, 10_000);
     }

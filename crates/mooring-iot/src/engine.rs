@@ -153,8 +153,13 @@ impl RulesEngine {
         });
         let runtime = Arc::new(ActionRuntime::new(ctx, config, metrics));
         let shutdown = ctx.shutdown.clone();
-        ctx.shutdown
-            .spawn(crate::actions::dispatch(runtime, rx, in_flight, settings.concurrency, shutdown));
+        ctx.shutdown.spawn(crate::actions::dispatch(
+            runtime,
+            rx,
+            in_flight,
+            settings.concurrency,
+            shutdown,
+        ));
         engine
     }
 
@@ -184,7 +189,9 @@ impl RulesEngine {
                     }
                     set.by_name.insert(rule.name.clone(), rule);
                 }
-                Err(e) => tracing::error!(rule = %stored.name, error = %e, "stored rule does not compile; skipped"),
+                Err(e) => {
+                    tracing::error!(rule = %stored.name, error = %e, "stored rule does not compile; skipped")
+                }
             }
         }
         if let Ok(mut current) = self.rules.write() {
@@ -193,10 +200,7 @@ impl RulesEngine {
     }
 
     fn rule_set(&self) -> Arc<RuleSet> {
-        self.rules
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        self.rules.read().map(|r| r.clone()).unwrap_or_default()
     }
 
     fn facts(&self, message: &InboundMessage, topic: &str) -> MessageFacts {
@@ -235,7 +239,10 @@ impl RulesEngine {
                 }
                 None => {
                     self.metrics.rule_not_found.inc();
-                    tracing::debug!(rule = ingest.rule_name, "Basic Ingest message for an unknown or disabled rule dropped");
+                    tracing::debug!(
+                        rule = ingest.rule_name,
+                        "Basic Ingest message for an unknown or disabled rule dropped"
+                    );
                 }
             }
             return jobs;

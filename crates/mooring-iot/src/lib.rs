@@ -6,15 +6,15 @@
 //! behind the front door, [`engine`] runs rules against published messages, and [`actions`]
 //! carries out what the rules ask for (republish, HTTP, local functions, streams).
 
-pub mod sql;
-pub mod topic;
 pub mod actions;
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod model;
 pub mod service;
+pub mod sql;
 pub mod store;
+pub mod topic;
 
 pub use engine::{InboundMessage, RulesEngine};
 pub use service::{Iot, IotService};

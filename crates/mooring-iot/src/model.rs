@@ -212,8 +212,7 @@ pub fn compile(rule: &StoredRule) -> Result<CompiledRule, RuleError> {
         .sql
         .as_deref()
         .ok_or_else(|| RuleError::InvalidRequest("sql is required".into()))?;
-    let statement =
-        sql::parse(sql_text, version).map_err(|e| RuleError::SqlParse(e.message()))?;
+    let statement = sql::parse(sql_text, version).map_err(|e| RuleError::SqlParse(e.message()))?;
     let actions = payload
         .actions
         .as_ref()
@@ -248,8 +247,12 @@ fn invalid(message: String) -> RuleError {
 }
 
 fn template(value: &str, version: SqlVersion, field: &str) -> Result<Template, RuleError> {
-    Template::parse(value, version)
-        .map_err(|e| invalid(format!("Invalid substitution template in {field}: {}", e.message())))
+    Template::parse(value, version).map_err(|e| {
+        invalid(format!(
+            "Invalid substitution template in {field}: {}",
+            e.message()
+        ))
+    })
 }
 
 fn required_str<'a>(
@@ -329,7 +332,9 @@ pub fn compile_action(
                 if let Some(props) = h.get("userProperties").and_then(|p| p.as_array()) {
                     for (i, p) in props.iter().enumerate() {
                         let p = p.as_object().ok_or_else(|| {
-                            invalid(format!("{here}.headers.userProperties[{i}] must be an object"))
+                            invalid(format!(
+                                "{here}.headers.userProperties[{i}] must be an object"
+                            ))
                         })?;
                         let at = format!("{here}.headers.userProperties[{i}]");
                         let key = template(required_str(p, "key", &at)?, version, &at)?;
@@ -503,12 +508,13 @@ impl TopicRules {
     ) -> Result<RulePage, RuleError> {
         let mut rules = self.blocking(|s| Ok(s.list()?)).await?;
         rules.sort_by(|a, b| a.name.cmp(&b.name));
-        let after = match next_token {
-            Some(token) => Some(decode_token(&token).ok_or_else(|| {
-                RuleError::InvalidRequest("The nextToken is not valid".into())
-            })?),
-            None => None,
-        };
+        let after =
+            match next_token {
+                Some(token) => Some(decode_token(&token).ok_or_else(|| {
+                    RuleError::InvalidRequest("The nextToken is not valid".into())
+                })?),
+                None => None,
+            };
         let mut selected: Vec<StoredRule> = rules
             .into_iter()
             .filter(|r| after.as_ref().is_none_or(|a| r.name.as_str() > a.as_str()))
@@ -579,7 +585,10 @@ impl TopicRules {
                 .as_ref()
                 .map(|r| r.created_at)
                 .unwrap_or(self.clock.now_millis() as f64 / 1000.0),
-            tags: existing.as_ref().map(|r| r.tags.clone()).unwrap_or_default(),
+            tags: existing
+                .as_ref()
+                .map(|r| r.tags.clone())
+                .unwrap_or_default(),
         };
         compile(&rule)?;
         if existing.is_some() {
@@ -638,15 +647,33 @@ mod tests {
         assert_eq!(compiled.actions.len(), 4);
         assert_eq!(compiled.statement.from.as_deref(), Some("a/#"));
 
-        let s3 = rule("SELECT * FROM 'a'", json!([{"s3": {"roleArn": "r", "bucketName": "b", "key": "k"}}]));
+        let s3 = rule(
+            "SELECT * FROM 'a'",
+            json!([{"s3": {"roleArn": "r", "bucketName": "b", "key": "k"}}]),
+        );
         let err = compile(&s3).unwrap_err().to_string();
         assert!(err.contains("'s3' is not supported by Mooring"), "{err}");
-        let two = rule("SELECT * FROM 'a'", json!([{"lambda": {"functionArn": "f"}, "http": {"url": "https://x"}}]));
-        assert!(compile(&two).unwrap_err().to_string().contains("exactly one"));
+        let two = rule(
+            "SELECT * FROM 'a'",
+            json!([{"lambda": {"functionArn": "f"}, "http": {"url": "https://x"}}]),
+        );
+        assert!(compile(&two)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one"));
         let missing = rule("SELECT * FROM 'a'", json!([{"republish": {"topic": "x"}}]));
-        assert!(compile(&missing).unwrap_err().to_string().contains("roleArn is required"));
-        let bad_template = rule("SELECT * FROM 'a'", json!([{"republish": {"roleArn": "r", "topic": "${topic(}"}}]));
-        assert!(matches!(compile(&bad_template), Err(RuleError::InvalidRequest(_))));
+        assert!(compile(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("roleArn is required"));
+        let bad_template = rule(
+            "SELECT * FROM 'a'",
+            json!([{"republish": {"roleArn": "r", "topic": "${topic(}"}}]),
+        );
+        assert!(matches!(
+            compile(&bad_template),
+            Err(RuleError::InvalidRequest(_))
+        ));
         let bad_sql = rule("SELECT * FORM 'a'", json!([]));
         assert!(matches!(compile(&bad_sql), Err(RuleError::SqlParse(_))));
     }

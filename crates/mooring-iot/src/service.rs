@@ -58,8 +58,13 @@ impl AwsService for IotService {
         let state = self.state.clone();
         Box::pin(async move {
             let Some((handler, operation, params)) = found else {
-                let what = format!("{} {}", request.request.method(), request.request.uri().path());
-                return mooring_aws::AwsError::unknown_operation(&what).into_response(Protocol::RestJson1);
+                let what = format!(
+                    "{} {}",
+                    request.request.method(),
+                    request.request.uri().path()
+                );
+                return mooring_aws::AwsError::unknown_operation(&what)
+                    .into_response(Protocol::RestJson1);
             };
             let mut response = match handler(state, request, params).await {
                 Ok(response) => response,
@@ -84,7 +89,9 @@ impl Iot {
     /// Opens the store, applies `[[iot.rules]]`, loads the engine. Needs a Tokio runtime.
     pub fn start(ctx: &ServiceContext) -> anyhow::Result<Iot> {
         let config: IotConfig = ctx.config.section("iot")?;
-        let store = Arc::new(SqliteRuleStore::open(ctx.db.clone()).context("opening the topic rule store")?);
+        let store = Arc::new(
+            SqliteRuleStore::open(ctx.db.clone()).context("opening the topic rule store")?,
+        );
         let engine = RulesEngine::start(ctx, &config);
         let rules = TopicRules::new(store, engine.clone(), ctx.arns.clone(), ctx.clock.clone());
         for declared in &config.rules {

@@ -44,7 +44,13 @@ impl SqliteRuleStore {
 }
 
 fn row_to_rule(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, f64, String)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
 }
 
 fn decode(raw: (String, String, String, f64, String)) -> StoreResult<StoredRule> {

@@ -143,7 +143,13 @@ impl<T: Clone> FilterIndex<T> {
         Self::walk(&self.root, &levels, 0, reserved, &mut found);
     }
 
-    fn walk(node: &Node<T>, levels: &[&str], depth: usize, reserved: bool, found: &mut impl FnMut(&T)) {
+    fn walk(
+        node: &Node<T>,
+        levels: &[&str],
+        depth: usize,
+        reserved: bool,
+        found: &mut impl FnMut(&T),
+    ) {
         let wildcards_allowed = !(reserved && depth == 0);
         if wildcards_allowed {
             node.hash.iter().for_each(&mut *found);
@@ -169,7 +175,10 @@ mod tests {
 
     #[test]
     fn filters_match_as_aws_iot_does() {
-        assert!(matches("$aws/events/#", "$aws/events/presence/connected/c1"));
+        assert!(matches(
+            "$aws/events/#",
+            "$aws/events/presence/connected/c1"
+        ));
         assert!(matches("a/+/c", "a/b/c"));
         assert!(!matches("a/+/c", "a/b/d"));
         assert!(matches("a/#", "a"));
@@ -187,13 +196,32 @@ mod tests {
     #[test]
     fn the_index_agrees_with_pairwise_matching() {
         let filters = [
-            "a/b", "a/+", "a/#", "#", "+/b", "+/+", "$aws/events/#", "a/b/c", "+", "a/+/c",
+            "a/b",
+            "a/+",
+            "a/#",
+            "#",
+            "+/b",
+            "+/+",
+            "$aws/events/#",
+            "a/b/c",
+            "+",
+            "a/+/c",
         ];
         let mut index = FilterIndex::new();
         for (i, f) in filters.iter().enumerate() {
             index.insert(f, i);
         }
-        for topic in ["a/b", "a", "a/b/c", "x/b", "$aws/events/p/c", "b", "a/x/c", "$x", ""] {
+        for topic in [
+            "a/b",
+            "a",
+            "a/b/c",
+            "x/b",
+            "$aws/events/p/c",
+            "b",
+            "a/x/c",
+            "$x",
+            "",
+        ] {
             let mut got = Vec::new();
             index.for_each_match(topic, |i| got.push(*i));
             got.sort();

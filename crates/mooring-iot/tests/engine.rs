@@ -149,7 +149,8 @@ async fn the_seed_presence_rule_republishes_every_lifecycle_event_unchanged() {
     );
     assert!(published.iter().all(|m| m.qos == 0 && !m.retain));
 
-    h.publish(message("app/user-7/chat/42", r#"{"text":"hi"}"#, "user-7")).await;
+    h.publish(message("app/user-7/chat/42", r#"{"text":"hi"}"#, "user-7"))
+        .await;
     let published = h.broker.take();
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].topic, "all/app/user-7/chat/42");
@@ -222,9 +223,15 @@ async fn republish_renders_topic_and_mqtt5_header_templates() {
         None,
     )
     .await;
-    h.publish(message("sensors/dev1/data", r#"{"temp": 20}"#, "dev1")).await;
+    h.publish(message("sensors/dev1/data", r#"{"temp": 20}"#, "dev1"))
+        .await;
     assert!(h.broker.take().is_empty(), "WHERE false: no action");
-    h.publish(message("sensors/dev1/data", r#"{"temp": 72.5, "hum": 3}"#, "dev1")).await;
+    h.publish(message(
+        "sensors/dev1/data",
+        r#"{"temp": 72.5, "hum": 3}"#,
+        "dev1",
+    ))
+    .await;
     let published = h.broker.take();
     assert_eq!(published.len(), 1);
     let m = &published[0];
@@ -240,7 +247,10 @@ async fn republish_renders_topic_and_mqtt5_header_templates() {
     assert_eq!(m.message_expiry_interval, Some(100));
     assert_eq!(
         m.user_properties,
-        vec![("device".into(), "dev1".into()), ("limit".into(), "50".into())]
+        vec![
+            ("device".into(), "dev1".into()),
+            ("limit".into(), "50".into())
+        ]
     );
 }
 
@@ -250,7 +260,12 @@ struct Recorded {
     failures_left: Arc<Mutex<u32>>,
 }
 
-async fn record(State(state): State<Recorded>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn record(
+    State(state): State<Recorded>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     state
         .requests
         .lock()
@@ -291,7 +306,8 @@ async fn http_action_substitutes_url_and_headers_and_retries_server_errors() {
         None,
     )
     .await;
-    h.publish(message("sensors/d9/data", r#"{"temp": 21}"#, "c9")).await;
+    h.publish(message("sensors/d9/data", r#"{"temp": 21}"#, "c9"))
+        .await;
     let requests = server.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 3, "two 503 answers, then success");
     let (uri, headers, body) = &requests[2];
@@ -337,7 +353,10 @@ async fn failed_actions_fire_the_error_action_once_with_every_failure() {
         .collect();
     assert_eq!(actions, vec!["HttpAction", "KinesisAction", "LambdaAction"]);
     assert_eq!(failures[0]["failedResource"], format!("{base}/hook"));
-    assert!(failures[0]["errorMessage"].as_str().unwrap().contains("HTTP 503"));
+    assert!(failures[0]["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP 503"));
     assert_eq!(failures[1]["failedResource"], "missing_stream");
     assert!(failures[2]["errorMessage"]
         .as_str()
@@ -355,7 +374,12 @@ async fn kinesis_appends_to_an_existing_local_stream() {
         None,
     )
     .await;
-    h.publish(message("telemetry/a", r#"{"deviceId":"a","reading":4}"#, "a")).await;
+    h.publish(message(
+        "telemetry/a",
+        r#"{"deviceId":"a","reading":4}"#,
+        "a",
+    ))
+    .await;
     let appended = h.streams.0.lock().unwrap().clone();
     assert_eq!(appended.len(), 1);
     assert_eq!(appended[0].0, "telemetry");
@@ -379,8 +403,10 @@ async fn basic_ingest_reaches_only_the_named_rule_with_the_prefix_removed() {
         None,
     )
     .await;
-    h.publish(message("$aws/rules/ingest/dev/1", "{}", "d1")).await;
-    h.publish(message("$aws/rules/unknown_rule/dev/1", "{}", "d1")).await;
+    h.publish(message("$aws/rules/ingest/dev/1", "{}", "d1"))
+        .await;
+    h.publish(message("$aws/rules/unknown_rule/dev/1", "{}", "d1"))
+        .await;
     let published = h.broker.take();
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].topic, "ingested");

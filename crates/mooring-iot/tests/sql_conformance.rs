@@ -25,7 +25,11 @@ fn facts(payload: &str) -> MessageFacts {
     f.trace_id = Some("11111111-2222-3333-4444-555555555555".into());
     f.timestamp_ms = 1_700_000_000_123;
     f.account_id = "123456789012".into();
-    f.user_properties = vec![("k".into(), "v1".into()), ("k".into(), "v2".into()), ("o".into(), "x".into())];
+    f.user_properties = vec![
+        ("k".into(), "v1".into()),
+        ("k".into(), "v2".into()),
+        ("o".into(), "x".into()),
+    ];
     f.content_type = Some("application/json".into());
     f.response_topic = Some("reply/here".into());
     f.correlation_data = Some(bytes::Bytes::from_static(b"corr"));

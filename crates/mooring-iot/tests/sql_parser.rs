@@ -53,7 +53,10 @@ fn errors_say_where_and_what_was_expected() {
         "Line 1:14 expected WHEN but found 'END'"
     );
     assert_eq!(
-        error("SELECT regexp_matches(a, '(') FROM 'x'").split(" (").next().unwrap(),
+        error("SELECT regexp_matches(a, '(') FROM 'x'")
+            .split(" (")
+            .next()
+            .unwrap(),
         "Line 1:7 expected a valid regular expression but found '('"
     );
     assert_eq!(
@@ -68,7 +71,10 @@ fn errors_say_where_and_what_was_expected() {
         error("SET @a = 1, @a = 2 SELECT 1 FROM 'x'"),
         "Line 1:12 expected a variable that is not already set but found '@a'"
     );
-    assert_eq!(error("SELECT 'é"), "Line 1:7 expected a closing ' for the string starting here but found end of input");
+    assert_eq!(
+        error("SELECT 'é"),
+        "Line 1:7 expected a closing ' for the string starting here but found end of input"
+    );
     assert!(error("SELECT 1x FROM 'a'").starts_with("Line 1:7 expected a number"));
     let nested = format!("SELECT {}1{} FROM 'a'", "(".repeat(500), ")".repeat(500));
     assert!(error(&nested).contains("less deeply nested"));
@@ -86,7 +92,11 @@ fn version_2015_refuses_2016_features() {
         "SELECT cast(1 AS Boolean) FROM 'a'",
     ] {
         let err = sql::parse(sql, SqlVersion::V2015_10_08).expect_err(sql);
-        assert!(err.expected.contains("2016-03-23"), "{sql}: {}", err.message());
+        assert!(
+            err.expected.contains("2016-03-23"),
+            "{sql}: {}",
+            err.message()
+        );
         sql::parse(sql, SqlVersion::V2016_03_23).expect(sql);
     }
 }
@@ -113,11 +123,69 @@ impl Rng {
 }
 
 const VOCABULARY: &[&str] = &[
-    "SELECT", "VALUE", "FROM", "WHERE", "SET", "AS", "AND", "OR", "NOT", "CASE", "WHEN", "THEN",
-    "ELSE", "END", "IN", "IS", "NULL", "UNDEFINED", "true", "*", ",", ".", "(", ")", "[", "]",
-    "{", "}", ":", "+", "-", "/", "%", "=", "<>", "!=", "<", "<=", ">", ">=", "'a/+/#'", "'s'",
-    "\"d\"", "1", "2.5", "1e9", "a", "b", "@v", "abs", "concat", "cast", "get", "topic",
-    "regexp_replace", "Int", "'", "\"", "@", "#", "\\", "é", "\n",
+    "SELECT",
+    "VALUE",
+    "FROM",
+    "WHERE",
+    "SET",
+    "AS",
+    "AND",
+    "OR",
+    "NOT",
+    "CASE",
+    "WHEN",
+    "THEN",
+    "ELSE",
+    "END",
+    "IN",
+    "IS",
+    "NULL",
+    "UNDEFINED",
+    "true",
+    "*",
+    ",",
+    ".",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    "+",
+    "-",
+    "/",
+    "%",
+    "=",
+    "<>",
+    "!=",
+    "<",
+    "<=",
+    ">",
+    ">=",
+    "'a/+/#'",
+    "'s'",
+    "\"d\"",
+    "1",
+    "2.5",
+    "1e9",
+    "a",
+    "b",
+    "@v",
+    "abs",
+    "concat",
+    "cast",
+    "get",
+    "topic",
+    "regexp_replace",
+    "Int",
+    "'",
+    "\"",
+    "@",
+    "#",
+    "\\",
+    "é",
+    "\n",
 ];
 
 #[test]
@@ -166,7 +234,10 @@ fn random_bytes_never_panic() {
 fn expression(rng: &mut Rng, depth: usize) -> String {
     if depth == 0 {
         return rng
-            .pick(&["a", "b", "b[1]", "e[0].n", "1", "2.5", "'x'", "true", "NULL", "nokey", "@v", "topic(2)"])
+            .pick(&[
+                "a", "b", "b[1]", "e[0].n", "1", "2.5", "'x'", "true", "NULL", "nokey", "@v",
+                "topic(2)",
+            ])
             .to_string();
     }
     let l = expression(rng, depth - 1);
@@ -182,11 +253,22 @@ fn expression(rng: &mut Rng, depth: usize) -> String {
         7 => format!("{{'k': {l}, 'm': {r}}}"),
         8 => format!(
             "{}({l})",
-            rng.pick(&["abs", "lower", "length", "md5", "round", "isNull", "encode_dummy"])
+            rng.pick(&[
+                "abs",
+                "lower",
+                "length",
+                "md5",
+                "round",
+                "isNull",
+                "encode_dummy"
+            ])
         )
         .replace("encode_dummy(", "sqrt("),
         9 => format!("concat({l}, {r})"),
-        10 => format!("cast({l} AS {})", rng.pick(&["String", "Int", "Decimal", "Boolean"])),
+        10 => format!(
+            "cast({l} AS {})",
+            rng.pick(&["String", "Int", "Decimal", "Boolean"])
+        ),
         _ => format!("(SELECT VALUE n FROM e WHERE {l} = {r})"),
     }
 }
@@ -194,13 +276,17 @@ fn expression(rng: &mut Rng, depth: usize) -> String {
 #[test]
 fn random_well_formed_statements_parse_and_evaluate() {
     let mut rng = Rng(0xfeed_beef_0000_0042);
-    let facts = MessageFacts::new("a/b/c", br#"{"a":3,"b":[1,"2",3.5],"e":[{"n":1},{"n":"x"}]}"#.to_vec());
+    let facts = MessageFacts::new(
+        "a/b/c",
+        br#"{"a":3,"b":[1,"2",3.5],"e":[{"n":1},{"n":"x"}]}"#.to_vec(),
+    );
     for _ in 0..3_000 {
         let depth = rng.below(4);
         let select = expression(&mut rng, depth);
         let condition_depth = rng.below(3);
         let condition = expression(&mut rng, condition_depth);
-        let sql = format!("SET @v = {select} SELECT {select} AS out, * FROM 'a/#' WHERE {condition}");
+        let sql =
+            format!("SET @v = {select} SELECT {select} AS out, * FROM 'a/#' WHERE {condition}");
         let statement = sql::parse(&sql, SqlVersion::V2016_03_23)
             .unwrap_or_else(|e| panic!("{sql}\n{}", e.message()));
         let _ = sql::evaluate(&statement, &facts, &NoExternalFunctions);

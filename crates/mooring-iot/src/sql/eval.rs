@@ -178,9 +178,8 @@ fn project(select: &Select, current: Option<&Value>, env: &Env<'_>, top_level: b
         };
     }
     let mut out = Object::new();
-    let mut positional = 0;
-    for item in &select.items {
-        positional += 1;
+    for (index, item) in select.items.iter().enumerate() {
+        let positional = index + 1;
         match item {
             SelectItem::Star => {
                 let star = if top_level {
@@ -242,7 +241,44 @@ fn default_name(expr: &Expr) -> Option<String> {
     }
 }
 
+/// Resolves an attribute path (`a.b[0].c`) by reference, without copying the documents it
+/// walks through. `None` when `expr` is not such a path (or needs the general evaluator);
+/// `Some(None)` when the path leads nowhere (Undefined).
+fn path_ref<'v>(expr: &Expr, current: Option<&'v Value>) -> Option<Option<&'v Value>> {
+    match expr {
+        Expr::Attribute(name) => Some(match current {
+            Some(Value::Object(map)) => map.get(name),
+            _ => None,
+        }),
+        Expr::Member(base, name) => Some(match path_ref(base, current)? {
+            Some(Value::Object(map)) => map.get(name),
+            _ => None,
+        }),
+        Expr::Index(base, index) => {
+            let Expr::Literal(Value::Int(i)) = index.as_ref() else {
+                return None;
+            };
+            match path_ref(base, current)? {
+                Some(Value::Array(items)) => {
+                    Some(usize::try_from(*i).ok().and_then(|i| items.get(i)))
+                }
+                None => Some(None),
+                Some(_) => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 pub(crate) fn eval_expr(expr: &Expr, current: Option<&Value>, env: &Env<'_>) -> Value {
+    if matches!(
+        expr,
+        Expr::Attribute(_) | Expr::Member(..) | Expr::Index(..)
+    ) {
+        if let Some(found) = path_ref(expr, current) {
+            return found.cloned().unwrap_or(Value::Undefined);
+        }
+    }
     match expr {
         Expr::Literal(v) => v.clone(),
         Expr::Payload => env.facts.star(env.version),
@@ -338,12 +374,9 @@ pub(crate) fn eval_expr(expr: &Expr, current: Option<&Value>, env: &Env<'_>) -> 
                 None => Value::Undefined,
             }
         }
-        Expr::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|e| eval_expr(e, current, env))
-                .collect(),
-        ),
+        Expr::Array(items) => {
+            Value::Array(items.iter().map(|e| eval_expr(e, current, env)).collect())
+        }
         Expr::Object(members) => Value::Object(
             members
                 .iter()
@@ -459,8 +492,7 @@ pub fn binary(op: BinaryOp, l: &Value, r: &Value) -> Value {
         BinaryOp::Sub => arithmetic(l, r, i64::checked_sub, |a, b| a - b),
         BinaryOp::Mul => arithmetic(l, r, i64::checked_mul, |a, b| a * b),
         BinaryOp::Div => match (l.to_number(), r.to_number()) {
-            (Some(_), Some(Number::Int(0))) => Value::Undefined,
-            (Some(_), Some(Number::Decimal(d))) if d == 0.0 => Value::Undefined,
+            (Some(_), Some(divisor)) if divisor.as_f64() == 0.0 => Value::Undefined,
             (Some(Number::Int(a)), Some(Number::Int(b))) => a
                 .checked_div(b)
                 .map(Value::Int)

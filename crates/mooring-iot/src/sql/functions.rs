@@ -45,15 +45,45 @@ pub fn signature(name: &str) -> Option<Signature> {
     let s = match name {
         "accountid" | "clientid" | "newuuid" | "principal" | "rand" | "sourceip"
         | "sql_version" | "timestamp" | "traceid" => sig(0, 0, false),
-        "abs" | "acos" | "asin" | "atan" | "bitnot" | "ceil" | "chr" | "cos" | "cosh" | "exp"
-        | "floor" | "ln" | "log" | "lower" | "upper" | "ltrim" | "rtrim" | "trim" | "round"
-        | "sign" | "sin" | "sinh" | "sqrt" | "tan" | "tanh" | "md2" | "md5" | "sha1"
-        | "sha224" | "sha256" | "sha384" | "sha512" | "isnull" | "get_mqtt_property"
+        "abs"
+        | "acos"
+        | "asin"
+        | "atan"
+        | "bitnot"
+        | "ceil"
+        | "chr"
+        | "cos"
+        | "cosh"
+        | "exp"
+        | "floor"
+        | "ln"
+        | "log"
+        | "lower"
+        | "upper"
+        | "ltrim"
+        | "rtrim"
+        | "trim"
+        | "round"
+        | "sign"
+        | "sin"
+        | "sinh"
+        | "sqrt"
+        | "tan"
+        | "tanh"
+        | "md2"
+        | "md5"
+        | "sha1"
+        | "sha224"
+        | "sha256"
+        | "sha384"
+        | "sha512"
+        | "isnull"
+        | "get_mqtt_property"
         | "get_user_properties" => sig(1, 1, false),
         "isundefined" | "length" | "numbytes" => sig(1, 1, true),
         "atan2" | "bitand" | "bitor" | "bitxor" | "endswith" | "startswith" | "get" | "lpad"
-        | "rpad" | "mod" | "remainder" | "nanvl" | "power" | "regexp_matches"
-        | "regexp_substr" | "trunc" => sig(2, 2, false),
+        | "rpad" | "mod" | "remainder" | "nanvl" | "power" | "regexp_matches" | "regexp_substr"
+        | "trunc" => sig(2, 2, false),
         "indexof" | "time_to_epoch" | "encode" | "get_or_default" => sig(2, 2, true),
         "decode" => sig(2, 4, true),
         "regexp_replace" | "replace" => sig(3, 3, false),
@@ -272,9 +302,7 @@ pub fn call(name: &str, args: &[Value], regex: Option<&regex::Regex>, env: &Env<
 
         // Mooring's own services.
         "aws_lambda" => match string_only(arg(0)) {
-            Some(function) if !arg(1).is_undefined() => {
-                env.external.aws_lambda(&function, arg(1))
-            }
+            Some(function) if !arg(1).is_undefined() => env.external.aws_lambda(&function, arg(1)),
             _ => Value::Undefined,
         },
         "get_thing_shadow" => {
@@ -549,7 +577,9 @@ fn decode(v: &Value, scheme: &Value, env: &Env<'_>) -> Value {
     let cleaned: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(cleaned.as_bytes())
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.trim_end_matches('=')));
+        .or_else(|_| {
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.trim_end_matches('='))
+        });
     let Ok(bytes) = decoded else {
         return Value::Null;
     };

@@ -274,7 +274,9 @@ fn lex_string(text: &str, start: usize) -> Result<(String, usize), ParseError> {
                 'b' => out.push('\u{8}'),
                 'f' => out.push('\u{c}'),
                 'u' => {
-                    let hex: String = (0..4).filter_map(|_| chars.next().map(|(_, c)| c)).collect();
+                    let hex: String = (0..4)
+                        .filter_map(|_| chars.next().map(|(_, c)| c))
+                        .collect();
                     match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
                         Some(c) if hex.len() == 4 => out.push(c),
                         _ => {
@@ -358,7 +360,11 @@ mod tests {
     use super::*;
 
     fn tokens(text: &str) -> Vec<Token> {
-        tokenize(text).unwrap().into_iter().map(|s| s.token).collect()
+        tokenize(text)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.token)
+            .collect()
     }
 
     #[test]

@@ -627,22 +627,21 @@ impl<'t> Parser<'t> {
             ));
         }
         let regex = match (lower.as_str(), args.get(1)) {
-            ("regexp_matches" | "regexp_replace" | "regexp_substr", Some(pattern)) => {
-                match pattern {
-                    Expr::Literal(Value::String(p)) => match regex::Regex::new(p) {
-                        Ok(r) => Some(Arc::new(r)),
-                        Err(e) => {
-                            return Err(ParseError::at(
-                                self.text,
-                                at,
-                                "a valid regular expression",
-                                format!("'{p}' ({e})"),
-                            ))
-                        }
-                    },
-                    _ => None,
-                }
-            }
+            ("regexp_matches" | "regexp_replace" | "regexp_substr", Some(pattern)) => match pattern
+            {
+                Expr::Literal(Value::String(p)) => match regex::Regex::new(p) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        return Err(ParseError::at(
+                            self.text,
+                            at,
+                            "a valid regular expression",
+                            format!("'{p}' ({e})"),
+                        ))
+                    }
+                },
+                _ => None,
+            },
             _ => None,
         };
         Ok(Expr::Call(Box::new(Call {

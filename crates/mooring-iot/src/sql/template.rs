@@ -40,7 +40,12 @@ impl Template {
             if bytes[i] == b'$' && bytes.get(i + 1) == Some(&b'{') {
                 let start = i + 2;
                 let end = find_closing_brace(text, start).ok_or_else(|| {
-                    ParseError::at(text, i, "'}' closing the substitution template", "end of input".into())
+                    ParseError::at(
+                        text,
+                        i,
+                        "'}' closing the substitution template",
+                        "end of input".into(),
+                    )
                 })?;
                 let inner = &text[start..end];
                 let expr = parser::parse_expression(inner, version).map_err(|e| {
@@ -134,13 +139,23 @@ mod tests {
     fn renders_expressions_against_the_original_message() {
         assert_eq!(render("${topic()}/republish", "a/b", "{}"), "a/b/republish");
         assert_eq!(
-            render("${replace(topic(), '/', '-') + '-' + n}", "a/b", r#"{"n":7}"#),
+            render(
+                "${replace(topic(), '/', '-') + '-' + n}",
+                "a/b",
+                r#"{"n":7}"#
+            ),
             "a-b-7"
         );
-        assert_eq!(render("$$aws/things/${id}/shadow", "t", r#"{"id":"x"}"#), "$aws/things/x/shadow");
+        assert_eq!(
+            render("$$aws/things/${id}/shadow", "t", r#"{"id":"x"}"#),
+            "$aws/things/x/shadow"
+        );
         assert_eq!(render("v=${missing}!", "t", "{}"), "v=!");
         assert_eq!(render("${ {'a': '}'}.a }", "t", "{}"), "}");
-        assert_eq!(render("${obj}", "t", r#"{"obj":{"k":[1,2]}}"#), r#"{"k":[1,2]}"#);
+        assert_eq!(
+            render("${obj}", "t", r#"{"obj":{"k":[1,2]}}"#),
+            r#"{"k":[1,2]}"#
+        );
         assert_eq!(render("no templates", "t", "{}"), "no templates");
     }
 

@@ -9,7 +9,9 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, Offset, TimeZone, Timelike, Utc};
+use chrono::{
+    DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, Offset, TimeZone, Timelike, Utc,
+};
 use chrono_tz::{OffsetName, Tz};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,11 +165,27 @@ fn format_offset(seconds: i32, colon: bool) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
 ];
 
 fn pad(n: i64, width: usize) -> String {
@@ -233,7 +251,11 @@ pub fn format_joda(pattern: &str, millis: i64, zone: Zone) -> Result<String, Str
             'e' => pad(local.weekday().number_from_monday() as i64, n),
             'E' => {
                 let name = WEEKDAYS[local.weekday().num_days_from_monday() as usize];
-                if n >= 4 { name.to_string() } else { name[..3].to_string() }
+                if n >= 4 {
+                    name.to_string()
+                } else {
+                    name[..3].to_string()
+                }
             }
             'D' => pad(local.ordinal() as i64, n),
             'M' => {
@@ -247,9 +269,21 @@ pub fn format_joda(pattern: &str, millis: i64, zone: Zone) -> Result<String, Str
             'd' => pad(local.day() as i64, n),
             'a' => if local.hour() < 12 { "AM" } else { "PM" }.to_string(),
             'K' => pad((local.hour() % 12) as i64, n),
-            'h' => pad(match local.hour() % 12 { 0 => 12, h => h } as i64, n),
+            'h' => pad(
+                match local.hour() % 12 {
+                    0 => 12,
+                    h => h,
+                } as i64,
+                n,
+            ),
             'H' => pad(local.hour() as i64, n),
-            'k' => pad(match local.hour() { 0 => 24, h => h } as i64, n),
+            'k' => pad(
+                match local.hour() {
+                    0 => 24,
+                    h => h,
+                } as i64,
+                n,
+            ),
             'm' => pad(local.minute() as i64, n),
             's' => pad(local.second() as i64, n),
             'S' => {
@@ -366,8 +400,13 @@ pub fn parse_java(text: &str, pattern: &str) -> Result<i64, String> {
             }
             Field::Letter(c, n) => (*c, *n),
         };
-        let adjacent_number = matches!(fields.get(index + 1), Some(Field::Letter(c, _)) if is_numeric_letter(*c));
-        let (min, max) = if n == 1 { (1, if adjacent_number { 1 } else { 2 }) } else { (n, n) };
+        let adjacent_number =
+            matches!(fields.get(index + 1), Some(Field::Letter(c, _)) if is_numeric_letter(*c));
+        let (min, max) = if n == 1 {
+            (1, if adjacent_number { 1 } else { 2 })
+        } else {
+            (n, n)
+        };
         match letter {
             'y' | 'u' => {
                 if n == 2 {
@@ -408,7 +447,8 @@ pub fn parse_java(text: &str, pattern: &str) -> Result<i64, String> {
                 let at = input.pos;
                 let id = input.zone_text();
                 parsed.zone = Some(
-                    Zone::parse(id).ok_or_else(|| format!("unknown time zone '{id}' at position {at}"))?,
+                    Zone::parse(id)
+                        .ok_or_else(|| format!("unknown time zone '{id}' at position {at}"))?,
                 );
             }
             'X' | 'x' | 'Z' | 'O' => {
@@ -421,7 +461,8 @@ pub fn parse_java(text: &str, pattern: &str) -> Result<i64, String> {
                 } else {
                     parse_offset(id).map(Zone::Fixed)
                 };
-                parsed.zone = Some(zone.ok_or_else(|| format!("invalid offset '{id}' at position {at}"))?);
+                parsed.zone =
+                    Some(zone.ok_or_else(|| format!("invalid offset '{id}' at position {at}"))?);
             }
             other => return Err(format!("unsupported pattern letter '{other}'")),
         }
@@ -467,7 +508,10 @@ mod tests {
     fn formats_joda_patterns() {
         let ms = 1_438_646_429_123; // 2015-08-04T00:00:29.123Z
         let f = |p: &str| format_joda(p, ms, Zone::utc()).unwrap();
-        assert_eq!(f("yyyy-MM-dd'T'HH:mm:ss.SSSZ"), "2015-08-04T00:00:29.123+0000");
+        assert_eq!(
+            f("yyyy-MM-dd'T'HH:mm:ss.SSSZ"),
+            "2015-08-04T00:00:29.123+0000"
+        );
         assert_eq!(f("yy/M/d h:mm a"), "15/8/4 12:00 AM");
         assert_eq!(f("EEE, dd MMM yyyy"), "Tue, 04 Aug 2015");
         assert_eq!(f("EEEE MMMM D ZZ z"), "Tuesday August 216 +00:00 UTC");
@@ -486,17 +530,26 @@ mod tests {
             parse_java("2020-04-03 09:45:18 UTC+01:00", "yyyy-MM-dd HH:mm:ss VV").unwrap(),
             1_585_903_518_000
         );
-        assert_eq!(parse_java("18 December 2015", "dd MMMM yyyy").unwrap(), 1_450_396_800_000);
         assert_eq!(
-            parse_java("2007-12-03 10:15:30.592 America/Los_Angeles", "yyyy-MM-dd HH:mm:ss.SSS z")
-                .unwrap(),
+            parse_java("18 December 2015", "dd MMMM yyyy").unwrap(),
+            1_450_396_800_000
+        );
+        assert_eq!(
+            parse_java(
+                "2007-12-03 10:15:30.592 America/Los_Angeles",
+                "yyyy-MM-dd HH:mm:ss.SSS z"
+            )
+            .unwrap(),
             1_196_705_730_592
         );
         assert_eq!(
             parse_java("2022-01-02T03:04:05Z", "yyyy-MM-dd'T'HH:mm:ssX").unwrap(),
             1_641_092_645_000
         );
-        assert_eq!(parse_java("20220102", "yyyyMMdd").unwrap(), 1_641_081_600_000);
+        assert_eq!(
+            parse_java("20220102", "yyyyMMdd").unwrap(),
+            1_641_081_600_000
+        );
         assert!(parse_java("2022-13-01", "yyyy-MM-dd").is_err());
         assert!(parse_java("2022-01-01 extra", "yyyy-MM-dd").is_err());
     }

@@ -184,10 +184,9 @@ impl Value {
     /// numbers such as `10.0`.
     pub fn normalize_whole_decimals(&mut self) {
         match self {
-            Value::Decimal(d) => {
-                if d.fract() == 0.0 && d.abs() < 9.0e15 {
-                    *self = Value::Int(*d as i64);
-                }
+            Value::Decimal(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => {
+                let whole = *d as i64;
+                *self = Value::Int(whole);
             }
             Value::Array(items) => items.iter_mut().for_each(Value::normalize_whole_decimals),
             Value::Object(map) => map.values_mut().for_each(Value::normalize_whole_decimals),
