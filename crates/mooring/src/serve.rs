@@ -169,8 +169,13 @@ pub async fn serve(config: Config) -> Result<()> {
 }
 
 /// The AWS APIs served over HTTP, in routing order. Services register here as they land.
-fn aws_services(_ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
-    Ok(Vec::new())
+fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
+    let mut services: Vec<Arc<dyn AwsService>> = Vec::new();
+    // IoT control plane and rules engine. The broker calls `iot.engine.on_message` for every
+    // publish once it is wired in.
+    let iot = mooring_iot::Iot::start(ctx).context("starting the IoT rules engine")?;
+    services.push(iot.service.clone());
+    Ok(services)
 }
 
 async fn bind(name: &str, addr: &str) -> Result<Option<TcpListener>> {

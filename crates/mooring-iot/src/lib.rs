@@ -1,0 +1,20 @@
+//! Mooring's IoT control plane, starting with topic rules.
+//!
+//! [`sql`] is the AWS IoT SQL engine (parser and evaluator), [`topic`] matches topic filters,
+//! [`model`] holds topic rules and their validation, [`store`] persists them in the metadata
+//! database, [`api`] and [`service`] serve the `iot` REST API (CreateTopicRule and friends)
+//! behind the front door, [`engine`] runs rules against published messages, and [`actions`]
+//! carries out what the rules ask for (republish, HTTP, local functions, streams).
+
+pub mod actions;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod model;
+pub mod service;
+pub mod sql;
+pub mod store;
+pub mod topic;
+
+pub use engine::{InboundMessage, RulesEngine};
+pub use service::{Iot, IotService};
