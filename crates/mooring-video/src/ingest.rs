@@ -270,9 +270,13 @@ impl Session {
                         continue;
                     }
                     last_data = Instant::now();
-                    let events = self.parser.push(&data);
-                    if let Err(f) = self.handle(events).await {
+                    let mut events = Vec::new();
+                    let parsed = self.parser.push_into(&data, &mut events);
+                    if let Err(f) = self.handle(Ok(events)).await {
                         break Err(f);
+                    }
+                    if let Err(e) = parsed {
+                        break Err(self.parse_error(e));
                     }
                 }
             }
@@ -336,10 +340,7 @@ impl Session {
     async fn handle(&mut self, events: Result<Vec<MkvEvent>, MkvError>) -> Result<(), Fatal> {
         let events = match events {
             Ok(e) => e,
-            Err(e) => {
-                // Events completed before the error still count.
-                return Err(self.parse_error(e));
-            }
+            Err(e) => return Err(self.parse_error(e)),
         };
         for event in events {
             match event {
@@ -472,17 +473,20 @@ impl Session {
         if producer_ms > now + skew {
             return Err(fail(INVALID_PRODUCER_TIMESTAMP));
         }
-        let user: Vec<&SimpleTag> = p
+        if p
             .user_tags
-            .iter()
-            .filter(|t| t.name != END_OF_FRAGMENT)
-            .collect();
-        if user
             .iter()
             .any(|t| t.name.starts_with("AWS_") && !RESERVED_TAGS.contains(&t.name.as_str()))
         {
             return Err(fail(INVALID_FRAGMENT_METADATA));
         }
+        // Fragment metadata is what producers write: untargeted SimpleTags. Track or
+        // edition tags (with Targets, as ffmpeg writes) are kept but not counted.
+        let user: Vec<&SimpleTag> = p
+            .user_tags
+            .iter()
+            .filter(|t| t.name != END_OF_FRAGMENT && !t.targeted)
+            .collect();
         if user.len() > 10
             || user
                 .iter()

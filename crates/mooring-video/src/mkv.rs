@@ -137,6 +137,9 @@ impl Cluster {
 pub struct SimpleTag {
     pub name: String,
     pub value: String,
+    /// Whether its Tag has non-empty Targets (a track or edition tag such as ffmpeg writes);
+    /// producer fragment metadata is untargeted.
+    pub targeted: bool,
 }
 
 /// What a push of bytes completed.
@@ -224,10 +227,17 @@ impl MkvParser {
 
     /// Feeds bytes; returns the events they complete.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<MkvEvent>, MkvError> {
-        self.buf.extend_from_slice(data);
         let mut events = Vec::new();
-        while self.step(&mut events)? {}
+        self.push_into(data, &mut events)?;
         Ok(events)
+    }
+
+    /// Feeds bytes, appending the events they complete to `events`; on error, the events
+    /// completed before the error are still there.
+    pub fn push_into(&mut self, data: &[u8], events: &mut Vec<MkvEvent>) -> Result<(), MkvError> {
+        self.buf.extend_from_slice(data);
+        while self.step(events)? {}
+        Ok(())
     }
 
     /// Ends the body: closes an open unknown-size cluster and checks nothing is left over.
@@ -648,17 +658,28 @@ pub fn parse_tags(data: &[u8]) -> Result<Vec<SimpleTag>, MkvError> {
         if id != ID_TAG {
             continue;
         }
+        let mut targeted = false;
+        for child in ebml::children(tag_data) {
+            let (cid, cdata) = child?;
+            if cid == ID_TARGETS && !cdata.is_empty() {
+                targeted = true;
+            }
+        }
         for child in ebml::children(tag_data) {
             let (cid, cdata) = child?;
             if cid == ID_SIMPLE_TAG {
-                collect_simple_tag(cdata, &mut out)?;
+                collect_simple_tag(cdata, targeted, &mut out)?;
             }
         }
     }
     Ok(out)
 }
 
-fn collect_simple_tag(data: &[u8], out: &mut Vec<SimpleTag>) -> Result<(), MkvError> {
+fn collect_simple_tag(
+    data: &[u8],
+    targeted: bool,
+    out: &mut Vec<SimpleTag>,
+) -> Result<(), MkvError> {
     let mut name = None;
     let mut value = String::new();
     for child in ebml::children(data) {
@@ -666,12 +687,16 @@ fn collect_simple_tag(data: &[u8], out: &mut Vec<SimpleTag>) -> Result<(), MkvEr
         match id {
             ID_TAG_NAME => name = Some(ebml::read_string(cdata)),
             ID_TAG_STRING => value = ebml::read_string(cdata),
-            ID_SIMPLE_TAG => collect_simple_tag(cdata, out)?,
+            ID_SIMPLE_TAG => collect_simple_tag(cdata, targeted, out)?,
             _ => {}
         }
     }
     if let Some(name) = name {
-        out.push(SimpleTag { name, value });
+        out.push(SimpleTag {
+            name,
+            value,
+            targeted,
+        });
     }
     Ok(())
 }
@@ -824,7 +849,8 @@ pub(crate) mod tests {
                 tags,
                 vec![vec![SimpleTag {
                     name: "note".into(),
-                    value: "a".into()
+                    value: "a".into(),
+                    targeted: false,
                 }]]
             );
         }
