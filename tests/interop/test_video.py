@@ -879,3 +879,22 @@ def test_persisted_fragments_survive_sigkill(mooring, ffmpeg_mkv):
     _, acks = put_file(mooring, "durable", mkv_header() + mkv_cluster(int(time.time() * 1000)))
     new = [a for a in acks if a["EventType"] == "PERSISTED"][0]
     assert int(new["FragmentNumber"]) > max(int(a["FragmentNumber"]) for a in persisted)
+
+
+@pytest.mark.parametrize("name", ["empty-mkv-with-tags.mkv", "test_tags_empty_cluster.mkv"])
+def test_documents_without_clusters_ingest_as_no_fragments(mooring, name):
+    data = (TESTDATA / name).read_bytes()
+    assert producer_clusters(data) == []
+    kv = mooring.client("kinesisvideo")
+    create(kv, "empty", retention=1)
+    pm, acks = put_file(mooring, "empty", data, timecode_type="RELATIVE", start_timestamp="1516124526.822")
+    assert pm.status == 200
+    assert non_idle(acks) == []
+    archive = media_client(mooring, kv, "empty", "LIST_FRAGMENTS")
+    assert archive.list_fragments(StreamName="empty", FragmentSelector={
+        "FragmentSelectorType": "SERVER_TIMESTAMP",
+        "TimestampRange": {"StartTimestamp": 0, "EndTimestamp": time.time() + 5}})["Fragments"] == []
+    # The stream still takes media afterwards.
+    _, acks = put_file(mooring, "empty", mkv_header() + mkv_cluster(1000), timecode_type="RELATIVE",
+                       start_timestamp=str(time.time()))
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]

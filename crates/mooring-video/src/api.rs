@@ -307,9 +307,7 @@ fn list_streams(s: &VideoState, req: &JsonRequest) -> VideoResult<Value> {
             }
         }
     };
-    let mut streams = s
-        .store
-        .list_streams(&prefix, &after, max as usize + 1)?;
+    let mut streams = s.store.list_streams(&prefix, &after, max as usize + 1)?;
     let more = streams.len() > max as usize;
     streams.truncate(max as usize);
     let mut out = json!({

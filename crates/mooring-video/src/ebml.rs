@@ -30,7 +30,9 @@ pub fn read_id(buf: &[u8]) -> Result<Option<(u32, usize)>, EbmlError> {
     };
     let len = first.leading_zeros() as usize + 1;
     if len > 4 {
-        return Err(EbmlError(format!("element id starts with byte {first:#04x}")));
+        return Err(EbmlError(format!(
+            "element id starts with byte {first:#04x}"
+        )));
     }
     if buf.len() < len {
         return Ok(None);
@@ -59,7 +61,10 @@ pub fn read_size(buf: &[u8]) -> Result<Option<(Option<u64>, usize)>, EbmlError> 
         value = (value << 8) | u64::from(b);
     }
     let all_ones = (1u64 << (7 * len)) - 1;
-    Ok(Some((if value == all_ones { None } else { Some(value) }, len)))
+    Ok(Some((
+        if value == all_ones { None } else { Some(value) },
+        len,
+    )))
 }
 
 /// Reads a whole element header.
@@ -145,9 +150,8 @@ impl<'a> Iterator for Children<'a> {
             let end = (header.header_len as u64)
                 .checked_add(size)
                 .filter(|&end| end <= self.rest.len() as u64)
-                .ok_or_else(|| {
-                    EbmlError(format!("child {:#x} overruns its parent", header.id))
-                })? as usize;
+                .ok_or_else(|| EbmlError(format!("child {:#x} overruns its parent", header.id)))?
+                as usize;
             let data = &self.rest[header.header_len..end];
             self.rest = &self.rest[end..];
             Ok((header.id, data))

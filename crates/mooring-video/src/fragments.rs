@@ -286,7 +286,7 @@ impl FragmentStore {
     /// A fragment by sequence, from memory or disk (blocking).
     pub fn read(&self, arn: &str, seq: i64) -> VideoResult<Option<Arc<StoredFragment>>> {
         let live = self.live(arn);
-        if let Some(f) = self.from_memory(&live, |f| f.meta.seq == seq) {
+        if let Some(f) = self.find_in_memory(&live, |f| f.meta.seq == seq) {
             return Ok(Some(f));
         }
         match self.store.fragment(arn, seq)? {
@@ -298,7 +298,7 @@ impl FragmentStore {
     /// The first fragment after `after`, from memory or disk (blocking).
     pub fn next_after(&self, arn: &str, after: i64) -> VideoResult<Option<Arc<StoredFragment>>> {
         let live = self.live(arn);
-        let memory = self.from_memory(&live, |f| f.meta.seq > after);
+        let memory = self.find_in_memory(&live, |f| f.meta.seq > after);
         let oldest_in_memory = {
             let buffer = live.buffer.lock().unwrap_or_else(|e| e.into_inner());
             buffer.fragments.front().map(|f| f.meta.seq)
@@ -333,7 +333,7 @@ impl FragmentStore {
         buffer.fragments.iter().map(|f| f.meta.clone()).collect()
     }
 
-    fn from_memory(
+    fn find_in_memory(
         &self,
         live: &LiveStream,
         pred: impl Fn(&StoredFragment) -> bool,
@@ -357,7 +357,12 @@ impl FragmentStore {
     }
 
     /// Drops fragments older than the stream's retention (blocking).
-    pub fn enforce_retention(&self, arn: &str, retention_hours: i64, now_ms: i64) -> VideoResult<()> {
+    pub fn enforce_retention(
+        &self,
+        arn: &str,
+        retention_hours: i64,
+        now_ms: i64,
+    ) -> VideoResult<()> {
         if retention_hours <= 0 {
             return Ok(());
         }
@@ -395,4 +400,131 @@ impl FragmentStore {
 
 fn io_error(e: std::io::Error) -> VideoError {
     VideoError::internal(format!("fragment storage: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Stream;
+    use crate::store::SqliteVideoStore;
+    use mooring_core::Db;
+
+    const ARN: &str = "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam/1700000000000";
+
+    fn setup(dir: &Path) -> (Arc<dyn VideoStore>, FragmentStore) {
+        let db = Db::open(&dir.join("meta.db")).unwrap();
+        let store: Arc<dyn VideoStore> = Arc::new(SqliteVideoStore::open(db).unwrap());
+        if store.stream_by_arn(ARN).unwrap().is_none() {
+            store
+                .insert_stream(&Stream {
+                    name: "cam".into(),
+                    arn: ARN.into(),
+                    device_name: None,
+                    media_type: None,
+                    kms_key_id: "k".into(),
+                    retention_hours: 1,
+                    version: "v1".into(),
+                    status: "ACTIVE".into(),
+                    creation_ms: 0,
+                    storage_tier: "HOT".into(),
+                    tags: Default::default(),
+                })
+                .unwrap();
+        }
+        let fragments = FragmentStore::open(dir.join("video"), store.clone()).unwrap();
+        (store, fragments)
+    }
+
+    fn fragment(seq: i64, server_ms: i64) -> StoredFragment {
+        StoredFragment {
+            meta: FragmentMeta {
+                seq,
+                timecode: seq * 1000,
+                producer_ms: seq * 1000,
+                server_ms,
+                duration_ms: 1000,
+                size: 10,
+                tags: vec![("k".into(), "v".into())],
+            },
+            ebml_header: Bytes::from_static(b"header"),
+            segment_prefix: Bytes::from_static(b"prefix"),
+            cluster: Bytes::from(vec![seq as u8; 100]),
+            tags: Bytes::from_static(b"tags"),
+        }
+    }
+
+    #[test]
+    fn persisted_fragments_read_back_after_reopen_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 10 * 3_600_000;
+        {
+            let (_, fragments) = setup(dir.path());
+            let live = fragments.live(ARN);
+            let first = fragments.next_seq(&live).unwrap();
+            let second = fragments.next_seq(&live).unwrap();
+            assert!(second > first);
+            fragments
+                .persist(&live, &fragment(first, now - 2 * 3_600_000))
+                .unwrap();
+            let recent = fragment(second, now);
+            fragments.persist(&live, &recent).unwrap();
+            fragments.publish(&live, Arc::new(recent), now);
+        }
+        // A new process: nothing in memory, everything from the segment file and the index.
+        let (store, fragments) = setup(dir.path());
+        let live = fragments.live(ARN);
+        assert!(fragments.next_seq(&live).unwrap() > 2);
+        let a = fragments.read(ARN, 1).unwrap().unwrap();
+        assert_eq!(*a, fragment(1, now - 2 * 3_600_000));
+        let b = fragments.next_after(ARN, 1).unwrap().unwrap();
+        assert_eq!(b.meta.seq, 2);
+        assert!(fragments.next_after(ARN, 2).unwrap().is_none());
+        // Retention of one hour drops the first fragment; its segment stays while the second
+        // fragment in it is still referenced.
+        fragments.enforce_retention(ARN, 1, now).unwrap();
+        assert!(fragments.read(ARN, 1).unwrap().is_none());
+        assert_eq!(fragments.read(ARN, 2).unwrap().unwrap().meta.seq, 2);
+        assert_eq!(store.referenced_segments(ARN).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unreferenced_segments_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, fragments) = setup(dir.path());
+        let live = fragments.live(ARN);
+        fragments.persist(&live, &fragment(1, 0)).unwrap();
+        let stream_dir = dir.path().join("video").join("cam-1700000000000");
+        std::fs::write(stream_dir.join("00000000000000000099.seg"), b"torn write").unwrap();
+        std::fs::create_dir_all(dir.path().join("video").join("gone-1")).unwrap();
+        drop(fragments);
+        let (_, fragments) = setup(dir.path());
+        let names: Vec<_> = std::fs::read_dir(&stream_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["00000000000000000001.seg".to_string()]);
+        assert!(!dir.path().join("video").join("gone-1").exists());
+        assert!(fragments.read(ARN, 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn live_buffer_keeps_recent_fragments_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, fragments) = setup(dir.path());
+        let live = fragments.live(ARN);
+        let now = LIVE_BUFFER_MS * 3;
+        fragments.publish(&live, Arc::new(fragment(1, now - LIVE_BUFFER_MS - 1)), now);
+        fragments.publish(&live, Arc::new(fragment(2, now)), now);
+        // Not persisted (retention 0 path): readable from memory only, the stale one evicted.
+        assert_eq!(
+            fragments
+                .memory_fragments(ARN)
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(fragments.next_after(ARN, 0).unwrap().unwrap().meta.seq, 2);
+        assert_eq!(fragments.latest(ARN).unwrap().unwrap().seq, 2);
+    }
 }

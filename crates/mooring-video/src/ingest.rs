@@ -44,21 +44,66 @@ pub struct AckError {
     pub code: &'static str,
 }
 
-pub const STREAM_READ_ERROR: AckError = AckError { id: 4000, code: "STREAM_READ_ERROR" };
-pub const MAX_FRAGMENT_SIZE_REACHED: AckError = AckError { id: 4001, code: "MAX_FRAGMENT_SIZE_REACHED" };
-pub const MAX_FRAGMENT_DURATION_REACHED: AckError = AckError { id: 4002, code: "MAX_FRAGMENT_DURATION_REACHED" };
-pub const MAX_CONNECTION_DURATION_REACHED: AckError = AckError { id: 4003, code: "MAX_CONNECTION_DURATION_REACHED" };
-pub const FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS: AckError = AckError { id: 4004, code: "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS" };
-pub const INVALID_MKV_DATA: AckError = AckError { id: 4006, code: "INVALID_MKV_DATA" };
-pub const INVALID_PRODUCER_TIMESTAMP: AckError = AckError { id: 4007, code: "INVALID_PRODUCER_TIMESTAMP" };
-pub const STREAM_NOT_ACTIVE: AckError = AckError { id: 4008, code: "STREAM_NOT_ACTIVE" };
-pub const FRAGMENT_METADATA_LIMIT_REACHED: AckError = AckError { id: 4009, code: "FRAGMENT_METADATA_LIMIT_REACHED" };
-pub const TRACK_NUMBER_MISMATCH: AckError = AckError { id: 4010, code: "TRACK_NUMBER_MISMATCH" };
-pub const FRAMES_MISSING_FOR_TRACK: AckError = AckError { id: 4011, code: "FRAMES_MISSING_FOR_TRACK" };
-pub const INVALID_FRAGMENT_METADATA: AckError = AckError { id: 4012, code: "INVALID_FRAGMENT_METADATA" };
-pub const MORE_THAN_ALLOWED_TRACKS_FOUND: AckError = AckError { id: 4012, code: "MORE_THAN_ALLOWED_TRACKS_FOUND" };
-pub const INTERNAL_ERROR: AckError = AckError { id: 5000, code: "INTERNAL_ERROR" };
-pub const ARCHIVAL_ERROR: AckError = AckError { id: 5001, code: "ARCHIVAL_ERROR" };
+pub const STREAM_READ_ERROR: AckError = AckError {
+    id: 4000,
+    code: "STREAM_READ_ERROR",
+};
+pub const MAX_FRAGMENT_SIZE_REACHED: AckError = AckError {
+    id: 4001,
+    code: "MAX_FRAGMENT_SIZE_REACHED",
+};
+pub const MAX_FRAGMENT_DURATION_REACHED: AckError = AckError {
+    id: 4002,
+    code: "MAX_FRAGMENT_DURATION_REACHED",
+};
+pub const MAX_CONNECTION_DURATION_REACHED: AckError = AckError {
+    id: 4003,
+    code: "MAX_CONNECTION_DURATION_REACHED",
+};
+pub const FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS: AckError = AckError {
+    id: 4004,
+    code: "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS",
+};
+pub const INVALID_MKV_DATA: AckError = AckError {
+    id: 4006,
+    code: "INVALID_MKV_DATA",
+};
+pub const INVALID_PRODUCER_TIMESTAMP: AckError = AckError {
+    id: 4007,
+    code: "INVALID_PRODUCER_TIMESTAMP",
+};
+pub const STREAM_NOT_ACTIVE: AckError = AckError {
+    id: 4008,
+    code: "STREAM_NOT_ACTIVE",
+};
+pub const FRAGMENT_METADATA_LIMIT_REACHED: AckError = AckError {
+    id: 4009,
+    code: "FRAGMENT_METADATA_LIMIT_REACHED",
+};
+pub const TRACK_NUMBER_MISMATCH: AckError = AckError {
+    id: 4010,
+    code: "TRACK_NUMBER_MISMATCH",
+};
+pub const FRAMES_MISSING_FOR_TRACK: AckError = AckError {
+    id: 4011,
+    code: "FRAMES_MISSING_FOR_TRACK",
+};
+pub const INVALID_FRAGMENT_METADATA: AckError = AckError {
+    id: 4012,
+    code: "INVALID_FRAGMENT_METADATA",
+};
+pub const MORE_THAN_ALLOWED_TRACKS_FOUND: AckError = AckError {
+    id: 4012,
+    code: "MORE_THAN_ALLOWED_TRACKS_FOUND",
+};
+pub const INTERNAL_ERROR: AckError = AckError {
+    id: 5000,
+    code: "INTERNAL_ERROR",
+};
+pub const ARCHIVAL_ERROR: AckError = AckError {
+    id: 5001,
+    code: "ARCHIVAL_ERROR",
+};
 
 /// How cluster timecodes map to producer time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +113,12 @@ enum TimecodeType {
 }
 
 /// One acknowledgement line.
-fn ack_line(event: &str, timecode: Option<i64>, seq: Option<i64>, error: Option<AckError>) -> Bytes {
+fn ack_line(
+    event: &str,
+    timecode: Option<i64>,
+    seq: Option<i64>,
+    error: Option<AckError>,
+) -> Bytes {
     let mut line = format!("{{\"EventType\":\"{event}\"");
     if let Some(tc) = timecode {
         line.push_str(&format!(",\"FragmentTimecode\":{tc}"));
@@ -80,14 +130,20 @@ fn ack_line(event: &str, timecode: Option<i64>, seq: Option<i64>, error: Option<
         ));
     }
     if let Some(e) = error {
-        line.push_str(&format!(",\"ErrorId\":{},\"ErrorCode\":\"{}\"", e.id, e.code));
+        line.push_str(&format!(
+            ",\"ErrorId\":{},\"ErrorCode\":\"{}\"",
+            e.id, e.code
+        ));
     }
     line.push_str("}\n");
     Bytes::from(line)
 }
 
 fn header<'a>(request: &'a AwsRequest, name: &str) -> Option<&'a str> {
-    request.header(name).map(str::trim).filter(|v| !v.is_empty())
+    request
+        .header(name)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
 /// Handles `POST /putMedia`.
@@ -212,7 +268,10 @@ struct Session {
     orphan_tags: Vec<(Bytes, Vec<SimpleTag>)>,
     /// Producer time of the previous fragment's last frame on this connection.
     last_frame_ms: Option<i64>,
-    persist: Option<(mpsc::Sender<Arc<StoredFragment>>, tokio::task::JoinHandle<()>)>,
+    persist: Option<(
+        mpsc::Sender<Arc<StoredFragment>>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl Session {
@@ -265,7 +324,9 @@ impl Session {
                     break self.finish_pending().await;
                 }
                 Ok(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     if data.is_empty() {
                         continue;
                     }
@@ -364,13 +425,17 @@ impl Session {
                     });
                 }
                 MkvEvent::ClusterTimecode(tc) => {
-                    let Some(open) = self.open.as_mut() else { continue };
+                    let Some(open) = self.open.as_mut() else {
+                        continue;
+                    };
                     open.timecode = Some(tc);
                     let line = ack_line("BUFFERING", Some(tc), Some(open.seq), None);
                     self.send(line).await;
                 }
                 MkvEvent::ClusterEnd(cluster) => {
-                    let Some(open) = self.open.take() else { continue };
+                    let Some(open) = self.open.take() else {
+                        continue;
+                    };
                     let mut pending = PendingFragment {
                         open,
                         cluster,
@@ -422,8 +487,7 @@ impl Session {
         if doc.tracks.len() > MAX_TRACKS {
             return Err(fail(MORE_THAN_ALLOWED_TRACKS_FOUND));
         }
-        if p
-            .cluster
+        if p.cluster
             .blocks
             .iter()
             .any(|b| !doc.tracks.iter().any(|t| t.number == b.track))
@@ -450,8 +514,20 @@ impl Session {
             b.timecode + duration.unwrap_or(0)
         };
         let tc = p.cluster.timecode;
-        let first = p.cluster.blocks.iter().map(|b| b.timecode).min().unwrap_or(tc);
-        let last = p.cluster.blocks.iter().map(|b| b.timecode).max().unwrap_or(tc);
+        let first = p
+            .cluster
+            .blocks
+            .iter()
+            .map(|b| b.timecode)
+            .min()
+            .unwrap_or(tc);
+        let last = p
+            .cluster
+            .blocks
+            .iter()
+            .map(|b| b.timecode)
+            .max()
+            .unwrap_or(tc);
         let end = p.cluster.blocks.iter().map(block_end).max().unwrap_or(tc);
         let duration_ms = to_ms(end - tc.min(first)).max(0);
         if duration_ms > MAX_FRAGMENT_DURATION_MS {
@@ -473,8 +549,7 @@ impl Session {
         if producer_ms > now + skew {
             return Err(fail(INVALID_PRODUCER_TIMESTAMP));
         }
-        if p
-            .user_tags
+        if p.user_tags
             .iter()
             .any(|t| t.name.starts_with("AWS_") && !RESERVED_TAGS.contains(&t.name.as_str()))
         {
@@ -541,9 +616,7 @@ impl Session {
             while let Some(fragment) = rx.recv().await {
                 let f = fragment.clone();
                 let l = live.clone();
-                let result = state
-                    .blocking(move |s| s.fragments.persist(&l, &f))
-                    .await;
+                let result = state.blocking(move |s| s.fragments.persist(&l, &f)).await;
                 let (tc, seq) = (Some(fragment.meta.timecode), Some(fragment.meta.seq));
                 let line = match result {
                     Ok(()) => ack_line("PERSISTED", tc, seq, None),

@@ -143,8 +143,11 @@ impl VideoService {
                     .blocking(|s| {
                         let now = s.clock().now_millis();
                         for stream in s.store.all_streams()? {
-                            s.fragments
-                                .enforce_retention(&stream.arn, stream.retention_hours, now)?;
+                            s.fragments.enforce_retention(
+                                &stream.arn,
+                                stream.retention_hours,
+                                now,
+                            )?;
                         }
                         Ok(())
                     })
@@ -211,15 +214,19 @@ impl AwsService for VideoService {
                 "MissingAuthenticationTokenException",
                 "Missing Authentication Token".to_string(),
             ),
-            AuthFailure::Incomplete(m) => (StatusCode::BAD_REQUEST, "IncompleteSignature", m.clone()),
+            AuthFailure::Incomplete(m) => {
+                (StatusCode::BAD_REQUEST, "IncompleteSignature", m.clone())
+            }
             AuthFailure::UnknownAccessKey | AuthFailure::InvalidToken => (
                 StatusCode::FORBIDDEN,
                 "InvalidClientTokenId",
                 "The security token included in the request is invalid.".to_string(),
             ),
-            AuthFailure::SignatureMismatch(m) => {
-                (StatusCode::FORBIDDEN, "InvalidSignatureException", m.clone())
-            }
+            AuthFailure::SignatureMismatch(m) => (
+                StatusCode::FORBIDDEN,
+                "InvalidSignatureException",
+                m.clone(),
+            ),
             AuthFailure::Expired(m) => (StatusCode::BAD_REQUEST, "RequestExpired", m.clone()),
         };
         AwsError::new(status, code, message.clone()).with("Message", message)

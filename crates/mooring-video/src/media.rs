@@ -192,16 +192,18 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
                 Ok(Some(fragment)) => {
                     let behind = task_state.clock().now_millis() - fragment.meta.server_ms;
                     after = fragment.meta.seq;
-                    if tx.send(Bytes::from(chunk(&fragment, Some(behind.max(0))))).await.is_err() {
+                    if tx
+                        .send(Bytes::from(chunk(&fragment, Some(behind.max(0)))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
-                Ok(None) => {
-                    match tokio::time::timeout(idle, changes.changed()).await {
-                        Ok(Ok(())) => continue,
-                        _ => return,
-                    }
-                }
+                Ok(None) => match tokio::time::timeout(idle, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return,
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "GetMedia read failed");
                     let number = model::fragment_number(after + 1);
@@ -317,7 +319,11 @@ fn list_fragments_blocking(s: &VideoState, req: &JsonRequest) -> VideoResult<Val
 pub async fn list_fragments(state: Arc<VideoState>, request: AwsRequest) -> Response<Body> {
     const OP: &str = "ListFragments";
     let result = match JsonRequest::parse(&request.body) {
-        Ok(req) => state.blocking(move |s| list_fragments_blocking(s, &req)).await,
+        Ok(req) => {
+            state
+                .blocking(move |s| list_fragments_blocking(s, &req))
+                .await
+        }
         Err(e) => Err(e),
     };
     match result {

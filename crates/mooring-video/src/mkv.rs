@@ -300,7 +300,9 @@ impl MkvParser {
         match self.state {
             State::TopLevel => match header.id {
                 ID_EBML => self.read_ebml_header(header),
-                ID_VOID => self.skip_element(header, MAX_HEADER_ELEMENT_BYTES).map(|s| s.is_some()),
+                ID_VOID => self
+                    .skip_element(header, MAX_HEADER_ELEMENT_BYTES)
+                    .map(|s| s.is_some()),
                 id => Err(invalid(format!(
                     "expected an EBML header, found element {id:#x}"
                 ))),
@@ -314,7 +316,9 @@ impl MkvParser {
                     self.document = None;
                     Ok(true)
                 }
-                ID_VOID => self.skip_element(header, MAX_HEADER_ELEMENT_BYTES).map(|s| s.is_some()),
+                ID_VOID => self
+                    .skip_element(header, MAX_HEADER_ELEMENT_BYTES)
+                    .map(|s| s.is_some()),
                 id => Err(invalid(format!(
                     "expected a Segment after the EBML header, found {id:#x}"
                 ))),
@@ -735,7 +739,10 @@ fn block_group_parts(data: &[u8]) -> Result<(&[u8], Option<u64>), MkvError> {
             duration = Some(ebml::read_uint(child_data)?);
         }
     }
-    Ok((block.ok_or_else(|| invalid("BlockGroup without a Block"))?, duration))
+    Ok((
+        block.ok_or_else(|| invalid("BlockGroup without a Block"))?,
+        duration,
+    ))
 }
 
 /// The frames of a stored cluster body (for readers and packagers).
@@ -782,7 +789,11 @@ pub(crate) mod tests {
             write_element(&mut entry, ID_TRACK_NUMBER, &[n as u8]);
             write_element(&mut entry, ID_TRACK_TYPE, &[1]);
             write_element(&mut entry, ID_CODEC_ID, b"V_MPEG4/ISO/AVC");
-            write_element(&mut entry, ID_DEFAULT_DURATION, &40_000_000u32.to_be_bytes());
+            write_element(
+                &mut entry,
+                ID_DEFAULT_DURATION,
+                &40_000_000u32.to_be_bytes(),
+            );
             write_element(&mut entries, ID_TRACK_ENTRY, &entry);
         }
         write_element(&mut out, ID_TRACKS, &entries);
@@ -868,7 +879,10 @@ pub(crate) mod tests {
         assert_eq!(summary, vec![(1, 500), (2, 520), (1, 495)]);
         assert!(c.blocks[0].keyframe && !c.blocks[1].keyframe);
         let b = c.blocks[1];
-        assert_eq!(&c.body[b.data_offset..b.data_offset + b.data_len], &[1u8; 7]);
+        assert_eq!(
+            &c.body[b.data_offset..b.data_offset + b.data_len],
+            &[1u8; 7]
+        );
         assert_eq!(cluster_blocks(c.timecode, &c.body).unwrap(), c.blocks);
         let MkvEvent::ClusterStart { document } = &events[0] else {
             panic!("no start")
@@ -933,7 +947,9 @@ pub(crate) mod tests {
         valid.extend(cluster(1000, &[(1, 0), (2, 3)], true));
         for round in 0..3000 {
             let mut data = if round % 2 == 0 {
-                (0..(next() % 512)).map(|_| next() as u8).collect::<Vec<u8>>()
+                (0..(next() % 512))
+                    .map(|_| next() as u8)
+                    .collect::<Vec<u8>>()
             } else {
                 let mut d = valid.clone();
                 for _ in 0..(1 + next() % 4) {

@@ -167,9 +167,8 @@ pub fn validate_media_type(media_type: &str) -> VideoResult<()> {
             && p.chars()
                 .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
     };
-    let ok = !media_type.is_empty()
-        && media_type.len() <= 128
-        && media_type.split(',').all(|item| {
+    let ok =
+        !media_type.is_empty() && media_type.len() <= 128 && media_type.split(',').all(|item| {
             let mut halves = item.splitn(2, '/');
             matches!((halves.next(), halves.next()), (Some(a), Some(b)) if part_ok(a) && part_ok(b))
         });

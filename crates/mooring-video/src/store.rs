@@ -182,7 +182,9 @@ fn fragment_row(row: &Row<'_>) -> rusqlite::Result<RawFragment> {
     ))
 }
 
-fn finish_fragment((mut meta, tags, location): RawFragment) -> StoreResult<(FragmentMeta, RecordLocation)> {
+fn finish_fragment(
+    (mut meta, tags, location): RawFragment,
+) -> StoreResult<(FragmentMeta, RecordLocation)> {
     meta.tags = serde_json::from_str(&tags)?;
     Ok((meta, location))
 }
@@ -448,4 +450,3 @@ impl VideoStore for SqliteVideoStore {
         })
     }
 }
-
