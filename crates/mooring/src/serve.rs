@@ -175,6 +175,7 @@ fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
     // publish once it is wired in.
     let iot = mooring_iot::Iot::start(ctx).context("starting the IoT rules engine")?;
     services.push(iot.service.clone());
+    services.push(mooring_video::VideoService::new(ctx)?);
     Ok(services)
 }
 

@@ -1,0 +1,255 @@
+//! Kinesis Video Streams for Mooring: the control plane (streams, tags, retention, data
+//! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, and the
+//! GetMedia / ListFragments / GetMediaForFragmentList readers.
+//!
+//! [`VideoService`] is registered with the AWS front door (restJson1, signing name
+//! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
+//! rules, [`api`] one function per control-plane operation, [`ingest`] PutMedia, [`media`] the
+//! readers, [`store`] the metadata persistence, [`fragments`] the media persistence, and
+//! [`mkv`] / [`ebml`] the incremental Matroska parser.
+
+pub mod api;
+pub mod ebml;
+pub mod fragments;
+pub mod ingest;
+pub mod media;
+pub mod mkv;
+pub mod model;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Response, StatusCode};
+use futures::future::BoxFuture;
+use mooring_aws::sigv4::AuthFailure;
+use mooring_aws::{AwsError, AwsRequest, AwsService, BodyMode, OperationName, Protocol, Route};
+use mooring_core::{Clock, ServiceContext};
+use serde::Deserialize;
+
+use crate::fragments::FragmentStore;
+use crate::model::{VideoError, VideoResult};
+use crate::store::{SqliteVideoStore, VideoStore};
+
+/// The `[video]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VideoConfig {
+    /// How often an IDLE ack is sent while a PutMedia connection is quiet.
+    pub idle_ack_interval_ms: u64,
+    /// A PutMedia connection without data for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Maximum PutMedia connection duration (ERROR 4003 after it).
+    pub max_connection_secs: u64,
+    /// How far in the future a producer timestamp may lie before ERROR 4007.
+    pub max_producer_clock_skew_secs: u64,
+    /// GetMedia ends when no new fragment arrives for this long.
+    pub get_media_idle_ms: u64,
+    /// How often retention is enforced.
+    pub retention_sweep_secs: u64,
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        VideoConfig {
+            idle_ack_interval_ms: 2_000,
+            idle_timeout_secs: 30,
+            max_connection_secs: 45 * 60,
+            max_producer_clock_skew_secs: 3_600,
+            get_media_idle_ms: 3_000,
+            retention_sweep_secs: 60,
+        }
+    }
+}
+
+/// Shared state of the video service.
+pub struct VideoState {
+    pub ctx: ServiceContext,
+    pub config: VideoConfig,
+    pub store: Arc<dyn VideoStore>,
+    pub fragments: Arc<FragmentStore>,
+}
+
+impl VideoState {
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.ctx.clock
+    }
+
+    /// Runs a blocking store call on the blocking pool.
+    pub async fn blocking<T, F>(self: &Arc<Self>, f: F) -> VideoResult<T>
+    where
+        F: FnOnce(&VideoState) -> VideoResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| VideoError::internal(e.to_string()))?
+    }
+}
+
+/// The Kinesis Video Streams service behind the front door.
+pub struct VideoService {
+    state: Arc<VideoState>,
+}
+
+const CONTROL_PATHS: &[&str] = &[
+    "/createStream",
+    "/describeStream",
+    "/listStreams",
+    "/updateStream",
+    "/deleteStream",
+    "/updateDataRetention",
+    "/tagStream",
+    "/untagStream",
+    "/listTagsForStream",
+    "/TagResource",
+    "/UntagResource",
+    "/ListTagsForResource",
+    "/getDataEndpoint",
+];
+const MEDIA_PATHS: &[&str] = &[
+    "/putMedia",
+    "/getMedia",
+    "/listFragments",
+    "/getMediaForFragmentList",
+];
+
+impl VideoService {
+    /// Opens the store, cleans up after a crash and starts the retention sweep.
+    pub fn new(ctx: &ServiceContext) -> anyhow::Result<Arc<VideoService>> {
+        let config: VideoConfig = ctx.config.section("video")?;
+        let store: Arc<dyn VideoStore> = Arc::new(SqliteVideoStore::open(ctx.db.clone())?);
+        let fragments = Arc::new(
+            FragmentStore::open(ctx.service_dir("video")?, store.clone())
+                .map_err(|e| anyhow::anyhow!("opening the video fragment store: {e}"))?,
+        );
+        let state = Arc::new(VideoState {
+            ctx: ctx.clone(),
+            config,
+            store,
+            fragments,
+        });
+        let sweeper = state.clone();
+        ctx.shutdown.spawn(async move {
+            let period = Duration::from_secs(sweeper.config.retention_sweep_secs.max(1));
+            loop {
+                tokio::select! {
+                    _ = sweeper.ctx.shutdown.triggered() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let result = sweeper
+                    .blocking(|s| {
+                        let now = s.clock().now_millis();
+                        for stream in s.store.all_streams()? {
+                            s.fragments.enforce_retention(
+                                &stream.arn,
+                                stream.retention_hours,
+                                now,
+                            )?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "video retention sweep failed");
+                }
+            }
+        });
+        Ok(Arc::new(VideoService { state }))
+    }
+
+    pub fn state(&self) -> &Arc<VideoState> {
+        &self.state
+    }
+}
+
+/// Renders a service error in the restJson1 shape KVS uses (both `message` and `Message`,
+/// both error-type header spellings).
+pub fn error_response(err: &VideoError, operation: &str) -> Response<Body> {
+    let status = StatusCode::from_u16(err.kind.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = AwsError::new(status, err.kind.code(), err.message.clone())
+        .with("Message", err.message.clone())
+        .into_response(Protocol::RestJson1);
+    if let Ok(v) = HeaderValue::from_str(err.kind.code()) {
+        response.headers_mut().insert("x-amz-ErrorType", v);
+    }
+    response
+        .extensions_mut()
+        .insert(OperationName(operation.to_string()));
+    response
+}
+
+impl AwsService for VideoService {
+    fn name(&self) -> &'static str {
+        "kinesisvideo"
+    }
+
+    fn signing_names(&self) -> &'static [&'static str] {
+        &["kinesisvideo"]
+    }
+
+    fn protocol(&self) -> Protocol {
+        Protocol::RestJson1
+    }
+
+    fn matches(&self, route: &Route<'_>) -> bool {
+        route.method == Method::POST
+            && (CONTROL_PATHS.contains(&route.path) || MEDIA_PATHS.contains(&route.path))
+    }
+
+    fn body_mode(&self, route: &Route<'_>) -> BodyMode {
+        if route.path == "/putMedia" {
+            BodyMode::Streaming
+        } else {
+            BodyMode::Buffered
+        }
+    }
+
+    fn auth_error(&self, failure: &AuthFailure) -> AwsError {
+        let (status, code, message) = match failure {
+            AuthFailure::Missing => (
+                StatusCode::FORBIDDEN,
+                "MissingAuthenticationTokenException",
+                "Missing Authentication Token".to_string(),
+            ),
+            AuthFailure::Incomplete(m) => {
+                (StatusCode::BAD_REQUEST, "IncompleteSignature", m.clone())
+            }
+            AuthFailure::UnknownAccessKey | AuthFailure::InvalidToken => (
+                StatusCode::FORBIDDEN,
+                "InvalidClientTokenId",
+                "The security token included in the request is invalid.".to_string(),
+            ),
+            AuthFailure::SignatureMismatch(m) => (
+                StatusCode::FORBIDDEN,
+                "InvalidSignatureException",
+                m.clone(),
+            ),
+            AuthFailure::Expired(m) => (StatusCode::BAD_REQUEST, "RequestExpired", m.clone()),
+        };
+        AwsError::new(status, code, message.clone()).with("Message", message)
+    }
+
+    fn call(&self, request: AwsRequest) -> BoxFuture<'static, Response<Body>> {
+        let state = self.state.clone();
+        Box::pin(async move {
+            let path = request.request.uri().path().to_string();
+            let request_id = request.context.request_id.clone();
+            let mut response = match path.as_str() {
+                "/putMedia" => ingest::put_media(state, request).await,
+                "/getMedia" => media::get_media(state, request).await,
+                "/listFragments" => media::list_fragments(state, request).await,
+                "/getMediaForFragmentList" => {
+                    media::get_media_for_fragment_list(state, request).await
+                }
+                _ => api::dispatch(state, &path, request).await,
+            };
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert("x-amz-RequestId", v);
+            }
+            response
+        })
+    }
+}

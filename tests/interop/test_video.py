@@ -1,0 +1,900 @@
+"""Kinesis Video Streams seen from real clients: the control plane through boto3
+`kinesisvideo`; PutMedia as a SigV4-signed (botocore SigV4Auth, empty-body hash) chunked
+streaming request carrying ffmpeg-made and real producer MKV, with the ack stream read line by
+line; GetMedia through boto3 `kinesis-video-media`, checked with mkvinfo and an EBML walk;
+ListFragments and GetMediaForFragmentList through `kinesis-video-archived-media`; an ERROR ack
+for every rule; and a SIGKILL after PERSISTED acks."""
+
+import json
+import queue
+import re
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import botocore.auth
+import botocore.awsrequest
+import botocore.credentials
+import pytest
+from botocore.exceptions import ClientError
+
+TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "kvs-mkv"
+if not TESTDATA.exists():
+    TESTDATA = Path("/work/shared/testdata/kvs-mkv")
+
+# ---------------------------------------------------------------- EBML helpers (test side)
+
+ID_EBML, ID_SEGMENT, ID_CLUSTER, ID_TAGS = 0x1A45DFA3, 0x18538067, 0x1F43B675, 0x1254C367
+ID_INFO, ID_TRACKS, ID_SIMPLE_BLOCK, ID_TIMECODE = 0x1549A966, 0x1654AE6B, 0xA3, 0xE7
+MASTER_IDS = {0x7373, 0x67C8, 0x63C0, 0xAE, 0xA0}
+
+
+def read_vint(data, pos, keep_marker):
+    first = data[pos]
+    length = 1
+    while length <= 8 and not first & (0x80 >> (length - 1)):
+        length += 1
+    value = first if keep_marker else first & (0xFF >> length)
+    for b in data[pos + 1:pos + length]:
+        value = (value << 8) | b
+    unknown = not keep_marker and value == (1 << (7 * length)) - 1
+    return (None if unknown else value), length
+
+
+def elements(data, pos=0, end=None):
+    """Yields (id, payload_start, payload_end) of the elements in data[pos:end]."""
+    end = len(data) if end is None else end
+    while pos < end:
+        eid, n = read_vint(data, pos, True)
+        size, m = read_vint(data, pos + n, False)
+        start = pos + n + m
+        stop = end if size is None else start + size
+        yield eid, start, stop
+        pos = stop
+
+
+def documents(data):
+    """Splits GetMedia output into documents: for each, the list of (id, start, end) of its
+    level-1 elements (segments are unknown-size; a new EBML header ends a segment)."""
+    docs, pos = [], 0
+    while pos < len(data):
+        eid, start, stop = next(elements(data, pos))
+        assert eid == ID_EBML, hex(eid)
+        seg_id, seg_start, _ = next(elements(data, stop))
+        assert seg_id == ID_SEGMENT
+        level1, p = [], seg_start
+        while p < len(data):
+            cid, cstart, cstop = next(elements(data, p))
+            if cid == ID_EBML:
+                break
+            level1.append((cid, cstart, cstop))
+            p = cstop
+        docs.append(level1)
+        pos = p
+    return docs
+
+
+def simple_tags(data, start, stop):
+    out = []
+    for tid, ts, te in elements(data, start, stop):
+        for sid, ss, se in elements(data, ts, te):
+            if sid == 0x67C8:
+                name = value = None
+                for nid, ns, ne in elements(data, ss, se):
+                    if nid == 0x45A3:
+                        name = data[ns:ne].decode()
+                    elif nid == 0x4487:
+                        value = data[ns:ne].decode()
+                out.append((name, value))
+    return out
+
+
+def cluster_frames(data, start, stop):
+    """(timecode, [(track, frame bytes)]) of a cluster payload."""
+    timecode, frames = None, []
+    for cid, cs, ce in elements(data, start, stop):
+        if cid == ID_TIMECODE:
+            timecode = int.from_bytes(data[cs:ce], "big")
+        elif cid == ID_SIMPLE_BLOCK:
+            track, n = read_vint(data, cs, False)
+            frames.append((track, bytes(data[cs + n + 3:ce])))
+    return timecode, frames
+
+
+LEVEL1_IDS = {ID_CLUSTER, ID_TAGS, ID_INFO, ID_TRACKS, ID_EBML, 0x114D9B74, 0x1C53BB6B}
+
+
+def producer_clusters(data):
+    """Every cluster of a producer MKV file (several documents; clusters of known or unknown
+    size, an unknown-size cluster ending at the next level-1 element)."""
+    out, pos = [], 0
+    while pos < len(data):
+        eid, start, stop = next(elements(data, pos))
+        if eid != ID_SEGMENT:
+            pos = stop
+            continue
+        p = start
+        while p < len(data):
+            cid, n = read_vint(data, p, True)
+            size, m = read_vint(data, p + n, False)
+            if cid == ID_EBML:
+                break
+            cs = p + n + m
+            if cid == ID_CLUSTER and size is None:
+                ce = cs
+                while ce < len(data):
+                    child, k = read_vint(data, ce, True)
+                    if child in LEVEL1_IDS:
+                        break
+                    csize, j = read_vint(data, ce + k, False)
+                    ce += k + j + csize
+            else:
+                ce = cs + size
+            if cid == ID_CLUSTER:
+                out.append(cluster_frames(data, cs, ce))
+            p = ce
+        pos = p
+    return out
+
+
+def ebml_element(eid, payload, size_width=None):
+    idb = eid.to_bytes((eid.bit_length() + 7) // 8, "big")
+    n = len(payload)
+    width = size_width or next(w for w in range(1, 9) if n < (1 << (7 * w)) - 1)
+    return idb + ((1 << (7 * width)) | n).to_bytes(width, "big") + payload
+
+
+def uint(v):
+    return v.to_bytes(max(1, (v.bit_length() + 7) // 8), "big")
+
+
+def mkv_header(tracks=(1,), scale=1_000_000):
+    head = ebml_element(ID_EBML, ebml_element(0x4282, b"matroska"))
+    seg = bytes.fromhex("18538067") + bytes.fromhex("01ffffffffffffff")
+    info = ebml_element(ID_INFO, ebml_element(0x2AD7B1, uint(scale)))
+    entries = b"".join(
+        ebml_element(0xAE, ebml_element(0xD7, uint(t)) + ebml_element(0x83, uint(1))
+                     + ebml_element(0x86, b"V_MPEG4/ISO/AVC")
+                     + ebml_element(0x23E383, uint(40_000_000)))
+        for t in tracks)
+    return head + seg + info + ebml_element(ID_TRACKS, entries)
+
+
+def mkv_cluster(timecode, blocks=((1, 0),), unknown_size=False, frame=b"frame-bytes"):
+    body = ebml_element(ID_TIMECODE, uint(timecode))
+    for i, (track, offset) in enumerate(blocks):
+        body += ebml_element(ID_SIMPLE_BLOCK, bytes([0x80 | track]) + struct.pack(">h", offset)
+                             + bytes([0x80 if i == 0 else 0]) + frame)
+    if unknown_size:
+        return bytes.fromhex("1f43b675") + b"\xff" + body
+    return ebml_element(ID_CLUSTER, body)
+
+
+def mkv_tags(pairs):
+    simple = b"".join(ebml_element(0x67C8, ebml_element(0x45A3, k.encode()) + ebml_element(0x4487, v.encode()))
+                      for k, v in pairs)
+    return ebml_element(ID_TAGS, ebml_element(0x7373, simple))
+
+
+# ---------------------------------------------------------------- PutMedia client
+
+class PutMedia:
+    """A chunked, SigV4-signed PutMedia upload whose acks are read on a background thread."""
+
+    def __init__(self, m, stream, timecode_type="ABSOLUTE", start_timestamp="0", headers=None,
+                 unsigned_payload=False):
+        url = urlparse(m.url)
+        key, secret = m.credentials()
+        hdrs = {"x-amzn-fragment-acknowledgment-required": "1"}
+        if stream is not None:
+            hdrs["x-amzn-stream-name"] = stream
+        if timecode_type is not None:
+            hdrs["x-amzn-fragment-timecode-type"] = timecode_type
+        if start_timestamp is not None:
+            hdrs["x-amzn-producer-start-timestamp"] = start_timestamp
+        if unsigned_payload:
+            hdrs["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
+        hdrs.update(headers or {})
+        req = botocore.awsrequest.AWSRequest(method="POST", url=m.url + "/putMedia", data=b"", headers=hdrs)
+        botocore.auth.SigV4Auth(botocore.credentials.Credentials(key, secret), "kinesisvideo",
+                                m.endpoints["region"]).add_auth(req)
+        lines = [f"POST /putMedia HTTP/1.1", f"Host: {url.netloc}", "Transfer-Encoding: chunked",
+                 "Connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "host"]
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=60)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.acks = queue.Queue()
+        self.status = None
+        self.body = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        f = self.sock.makefile("rb")
+        try:
+            status = f.readline()
+            self.status = int(status.split()[1])
+            headers = {}
+            while True:
+                line = f.readline()
+                if line in (b"\r\n", b""):
+                    break
+                k, v = line.decode().split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+            self.headers = headers
+            if headers.get("transfer-encoding") != "chunked":
+                self.body = f.read(int(headers.get("content-length", 0)))
+                return
+            pending = b""
+            while True:
+                size = int(f.readline().strip(), 16)
+                if size == 0:
+                    break
+                chunk = f.read(size)
+                f.readline()
+                assert len(chunk) <= 1024, "an ack write over 1024 bytes"
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    if line.strip():
+                        self.acks.put(json.loads(line))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.acks.put(None)
+
+    def send(self, data, piece=4096):
+        for i in range(0, len(data), piece):
+            part = data[i:i + piece]
+            self.sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+
+    def end(self):
+        try:
+            self.sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    def next_ack(self, timeout=20):
+        return self.acks.get(timeout=timeout)
+
+    def wait_for(self, predicate, timeout=30):
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ack = self.next_ack(timeout=max(0.1, deadline - time.monotonic()))
+            if ack is None:
+                break
+            seen.append(ack)
+            if predicate(ack):
+                return seen
+        raise AssertionError(f"no matching ack; saw {seen}")
+
+    def all_acks(self, timeout=60):
+        out = []
+        while True:
+            ack = self.next_ack(timeout=timeout)
+            if ack is None:
+                return out
+            out.append(ack)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def put_file(m, stream, data, **kw):
+    pm = PutMedia(m, stream, **kw)
+    pm.send(data)
+    pm.end()
+    acks = pm.all_acks()
+    pm.close()
+    return pm, acks
+
+
+def non_idle(acks):
+    return [a for a in acks if a["EventType"] != "IDLE"]
+
+
+@pytest.fixture(scope="module")
+def ffmpeg_mkv(tmp_path_factory):
+    """5 s of H.264 (1 s GOPs) + AAC in Matroska, as ffmpeg writes it live."""
+    path = tmp_path_factory.mktemp("media") / "av.mkv"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=duration=5:size=320x240:rate=25",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=5", "-c:v", "libx264", "-preset", "ultrafast",
+         "-g", "25", "-keyint_min", "25", "-sc_threshold", "0", "-c:a", "aac", "-shortest",
+         "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000", "-cluster_time_limit", "20000",
+         str(path)], check=True)
+    return path.read_bytes()
+
+
+def keyframe_count(path):
+    out = subprocess.run(["mkvinfo", "-v", str(path)], capture_output=True, text=True).stdout
+    return len(re.findall(r"Simple block: key, track number 1,", out))
+
+
+def create(kv, name, retention=1, **kw):
+    return kv.create_stream(StreamName=name, DataRetentionInHours=retention, **kw)["StreamARN"]
+
+
+def media_client(m, kv, name, api):
+    endpoint = kv.get_data_endpoint(StreamName=name, APIName=api)["DataEndpoint"]
+    service = "kinesis-video-media" if api == "GET_MEDIA" else "kinesis-video-archived-media"
+    return m.client(service) if endpoint == m.url else pytest.fail(f"unexpected endpoint {endpoint}")
+
+
+def get_media(m, kv, name, selector):
+    media = media_client(m, kv, name, "GET_MEDIA")
+    r = media.get_media(StreamName=name, StartSelector=selector)
+    assert r["ContentType"] == "video/webm"
+    return r["Payload"].read()
+
+
+# ---------------------------------------------------------------- control plane
+
+def test_stream_lifecycle_shapes_and_errors(mooring):
+    kv = mooring.client("kinesisvideo")
+    before = time.time()
+    arn = kv.create_stream(StreamName="cam-1", DeviceName="dev-1", MediaType="video/h264",
+                           DataRetentionInHours=24, Tags={"team": "a"})["StreamARN"]
+    assert re.fullmatch(r"arn:aws:kinesisvideo:[a-z0-9-]+:\d{12}:stream/cam-1/\d{13}", arn)
+    info = kv.describe_stream(StreamName="cam-1")["StreamInfo"]
+    assert info["StreamName"] == "cam-1" and info["StreamARN"] == arn
+    assert info["DeviceName"] == "dev-1" and info["MediaType"] == "video/h264"
+    assert info["Status"] == "ACTIVE" and info["DataRetentionInHours"] == 24
+    assert info["KmsKeyId"].endswith("alias/aws/kinesisvideo")
+    assert re.fullmatch(r"[a-zA-Z0-9]+", info["Version"])
+    assert abs(info["CreationTime"].timestamp() - before) < 10
+    assert kv.describe_stream(StreamARN=arn)["StreamInfo"] == info
+
+    with pytest.raises(ClientError) as e:
+        kv.create_stream(StreamName="cam-1")
+    assert e.value.response["Error"]["Code"] == "ResourceInUseException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(ClientError) as e:
+        kv.describe_stream(StreamName="nope")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    for bad in ({"StreamName": "cam-1", "StreamARN": arn}, {}):
+        with pytest.raises(ClientError) as e:
+            kv.describe_stream(**bad)
+        assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    with pytest.raises(ClientError) as e:
+        kv.create_stream(StreamName="bad name")
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    with pytest.raises(ClientError) as e:
+        kv.create_stream(StreamName="many", Tags={f"k{i}": "v" for i in range(51)})
+    assert e.value.response["Error"]["Code"] == "TagsPerResourceExceededLimitException"
+
+    # UpdateStream: version checked, new version assigned.
+    with pytest.raises(ClientError) as e:
+        kv.update_stream(StreamName="cam-1", CurrentVersion="stale", MediaType="video/h265")
+    assert e.value.response["Error"]["Code"] == "VersionMismatchException"
+    kv.update_stream(StreamName="cam-1", CurrentVersion=info["Version"], MediaType="video/h265")
+    info2 = kv.describe_stream(StreamName="cam-1")["StreamInfo"]
+    assert info2["MediaType"] == "video/h265" and info2["Version"] != info["Version"]
+
+    # UpdateDataRetention.
+    kv.update_data_retention(StreamName="cam-1", CurrentVersion=info2["Version"],
+                             Operation="INCREASE_DATA_RETENTION", DataRetentionChangeInHours=6)
+    info3 = kv.describe_stream(StreamName="cam-1")["StreamInfo"]
+    assert info3["DataRetentionInHours"] == 30
+    with pytest.raises(ClientError) as e:
+        kv.update_data_retention(StreamName="cam-1", CurrentVersion=info3["Version"],
+                                 Operation="DECREASE_DATA_RETENTION", DataRetentionChangeInHours=31)
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    with pytest.raises(ClientError) as e:
+        kv.update_data_retention(StreamName="cam-1", CurrentVersion=info3["Version"],
+                                 Operation="INCREASE_DATA_RETENTION", DataRetentionChangeInHours=87600)
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    kv.update_data_retention(StreamARN=arn, CurrentVersion=info3["Version"],
+                             Operation="DECREASE_DATA_RETENTION", DataRetentionChangeInHours=29)
+    info4 = kv.describe_stream(StreamName="cam-1")["StreamInfo"]
+    assert info4["DataRetentionInHours"] == 1
+
+    # DeleteStream: ARN only, version checked, then gone.
+    with pytest.raises(ClientError) as e:
+        kv.delete_stream(StreamARN=arn, CurrentVersion="stale")
+    assert e.value.response["Error"]["Code"] == "VersionMismatchException"
+    kv.delete_stream(StreamARN=arn, CurrentVersion=info4["Version"])
+    with pytest.raises(ClientError) as e:
+        kv.describe_stream(StreamName="cam-1")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    with pytest.raises(ClientError) as e:
+        kv.delete_stream(StreamARN=arn)
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    # The name can be reused; the new stream has a new ARN.
+    assert create(kv, "cam-1") != arn
+
+
+def test_list_streams_filters_and_pages(mooring):
+    kv = mooring.client("kinesisvideo")
+    for i in range(5):
+        create(kv, f"lobby-{i}", retention=0)
+    create(kv, "garage", retention=0)
+    everything = kv.list_streams()["StreamInfoList"]
+    assert sorted(s["StreamName"] for s in everything) == ["garage"] + [f"lobby-{i}" for i in range(5)]
+    names, token = [], None
+    while True:
+        kwargs = {"MaxResults": 2, "StreamNameCondition": {"ComparisonOperator": "BEGINS_WITH",
+                                                          "ComparisonValue": "lobby"}}
+        if token:
+            kwargs["NextToken"] = token
+        page = kv.list_streams(**kwargs)
+        assert len(page["StreamInfoList"]) <= 2
+        names += [s["StreamName"] for s in page["StreamInfoList"]]
+        token = page.get("NextToken")
+        if not token:
+            break
+    assert sorted(names) == [f"lobby-{i}" for i in range(5)]
+    assert set(everything[0]) >= {"StreamName", "StreamARN", "Version", "Status", "CreationTime",
+                                  "DataRetentionInHours", "KmsKeyId"}
+    with pytest.raises(ClientError) as e:
+        kv.list_streams(MaxResults=10001)
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+
+
+def test_stream_and_resource_tags(mooring):
+    kv = mooring.client("kinesisvideo")
+    arn = create(kv, "tagged", retention=0)
+    kv.tag_stream(StreamName="tagged", Tags={"a": "1", "b": "2"})
+    kv.tag_stream(StreamARN=arn, Tags={"a": "3"})
+    assert kv.list_tags_for_stream(StreamName="tagged")["Tags"] == {"a": "3", "b": "2"}
+    kv.untag_stream(StreamARN=arn, TagKeyList=["a", "absent"])
+    assert kv.list_tags_for_stream(StreamARN=arn)["Tags"] == {"b": "2"}
+    with pytest.raises(ClientError) as e:
+        kv.tag_stream(StreamName="tagged", Tags={f"k{i}": "v" for i in range(50)})
+    assert e.value.response["Error"]["Code"] == "TagsPerResourceExceededLimitException"
+    with pytest.raises(ClientError) as e:
+        kv.list_tags_for_stream(StreamARN="arn:aws:kinesisvideo:us-east-1:123456789012:bogus")
+    assert e.value.response["Error"]["Code"] == "InvalidResourceFormatException"
+    with pytest.raises(ClientError) as e:
+        kv.tag_stream(StreamName="missing", Tags={"a": "b"})
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+    kv.tag_resource(ResourceARN=arn, Tags=[{"Key": "c", "Value": "3"}])
+    assert kv.list_tags_for_resource(ResourceARN=arn)["Tags"] == {"b": "2", "c": "3"}
+    kv.untag_resource(ResourceARN=arn, TagKeyList=["b"])
+    assert kv.list_tags_for_resource(ResourceARN=arn)["Tags"] == {"c": "3"}
+    with pytest.raises(ClientError) as e:
+        kv.list_tags_for_resource(
+            ResourceARN="arn:aws:kinesisvideo:us-east-1:123456789012:channel/none/1")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+def test_get_data_endpoint_answers_every_api_with_mooring(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "ep", retention=0)
+    for api in ["PUT_MEDIA", "GET_MEDIA", "LIST_FRAGMENTS", "GET_MEDIA_FOR_FRAGMENT_LIST",
+                "GET_HLS_STREAMING_SESSION_URL", "GET_DASH_STREAMING_SESSION_URL", "GET_CLIP",
+                "GET_IMAGES"]:
+        assert kv.get_data_endpoint(StreamName="ep", APIName=api)["DataEndpoint"] == mooring.url
+    with pytest.raises(ClientError) as e:
+        kv.get_data_endpoint(StreamName="ep", APIName="NOPE")
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    with pytest.raises(ClientError) as e:
+        kv.get_data_endpoint(StreamName="missing", APIName="GET_MEDIA")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+def test_wrong_secret_is_rejected(mooring):
+    kv = mooring.client("kinesisvideo", secret="x" * 40)
+    with pytest.raises(ClientError) as e:
+        kv.list_streams()
+    assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+# ---------------------------------------------------------------- PutMedia and readers
+
+def test_ffmpeg_ingest_acks_getmedia_and_archive(mooring, ffmpeg_mkv, tmp_path):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "live", retention=1)
+    src = tmp_path / "src.mkv"
+    src.write_bytes(ffmpeg_mkv)
+    clusters = producer_clusters(ffmpeg_mkv)
+    gops = keyframe_count(src)
+    assert gops == 5 and len(clusters) == gops
+
+    t0 = time.time()
+    pm, acks = put_file(mooring, "live", ffmpeg_mkv)
+    assert pm.status == 200
+    acks = non_idle(acks)
+    numbers = [a["FragmentNumber"] for a in acks if a["EventType"] == "BUFFERING"]
+    assert len(numbers) == gops
+    for number, (timecode, _) in zip(numbers, clusters):
+        group = [a for a in acks if a["FragmentNumber"] == number]
+        assert [a["EventType"] for a in group] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+        assert {a["FragmentTimecode"] for a in group} == {timecode}
+    assert sorted(a["EventType"] for a in acks) == sorted(["BUFFERING", "RECEIVED", "PERSISTED"] * gops)
+    assert all(re.fullmatch(r"[0-9]{47}", n) for n in numbers)
+    assert [int(n) for n in numbers] == sorted(int(n) for n in numbers)
+    assert len(set(numbers)) == gops
+
+    # GetMedia from the start: one chunk per fragment, readable by mkvinfo, frames intact.
+    out = get_media(mooring, kv, "live", {"StartSelectorType": "EARLIEST"})
+    got = tmp_path / "out.mkv"
+    got.write_bytes(out)
+    info = subprocess.run(["mkvinfo", str(got)], capture_output=True, text=True)
+    assert info.returncode == 0 and "Cluster" in info.stdout and "V_MPEG4/ISO/AVC" in info.stdout
+    assert subprocess.run(["ffprobe", "-v", "error", str(got)]).returncode == 0
+    docs = documents(out)
+    assert len(docs) == gops
+    for doc, number, (timecode, frames) in zip(docs, numbers, clusters):
+        cluster = [e for e in doc if e[0] == ID_CLUSTER]
+        assert len(cluster) == 1
+        assert cluster_frames(out, cluster[0][1], cluster[0][2]) == (timecode, frames)
+        tags = [simple_tags(out, s, e) for i, s, e in doc if i == ID_TAGS]
+        aws = [t for t in tags if t and t[0][0].startswith("AWS_KINESISVIDEO")]
+        assert [n for n, _ in aws[0]] == ["AWS_KINESISVIDEO_FRAGMENT_NUMBER",
+                                          "AWS_KINESISVIDEO_SERVER_TIMESTAMP",
+                                          "AWS_KINESISVIDEO_PRODUCER_TIMESTAMP"]
+        assert aws[0][0][1] == number
+        assert abs(float(aws[0][1][1]) - t0) < 30
+        assert float(aws[0][2][1]) == pytest.approx(timecode / 1000.0, abs=0.0011)
+        assert [n for n, _ in aws[-1]] == ["AWS_KINESISVIDEO_MILLIS_BEHIND_NOW",
+                                           "AWS_KINESISVIDEO_CONTINUATION_TOKEN"]
+        assert aws[-1][1][1] == number and int(aws[-1][0][1]) >= 0
+
+    # Other selectors.
+    after = get_media(mooring, kv, "live", {"StartSelectorType": "FRAGMENT_NUMBER",
+                                           "AfterFragmentNumber": numbers[1]})
+    assert len(documents(after)) == gops - 2
+    token = get_media(mooring, kv, "live", {"StartSelectorType": "CONTINUATION_TOKEN",
+                                           "ContinuationToken": numbers[3]})
+    assert len(documents(token)) == 1
+    now = get_media(mooring, kv, "live", {"StartSelectorType": "NOW"})
+    assert len(documents(now)) == 1
+    by_producer = get_media(mooring, kv, "live", {"StartSelectorType": "PRODUCER_TIMESTAMP",
+                                                 "StartTimestamp": 2.5})
+    assert len(documents(by_producer)) == 3  # the fragment containing 2.5 s, then two more
+    by_server = get_media(mooring, kv, "live", {"StartSelectorType": "SERVER_TIMESTAMP",
+                                               "StartTimestamp": t0 - 60})
+    assert len(documents(by_server)) == gops
+    media = media_client(mooring, kv, "live", "GET_MEDIA")
+    with pytest.raises(ClientError) as e:
+        media.get_media(StreamName="live", StartSelector={"StartSelectorType": "FRAGMENT_NUMBER"})
+    assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    with pytest.raises(ClientError) as e:
+        media.get_media(StreamName="missing", StartSelector={"StartSelectorType": "NOW"})
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+    # ListFragments: selection by start time, paging, exact member names.
+    archive = media_client(mooring, kv, "live", "LIST_FRAGMENTS")
+    listed, token = [], None
+    while True:
+        kwargs = {"StreamName": "live", "MaxResults": 2}
+        if token:
+            kwargs["NextToken"] = token
+        else:
+            kwargs["FragmentSelector"] = {"FragmentSelectorType": "SERVER_TIMESTAMP",
+                                          "TimestampRange": {"StartTimestamp": t0 - 60,
+                                                             "EndTimestamp": time.time() + 1}}
+        page = archive.list_fragments(**kwargs)
+        listed += page["Fragments"]
+        token = page.get("NextToken")
+        if not token:
+            break
+    assert sorted(f["FragmentNumber"] for f in listed) == numbers
+    for f in listed:
+        assert set(f) == {"FragmentNumber", "FragmentSizeInBytes", "ProducerTimestamp",
+                          "ServerTimestamp", "FragmentLengthInMilliseconds"}
+        assert 500 <= f["FragmentLengthInMilliseconds"] <= 1500
+        assert f["FragmentSizeInBytes"] > 1000
+    producer = archive.list_fragments(StreamName="live", FragmentSelector={
+        "FragmentSelectorType": "PRODUCER_TIMESTAMP",
+        "TimestampRange": {"StartTimestamp": 1.0, "EndTimestamp": 3.5}})["Fragments"]
+    assert sorted(f["FragmentNumber"] for f in producer) == numbers[1:4]
+    empty = archive.list_fragments(StreamName="live", FragmentSelector={
+        "FragmentSelectorType": "PRODUCER_TIMESTAMP",
+        "TimestampRange": {"StartTimestamp": 100, "EndTimestamp": 200}})
+    assert empty["Fragments"] == [] and "NextToken" not in empty
+
+    # GetMediaForFragmentList: request order, missing fragment reported in tags.
+    fl = media_client(mooring, kv, "live", "GET_MEDIA_FOR_FRAGMENT_LIST")
+    missing = "9" * 47
+    r = fl.get_media_for_fragment_list(StreamName="live", Fragments=[numbers[2], missing, numbers[0]])
+    assert r["ContentType"] == "video/webm"
+    body = r["Payload"].read()
+    docs = documents(body)
+    assert len(docs) == 3
+    first_tags = simple_tags(body, *[(s, e) for i, s, e in docs[0] if i == ID_TAGS][-1])
+    assert first_tags[0] == ("AWS_KINESISVIDEO_FRAGMENT_NUMBER", numbers[2])
+    error_tags = dict(simple_tags(body, *[(s, e) for i, s, e in docs[1] if i == ID_TAGS][0]))
+    assert error_tags["AWS_KINESISVIDEO_FRAGMENT_NUMBER"] == missing
+    assert "AWS_KINESISVIDEO_EXCEPTION_ERROR_CODE" in error_tags
+    assert "AWS_KINESISVIDEO_EXCEPTION_MESSAGE" in error_tags
+    c = [(s, e) for i, s, e in docs[2] if i == ID_CLUSTER][0]
+    assert cluster_frames(body, *c) == clusters[0]
+
+
+def test_getmedia_layout_matches_real_kvs_output(mooring, ffmpeg_mkv):
+    """Element by element: each chunk is EBML header, unknown-size Segment, the producer's
+    segment-level elements, AWS tags (3), one Cluster, AWS tags (2), as in the recorded file."""
+    real = (TESTDATA / "output_get_media.mkv").read_bytes()
+    real_doc = documents(real[:real.index(bytes.fromhex("1a45dfa3"), 10)])[0]
+    ids = [i for i, _, _ in real_doc]
+    assert ids[-3:] == [ID_TAGS, ID_CLUSTER, ID_TAGS]
+    real_tail = [[n for n, _ in simple_tags(real, s, e)] for i, s, e in real_doc[-3:] if i == ID_TAGS]
+
+    kv = mooring.client("kinesisvideo")
+    create(kv, "layout", retention=1)
+    put_file(mooring, "layout", ffmpeg_mkv)
+    out = get_media(mooring, kv, "layout", {"StartSelectorType": "EARLIEST"})
+    producer_prefix = []
+    _, _, header_end = next(elements(ffmpeg_mkv))
+    _, segment_start, _ = next(elements(ffmpeg_mkv, header_end))
+    for i, s, e in elements(ffmpeg_mkv, segment_start):
+        if i == ID_CLUSTER:
+            break
+        producer_prefix.append(i)
+    for doc in documents(out):
+        mine = [i for i, _, _ in doc]
+        assert mine == producer_prefix + [ID_TAGS, ID_CLUSTER, ID_TAGS]
+        tail = [[n for n, _ in simple_tags(out, s, e)] for i, s, e in doc[-3:] if i == ID_TAGS]
+        assert tail == real_tail
+    # The segment header is the 8-byte unknown size KVS writes.
+    assert out[out.index(bytes.fromhex("18538067")):][:12] == bytes.fromhex("1853806701ffffffffffffff")
+    first_real = real[:real.index(bytes.fromhex("18538067")) + 12]
+    assert first_real.endswith(bytes.fromhex("1853806701ffffffffffffff"))
+
+
+@pytest.mark.parametrize("name,timecode_type,start", [
+    ("test_mixed_tags.mkv", "RELATIVE", "1537574915.281"),
+    ("output_get_media.mkv", "RELATIVE", "1511852108.513"),
+    ("output_get_media_sparse_fragments.mkv", "RELATIVE", "1511852108.513"),
+])
+def test_real_producer_files_ingest(mooring, name, timecode_type, start):
+    data = (TESTDATA / name).read_bytes()
+    clusters = producer_clusters(data)
+    kv = mooring.client("kinesisvideo")
+    create(kv, "real", retention=1)
+    pm, acks = put_file(mooring, "real", data, timecode_type=timecode_type, start_timestamp=start,
+                        unsigned_payload=True)
+    acks = non_idle(acks)
+    assert [a for a in acks if a["EventType"] == "ERROR"] == []
+    persisted = [a for a in acks if a["EventType"] == "PERSISTED"]
+    assert [a["FragmentTimecode"] for a in persisted] == [tc for tc, _ in clusters]
+    out = get_media(mooring, kv, "real", {"StartSelectorType": "EARLIEST"})
+    docs = documents(out)
+    assert len(docs) == len(clusters)
+    for doc, cluster in zip(docs, clusters):
+        c = [(s, e) for i, s, e in doc if i == ID_CLUSTER][0]
+        assert cluster_frames(out, *c) == cluster
+        names = [n for i, s, e in doc if i == ID_TAGS for n, _ in simple_tags(out, s, e)]
+        assert names.count("AWS_KINESISVIDEO_FRAGMENT_NUMBER") == 1
+    if name == "test_mixed_tags.mkv":
+        # Producer tags after a cluster come back in that fragment's chunk.
+        names = [n for i, s, e in docs[0] if i == ID_TAGS for n, _ in simple_tags(out, s, e)]
+        assert "testTag_0" in names
+
+
+def test_retention_zero_streams_are_live_only(mooring, ffmpeg_mkv):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "buffer", retention=0)
+    _, acks = put_file(mooring, "buffer", ffmpeg_mkv)
+    kinds = [a["EventType"] for a in non_idle(acks)]
+    assert kinds == ["BUFFERING", "RECEIVED"] * 5  # no PERSISTED at retention 0
+    assert len(documents(get_media(mooring, kv, "buffer", {"StartSelectorType": "EARLIEST"}))) == 5
+    archive = media_client(mooring, kv, "buffer", "LIST_FRAGMENTS")
+    assert archive.list_fragments(StreamName="buffer", FragmentSelector={
+        "FragmentSelectorType": "SERVER_TIMESTAMP",
+        "TimestampRange": {"StartTimestamp": 0, "EndTimestamp": time.time() + 5}})["Fragments"] == []
+
+
+def test_getmedia_tails_live_ingest(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "tail", retention=1)
+    media = media_client(mooring, kv, "tail", "GET_MEDIA")
+    pm = PutMedia(mooring, "tail")
+    pm.send(mkv_header() + mkv_cluster(1000, ((1, 0), (1, 40))))
+    pm.wait_for(lambda a: a["EventType"] == "PERSISTED")
+    result = {}
+
+    def reader():
+        r = media.get_media(StreamName="tail", StartSelector={"StartSelectorType": "NOW"})
+        result["body"] = r["Payload"].read()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(1.0)
+    pm.send(mkv_cluster(2000, ((1, 0), (1, 40))))
+    pm.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == 2000)
+    pm.end()
+    pm.all_acks()
+    t.join(timeout=20)
+    docs = documents(result["body"])
+    timecodes = [cluster_frames(result["body"], s, e)[0] for d in docs for i, s, e in d if i == ID_CLUSTER]
+    assert timecodes == [1000, 2000]
+
+
+# ---------------------------------------------------------------- ERROR acks
+
+def error_of(acks):
+    errors = [a for a in acks if a["EventType"] == "ERROR"]
+    assert len(errors) == 1, acks
+    return errors[0]
+
+
+def test_putmedia_header_errors(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "hdr", retention=0)
+    pm = PutMedia(mooring, "missing-stream")
+    pm.end()
+    pm.reader.join(10)
+    assert pm.status == 404 and pm.headers["x-amzn-errortype"] == "ResourceNotFoundException"
+    pm = PutMedia(mooring, "hdr", timecode_type="SIDEWAYS")
+    pm.end()
+    pm.reader.join(10)
+    assert pm.status == 400 and pm.headers["x-amzn-errortype"] == "InvalidArgumentException"
+    pm = PutMedia(mooring, "hdr", timecode_type="RELATIVE", start_timestamp=None)
+    pm.end()
+    pm.reader.join(10)
+    assert pm.status == 400
+
+
+CASES = {
+    "invalid_mkv": (b"this is certainly not matroska" * 10, 4006, "INVALID_MKV_DATA"),
+    "timecode_backwards": (mkv_header() + mkv_cluster(5000) + mkv_cluster(3000), 4004,
+                           "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS"),
+    "track_number_mismatch": (mkv_header((1,)) + mkv_cluster(0, ((1, 0), (2, 10))), 4010,
+                              "TRACK_NUMBER_MISMATCH"),
+    "frames_missing_for_track": (mkv_header((1, 2)) + mkv_cluster(0, ((1, 0), (1, 40))), 4011,
+                                 "FRAMES_MISSING_FOR_TRACK"),
+    "too_many_tracks": (mkv_header((1, 2, 3, 4)) + mkv_cluster(0, ((1, 0), (2, 0), (3, 0), (4, 0))),
+                        4012, "MORE_THAN_ALLOWED_TRACKS_FOUND"),
+    "reserved_tag_name": (mkv_header() + mkv_cluster(0) + mkv_tags([("AWS_SECRET", "x")]), 4012,
+                          "INVALID_FRAGMENT_METADATA"),
+    "too_many_tags": (mkv_header() + mkv_cluster(0) + mkv_tags([(f"t{i}", "v") for i in range(11)]),
+                      4009, "FRAGMENT_METADATA_LIMIT_REACHED"),
+    "tag_value_too_long": (mkv_header() + mkv_cluster(0) + mkv_tags([("t", "v" * 257)]), 4009,
+                           "FRAGMENT_METADATA_LIMIT_REACHED"),
+    "fragment_too_long": (mkv_header() + mkv_cluster(0, ((1, 0), (1, 21000))), 4002,
+                          "MAX_FRAGMENT_DURATION_REACHED"),
+    # An unknown-size cluster whose block declares 51 MB.
+    "fragment_too_large": (mkv_header() + bytes.fromhex("1f43b675ff") + ebml_element(ID_TIMECODE, uint(0))
+                           + bytes([ID_SIMPLE_BLOCK]) + (0x0100000000000000 | 51 * 1024 * 1024).to_bytes(8, "big")
+                           + b"\x81\x00\x00\x80" + b"x" * 1000, 4001, "MAX_FRAGMENT_SIZE_REACHED"),
+    "producer_timestamp_in_future": (mkv_header() + mkv_cluster(int(time.time() * 1000) + 3 * 3600 * 1000),
+                                     4007, "INVALID_PRODUCER_TIMESTAMP"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_error_acks(mooring, case):
+    body, error_id, code = CASES[case]
+    kv = mooring.client("kinesisvideo")
+    create(kv, "errs", retention=1)
+    pm, acks = put_file(mooring, "errs", body)
+    assert pm.status == 200
+    err = error_of(acks)
+    assert err["ErrorId"] == error_id and err["ErrorCode"] == code
+    if case not in ("invalid_mkv",):
+        assert isinstance(err["FragmentTimecode"], int) and re.fullmatch(r"\d{47}", err["FragmentNumber"])
+    # The server is still healthy and accepts a good upload afterwards.
+    _, acks = put_file(mooring, "errs", mkv_header() + mkv_cluster(int(time.time() * 1000)))
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+
+
+def test_real_non_increasing_timecodes_are_rejected(mooring):
+    data = (TESTDATA / "output-get-media-non-increasing-timecode.mkv").read_bytes()
+    kv = mooring.client("kinesisvideo")
+    create(kv, "nonincr", retention=1)
+    _, acks = put_file(mooring, "nonincr", data, timecode_type="RELATIVE", start_timestamp="1517530105.907")
+    err = error_of(acks)
+    assert err["ErrorId"] == 4004 and err["ErrorCode"] == "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS"
+    assert any(a["EventType"] == "PERSISTED" for a in acks)
+
+
+def test_stream_deleted_during_ingest(mooring):
+    kv = mooring.client("kinesisvideo")
+    arn = create(kv, "doomed", retention=1)
+    pm = PutMedia(mooring, "doomed")
+    pm.send(mkv_header() + mkv_cluster(1000))
+    pm.send(mkv_cluster(2000))
+    pm.wait_for(lambda a: a["EventType"] == "PERSISTED")
+    kv.delete_stream(StreamARN=arn)
+    pm.send(mkv_cluster(3000))
+    pm.send(mkv_cluster(4000))
+    acks = pm.all_acks()
+    err = error_of(acks)
+    assert err["ErrorId"] == 4008 and err["ErrorCode"] == "STREAM_NOT_ACTIVE"
+
+
+def test_connection_age_limit_idle_acks_and_idle_close(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "video.max_connection_secs=2",
+                                    "--set", "video.idle_ack_interval_ms=300",
+                                    "--set", "video.idle_timeout_secs=60"])
+    kv = m.client("kinesisvideo")
+    create(kv, "aged", retention=0)
+    pm = PutMedia(m, "aged")
+    pm.send(mkv_header() + mkv_cluster(1000))
+    acks = pm.all_acks(timeout=20)
+    assert "IDLE" in [a["EventType"] for a in acks]
+    assert acks[-1]["EventType"] == "ERROR" and acks[-1]["ErrorId"] == 4003
+    assert acks[-1]["ErrorCode"] == "MAX_CONNECTION_DURATION_REACHED"
+
+    m2 = mooring_factory(extra_args=["--set", "video.idle_ack_interval_ms=300",
+                                     "--set", "video.idle_timeout_secs=2"])
+    kv2 = m2.client("kinesisvideo")
+    create(kv2, "quiet", retention=0)
+    pm = PutMedia(m2, "quiet")
+    started = time.monotonic()
+    pm.send(mkv_header() + mkv_cluster(1000))
+    acks = pm.all_acks(timeout=20)
+    elapsed = time.monotonic() - started
+    kinds = [a["EventType"] for a in acks]
+    assert kinds[:2] == ["BUFFERING", "RECEIVED"] and kinds.count("IDLE") >= 2
+    assert "ERROR" not in kinds
+    assert 1.5 < elapsed < 10
+    idle = [a for a in acks if a["EventType"] == "IDLE"][0]
+    assert idle == {"EventType": "IDLE"}
+
+
+def test_broken_connection_mid_fragment(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "broken", retention=1)
+    pm = PutMedia(mooring, "broken")
+    pm.send(mkv_header() + mkv_cluster(1000))
+    cluster = mkv_cluster(2000, frame=b"x" * 5000)
+    pm.send(cluster[:len(cluster) // 2])
+    pm.wait_for(lambda a: a["EventType"] == "BUFFERING" and a["FragmentTimecode"] == 2000)
+    pm.sock.shutdown(socket.SHUT_WR)  # the body ends mid-chunk
+    acks = pm.all_acks()
+    err = error_of(acks)
+    assert err["ErrorId"] == 4000 and err["FragmentTimecode"] == 2000
+
+
+# ---------------------------------------------------------------- durability
+
+def test_persisted_fragments_survive_sigkill(mooring, ffmpeg_mkv):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "durable", retention=1)
+    pm = PutMedia(mooring, "durable")
+    pm.send(ffmpeg_mkv)
+    clusters = producer_clusters(ffmpeg_mkv)
+    persisted = []
+    seen = pm.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == clusters[2][0])
+    persisted = [a for a in seen if a["EventType"] == "PERSISTED"]
+    mooring.kill()
+    pm.close()
+    mooring.start()
+    kv = mooring.client("kinesisvideo")
+    fl = media_client(mooring, kv, "durable", "GET_MEDIA_FOR_FRAGMENT_LIST")
+    body = fl.get_media_for_fragment_list(
+        StreamName="durable", Fragments=[a["FragmentNumber"] for a in persisted])["Payload"].read()
+    docs = documents(body)
+    assert len(docs) == len(persisted) >= 3
+    for doc, ack, cluster in zip(docs, persisted, clusters):
+        c = [(s, e) for i, s, e in doc if i == ID_CLUSTER]
+        assert c, f"fragment {ack['FragmentNumber']} not readable after restart"
+        assert cluster_frames(body, *c[0]) == cluster
+    # New fragments continue with larger numbers.
+    _, acks = put_file(mooring, "durable", mkv_header() + mkv_cluster(int(time.time() * 1000)))
+    new = [a for a in acks if a["EventType"] == "PERSISTED"][0]
+    assert int(new["FragmentNumber"]) > max(int(a["FragmentNumber"]) for a in persisted)
+
+
+@pytest.mark.parametrize("name", ["empty-mkv-with-tags.mkv", "test_tags_empty_cluster.mkv"])
+def test_documents_without_clusters_ingest_as_no_fragments(mooring, name):
+    data = (TESTDATA / name).read_bytes()
+    assert producer_clusters(data) == []
+    kv = mooring.client("kinesisvideo")
+    create(kv, "empty", retention=1)
+    pm, acks = put_file(mooring, "empty", data, timecode_type="RELATIVE", start_timestamp="1516124526.822")
+    assert pm.status == 200
+    assert non_idle(acks) == []
+    archive = media_client(mooring, kv, "empty", "LIST_FRAGMENTS")
+    assert archive.list_fragments(StreamName="empty", FragmentSelector={
+        "FragmentSelectorType": "SERVER_TIMESTAMP",
+        "TimestampRange": {"StartTimestamp": 0, "EndTimestamp": time.time() + 5}})["Fragments"] == []
+    # The stream still takes media afterwards.
+    _, acks = put_file(mooring, "empty", mkv_header() + mkv_cluster(1000), timecode_type="RELATIVE",
+                       start_timestamp=str(time.time()))
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
