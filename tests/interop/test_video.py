@@ -729,6 +729,10 @@ def test_putmedia_header_errors(mooring):
     pm.end()
     pm.reader.join(10)
     assert pm.status == 404 and pm.headers["x-amzn-errortype"] == "ResourceNotFoundException"
+    assert pm.headers["x-amz-errortype"] == "ResourceNotFoundException"
+    assert len(pm.headers["x-amzn-requestid"]) == 36 and pm.headers["x-amz-requestid"]
+    error = json.loads(pm.body)
+    assert error["message"] == error["Message"] and "missing-stream" in error["Message"]
     pm = PutMedia(mooring, "hdr", timecode_type="SIDEWAYS")
     pm.end()
     pm.reader.join(10)
@@ -898,3 +902,41 @@ def test_documents_without_clusters_ingest_as_no_fragments(mooring, name):
     _, acks = put_file(mooring, "empty", mkv_header() + mkv_cluster(1000), timecode_type="RELATIVE",
                        start_timestamp=str(time.time()))
     assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+
+
+def test_live_ffmpeg_pipe_gets_acks_while_streaming(mooring):
+    """ffmpeg -re writes MKV to a pipe in real time; PERSISTED acks come back while it runs."""
+    kv = mooring.client("kinesisvideo")
+    create(kv, "pipe", retention=1)
+    ff = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=duration=4:size=160x120:rate=25",
+         "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+         "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000", "-cluster_time_limit", "20000", "-"],
+        stdout=subprocess.PIPE)
+    pm = PutMedia(mooring, "pipe", timecode_type="RELATIVE", start_timestamp=f"{time.time():.3f}")
+    first_persisted_while_running = None
+
+    def pump():
+        while True:
+            data = ff.stdout.read1(65536)
+            if not data:
+                break
+            pm.send(data)
+        pm.end()
+
+    t = threading.Thread(target=pump)
+    t.start()
+    acks = []
+    while True:
+        ack = pm.next_ack(timeout=30)
+        if ack is None:
+            break
+        acks.append(ack)
+        if ack["EventType"] == "PERSISTED" and first_persisted_while_running is None:
+            first_persisted_while_running = ff.poll() is None
+    t.join()
+    assert ff.wait() == 0
+    assert first_persisted_while_running is True
+    persisted = [a for a in acks if a["EventType"] == "PERSISTED"]
+    assert len(persisted) == 4 and "ERROR" not in [a["EventType"] for a in acks]
+    assert [a["FragmentTimecode"] for a in persisted] == sorted(a["FragmentTimecode"] for a in persisted)
