@@ -940,3 +940,20 @@ def test_live_ffmpeg_pipe_gets_acks_while_streaming(mooring):
     persisted = [a for a in acks if a["EventType"] == "PERSISTED"]
     assert len(persisted) == 4 and "ERROR" not in [a["EventType"] for a in acks]
     assert [a["FragmentTimecode"] for a in persisted] == sorted(a["FragmentTimecode"] for a in persisted)
+
+
+def test_getmedia_connection_limit(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "popular", retention=0)
+    media = media_client(mooring, kv, "popular", "GET_MEDIA")
+    open_readers = [media.get_media(StreamName="popular", StartSelector={"StartSelectorType": "NOW"})
+                    for _ in range(3)]
+    with pytest.raises(ClientError) as e:
+        media.get_media(StreamName="popular", StartSelector={"StartSelectorType": "NOW"})
+    assert e.value.response["Error"]["Code"] == "ConnectionLimitExceededException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    for r in open_readers:
+        assert r["Payload"].read() == b""  # nothing ingested: each ends after the idle period
+    # Slots are released once the readers end.
+    assert media.get_media(StreamName="popular",
+                           StartSelector={"StartSelectorType": "NOW"})["Payload"].read() == b""
