@@ -173,9 +173,8 @@ pub async fn serve(config: Config) -> Result<()> {
 
 /// The AWS APIs served over HTTP, in routing order. Services register here as they land.
 fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
-    let mut services: Vec<Arc<dyn AwsService>> = Vec::new();
-    services.push(mooring_video::VideoService::new(ctx)?);
-    Ok(services)
+    let video: Arc<dyn AwsService> = mooring_video::VideoService::new(ctx)?;
+    Ok(vec![video])
 }
 
 async fn bind(name: &str, addr: &str) -> Result<Option<TcpListener>> {
