@@ -186,7 +186,7 @@ class PutMedia:
     """A chunked, SigV4-signed PutMedia upload whose acks are read on a background thread."""
 
     def __init__(self, m, stream, timecode_type="ABSOLUTE", start_timestamp="0", headers=None,
-                 unsigned_payload=False):
+                 unsigned_payload=False, presigned=False):
         url = urlparse(m.url)
         key, secret = m.credentials()
         hdrs = {"x-amzn-fragment-acknowledgment-required": "1"}
@@ -200,9 +200,15 @@ class PutMedia:
             hdrs["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
         hdrs.update(headers or {})
         req = botocore.awsrequest.AWSRequest(method="POST", url=m.url + "/putMedia", data=b"", headers=hdrs)
-        botocore.auth.SigV4Auth(botocore.credentials.Credentials(key, secret), "kinesisvideo",
-                                m.endpoints["region"]).add_auth(req)
-        lines = [f"POST /putMedia HTTP/1.1", f"Host: {url.netloc}", "Transfer-Encoding: chunked",
+        creds = botocore.credentials.Credentials(key, secret)
+        if presigned:
+            # Signature in the query string, as some third-party PutMedia clients send it.
+            botocore.auth.SigV4QueryAuth(creds, "kinesisvideo", m.endpoints["region"], expires=300).add_auth(req)
+        else:
+            botocore.auth.SigV4Auth(creds, "kinesisvideo", m.endpoints["region"]).add_auth(req)
+        target = urlparse(req.url)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        lines = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}", "Transfer-Encoding: chunked",
                  "Connection: keep-alive"]
         lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "host"]
         self.sock = socket.create_connection((url.hostname, url.port), timeout=60)
@@ -957,3 +963,25 @@ def test_getmedia_connection_limit(mooring):
     # Slots are released once the readers end.
     assert media.get_media(StreamName="popular",
                            StartSelector={"StartSelectorType": "NOW"})["Payload"].read() == b""
+
+
+@pytest.mark.parametrize("variant", ["presigned", "unsigned_payload", "wrong_secret"])
+def test_putmedia_signature_variants(mooring, variant):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "signed", retention=0)
+    body = mkv_header() + mkv_cluster(1000)
+    if variant == "wrong_secret":
+        m = mooring
+        real = m.credentials
+        m.credentials = lambda: (real()[0], "x" * 40)
+        try:
+            pm = PutMedia(m, "signed")
+        finally:
+            m.credentials = real
+        pm.send(body)
+        pm.end()
+        pm.reader.join(10)
+        assert pm.status == 403 and pm.headers["x-amzn-errortype"] == "InvalidSignatureException"
+        return
+    _, acks = put_file(mooring, "signed", body, **{variant: True})
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED"]
