@@ -186,7 +186,7 @@ class PutMedia:
     """A chunked, SigV4-signed PutMedia upload whose acks are read on a background thread."""
 
     def __init__(self, m, stream, timecode_type="ABSOLUTE", start_timestamp="0", headers=None,
-                 unsigned_payload=False):
+                 unsigned_payload=False, presigned=False):
         url = urlparse(m.url)
         key, secret = m.credentials()
         hdrs = {"x-amzn-fragment-acknowledgment-required": "1"}
@@ -200,9 +200,15 @@ class PutMedia:
             hdrs["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
         hdrs.update(headers or {})
         req = botocore.awsrequest.AWSRequest(method="POST", url=m.url + "/putMedia", data=b"", headers=hdrs)
-        botocore.auth.SigV4Auth(botocore.credentials.Credentials(key, secret), "kinesisvideo",
-                                m.endpoints["region"]).add_auth(req)
-        lines = [f"POST /putMedia HTTP/1.1", f"Host: {url.netloc}", "Transfer-Encoding: chunked",
+        creds = botocore.credentials.Credentials(key, secret)
+        if presigned:
+            # Signature in the query string, as some third-party PutMedia clients send it.
+            botocore.auth.SigV4QueryAuth(creds, "kinesisvideo", m.endpoints["region"], expires=300).add_auth(req)
+        else:
+            botocore.auth.SigV4Auth(creds, "kinesisvideo", m.endpoints["region"]).add_auth(req)
+        target = urlparse(req.url)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        lines = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}", "Transfer-Encoding: chunked",
                  "Connection: keep-alive"]
         lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "host"]
         self.sock = socket.create_connection((url.hostname, url.port), timeout=60)
@@ -729,6 +735,10 @@ def test_putmedia_header_errors(mooring):
     pm.end()
     pm.reader.join(10)
     assert pm.status == 404 and pm.headers["x-amzn-errortype"] == "ResourceNotFoundException"
+    assert pm.headers["x-amz-errortype"] == "ResourceNotFoundException"
+    assert len(pm.headers["x-amzn-requestid"]) == 36 and pm.headers["x-amz-requestid"]
+    error = json.loads(pm.body)
+    assert error["message"] == error["Message"] and "missing-stream" in error["Message"]
     pm = PutMedia(mooring, "hdr", timecode_type="SIDEWAYS")
     pm.end()
     pm.reader.join(10)
@@ -898,3 +908,80 @@ def test_documents_without_clusters_ingest_as_no_fragments(mooring, name):
     _, acks = put_file(mooring, "empty", mkv_header() + mkv_cluster(1000), timecode_type="RELATIVE",
                        start_timestamp=str(time.time()))
     assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+
+
+def test_live_ffmpeg_pipe_gets_acks_while_streaming(mooring):
+    """ffmpeg -re writes MKV to a pipe in real time; PERSISTED acks come back while it runs."""
+    kv = mooring.client("kinesisvideo")
+    create(kv, "pipe", retention=1)
+    ff = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=duration=4:size=160x120:rate=25",
+         "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+         "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000", "-cluster_time_limit", "20000", "-"],
+        stdout=subprocess.PIPE)
+    pm = PutMedia(mooring, "pipe", timecode_type="RELATIVE", start_timestamp=f"{time.time():.3f}")
+    first_persisted_while_running = None
+
+    def pump():
+        while True:
+            data = ff.stdout.read1(65536)
+            if not data:
+                break
+            pm.send(data)
+        pm.end()
+
+    t = threading.Thread(target=pump)
+    t.start()
+    acks = []
+    while True:
+        ack = pm.next_ack(timeout=30)
+        if ack is None:
+            break
+        acks.append(ack)
+        if ack["EventType"] == "PERSISTED" and first_persisted_while_running is None:
+            first_persisted_while_running = ff.poll() is None
+    t.join()
+    assert ff.wait() == 0
+    assert first_persisted_while_running is True
+    persisted = [a for a in acks if a["EventType"] == "PERSISTED"]
+    assert len(persisted) == 4 and "ERROR" not in [a["EventType"] for a in acks]
+    assert [a["FragmentTimecode"] for a in persisted] == sorted(a["FragmentTimecode"] for a in persisted)
+
+
+def test_getmedia_connection_limit(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "popular", retention=0)
+    media = media_client(mooring, kv, "popular", "GET_MEDIA")
+    open_readers = [media.get_media(StreamName="popular", StartSelector={"StartSelectorType": "NOW"})
+                    for _ in range(3)]
+    with pytest.raises(ClientError) as e:
+        media.get_media(StreamName="popular", StartSelector={"StartSelectorType": "NOW"})
+    assert e.value.response["Error"]["Code"] == "ConnectionLimitExceededException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    for r in open_readers:
+        assert r["Payload"].read() == b""  # nothing ingested: each ends after the idle period
+    # Slots are released once the readers end.
+    assert media.get_media(StreamName="popular",
+                           StartSelector={"StartSelectorType": "NOW"})["Payload"].read() == b""
+
+
+@pytest.mark.parametrize("variant", ["presigned", "unsigned_payload", "wrong_secret"])
+def test_putmedia_signature_variants(mooring, variant):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "signed", retention=0)
+    body = mkv_header() + mkv_cluster(1000)
+    if variant == "wrong_secret":
+        m = mooring
+        real = m.credentials
+        m.credentials = lambda: (real()[0], "x" * 40)
+        try:
+            pm = PutMedia(m, "signed")
+        finally:
+            m.credentials = real
+        pm.send(body)
+        pm.end()
+        pm.reader.join(10)
+        assert pm.status == 403 and pm.headers["x-amzn-errortype"] == "InvalidSignatureException"
+        return
+    _, acks = put_file(mooring, "signed", body, **{variant: True})
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED"]

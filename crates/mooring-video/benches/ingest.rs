@@ -222,8 +222,9 @@ fn main() {
             percentile(&one, 0.5),
             percentile(&one, 0.99)
         );
+        let errors_free = many.len() as u64 == streams * per_stream;
         println!(
-            "PutMedia, {streams} streams at 2 Mbps:   {many_rate:8.1} MB/s (offered {:.1} MB/s)  PERSISTED latency p50 {:?} p99 {:?}",
+            "PutMedia, {streams} streams x 2 Mbps: {many_rate:8.1} MB/s over {many_secs:.1} s (each stream sends {per_stream} fragments 1 s apart; offered {:.1} MB/s; all persisted: {errors_free})  PERSISTED latency p50 {:?} p99 {:?}",
             streams as f64 * sample.len() as f64 / 1e6,
             percentile(&many, 0.5),
             percentile(&many, 0.99)

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -127,9 +127,29 @@ pub struct LiveStream {
     /// Latest fragment sequence made visible; readers wait on it.
     latest: tokio::sync::watch::Sender<i64>,
     deleted: AtomicBool,
+    readers: AtomicUsize,
+}
+
+/// Holds one of a stream's GetMedia connection slots; released on drop.
+pub struct ReaderSlot(Arc<LiveStream>);
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl LiveStream {
+    /// Takes a reader slot unless `limit` readers are already connected.
+    pub fn try_reader(self: &Arc<Self>, limit: usize) -> Option<ReaderSlot> {
+        let taken = self
+            .readers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            });
+        taken.ok().map(|_| ReaderSlot(self.clone()))
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::SeqCst)
     }
@@ -208,6 +228,7 @@ impl FragmentStore {
                     seqs: Mutex::new(SeqBlock { next: 0, end: 0 }),
                     latest: tokio::sync::watch::channel(0).0,
                     deleted: AtomicBool::new(false),
+                    readers: AtomicUsize::new(0),
                 })
             })
             .clone()

@@ -23,7 +23,7 @@ use crate::fragments::StoredFragment;
 use crate::mkv::{self, ID_EBML, ID_SEGMENT};
 use crate::model::{
     self, fragment_seq, json_timestamp, parse_json_timestamp, seconds_text,
-    validate_fragment_number, FragmentMeta, VideoError, VideoResult,
+    validate_fragment_number, ErrorKind, FragmentMeta, VideoError, VideoResult,
 };
 use crate::store::TimeClock;
 use crate::{error_response, VideoState};
@@ -91,6 +91,9 @@ fn media_response(rx: mpsc::Receiver<Bytes>, operation: &str) -> Response<Body> 
         .insert(OperationName(operation.to_string()));
     response
 }
+
+/// Concurrent GetMedia connections allowed per stream.
+const GET_MEDIA_CONNECTIONS: usize = 3;
 
 /// Where a GetMedia reader starts: the sequence it delivers fragments after.
 fn start_after(state: &VideoState, arn: &str, selector: &JsonRequest) -> VideoResult<i64> {
@@ -173,11 +176,21 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
         Ok(p) => p,
         Err(e) => return error_response(&e, OP),
     };
+    let live = state.fragments.live(&arn);
+    let Some(slot) = live.try_reader(GET_MEDIA_CONNECTIONS) else {
+        let e = VideoError::new(
+            ErrorKind::ConnectionLimitExceeded,
+            format!("The stream already has {GET_MEDIA_CONNECTIONS} GetMedia connections"),
+        );
+        return error_response(&e, OP);
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let idle = Duration::from_millis(state.config.get_media_idle_ms);
-    let live = state.fragments.live(&arn);
     let task_state = state.clone();
     tokio::spawn(async move {
+        // A local of the task: released when it returns, before the captured `tx` drops
+        // and the response ends.
+        let _slot = slot;
         let mut changes = live.subscribe();
         loop {
             changes.borrow_and_update();

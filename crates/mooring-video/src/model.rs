@@ -21,6 +21,7 @@ pub enum ErrorKind {
     InvalidResourceFormat,
     ClientLimitExceeded,
     NoDataRetention,
+    ConnectionLimitExceeded,
     Internal,
 }
 
@@ -35,6 +36,7 @@ impl ErrorKind {
             ErrorKind::InvalidResourceFormat => "InvalidResourceFormatException",
             ErrorKind::ClientLimitExceeded => "ClientLimitExceededException",
             ErrorKind::NoDataRetention => "NoDataRetentionException",
+            ErrorKind::ConnectionLimitExceeded => "ConnectionLimitExceededException",
             ErrorKind::Internal => "InternalFailure",
         }
     }

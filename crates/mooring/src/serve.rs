@@ -139,6 +139,16 @@ pub async fn serve(config: Config) -> Result<()> {
         }
     }
 
+    // Signal handlers are registered before the endpoints file tells anyone we are up, so a
+    // SIGTERM right after start still shuts down gracefully.
+    let signals = wait_for_signal()?;
+    let signal_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        signals.await;
+        tracing::info!("shutdown requested; draining");
+        signal_shutdown.trigger();
+    });
+
     let _ = state.endpoints.set(endpoints.clone());
     endpoints.write(&data_dir)?;
     println!(
@@ -148,13 +158,6 @@ pub async fn serve(config: Config) -> Result<()> {
     if config.http.auth == AuthMode::None {
         tracing::warn!("auth = \"none\": HTTP requests are not authenticated");
     }
-
-    let signal_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown requested; draining");
-        signal_shutdown.trigger();
-    });
 
     let http_shutdown = shutdown.clone();
     axum::serve(http_listener, app)
@@ -209,22 +212,25 @@ async fn refuse_connections(name: &'static str, listener: TcpListener, shutdown:
     }
 }
 
-async fn wait_for_signal() {
+/// Registers SIGINT and SIGTERM now; the returned future resolves on the first of them.
+fn wait_for_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 

@@ -1,6 +1,11 @@
 //! Fuzzes the incremental MKV parser: arbitrary bytes are pushed in pieces whose sizes come
 //! from the input itself, then the body is finished; every event's cluster is re-walked with
 //! `cluster_blocks`, whose answer must match what the parser reported.
+//!
+//! The first input byte is the piece size. Seed a corpus with real producer files for depth:
+//! `mkdir -p corpus/mkv_parser; for f in ../../../../shared/testdata/kvs-mkv/*.mkv; do
+//! (printf '\x40'; cat "$f") > corpus/mkv_parser/$(basename "$f"); done`, then
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run mkv_parser corpus/mkv_parser -- -max_len=65536`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
