@@ -3,8 +3,8 @@
 Checks exact response shapes, the errors AWS answers (SqlParseException for bad SQL,
 UnauthorizedException for a missing rule, ResourceAlreadyExistsException, InvalidRequest
 for unsupported actions), and that acknowledged rules survive a SIGKILL and restart.
-Action delivery needs the broker and is tested at the engine level in Rust
-(crates/mooring-iot/tests/engine.py is not used; see crates/mooring-iot/tests/engine.rs).
+Action delivery needs the broker, which is not wired yet; it is tested at the engine level
+in Rust (crates/mooring-iot/tests/engine.rs).
 """
 
 import datetime

@@ -59,10 +59,18 @@ pub struct Job {
     pub variables: Vec<(String, Value)>,
 }
 
+/// A rule in the engine with its metric counters, resolved once when the rule set is built
+/// so that the hot path only increments them.
+struct LoadedRule {
+    rule: Arc<CompiledRule>,
+    evaluations: Counter,
+    matches: Counter,
+}
+
 #[derive(Default)]
 struct RuleSet {
-    by_name: HashMap<String, Arc<CompiledRule>>,
-    index: FilterIndex<Arc<CompiledRule>>,
+    by_name: HashMap<String, Arc<LoadedRule>>,
+    index: FilterIndex<Arc<LoadedRule>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,11 +191,18 @@ impl RulesEngine {
         for stored in rules {
             match compile(stored) {
                 Ok(rule) => {
-                    let rule = Arc::new(rule);
-                    if let Some(from) = &rule.statement.from {
-                        set.index.insert(from, rule.clone());
+                    let labels = RuleLabels {
+                        rule: rule.name.clone(),
+                    };
+                    let loaded = Arc::new(LoadedRule {
+                        evaluations: self.metrics.evaluations.get_or_create(&labels).clone(),
+                        matches: self.metrics.matches.get_or_create(&labels).clone(),
+                        rule: Arc::new(rule),
+                    });
+                    if let Some(from) = &loaded.rule.statement.from {
+                        set.index.insert(from, loaded.clone());
                     }
-                    set.by_name.insert(rule.name.clone(), rule);
+                    set.by_name.insert(loaded.rule.name.clone(), loaded);
                 }
                 Err(e) => {
                     tracing::error!(rule = %stored.name, error = %e, "stored rule does not compile; skipped")
@@ -232,7 +247,11 @@ impl RulesEngine {
         let set = self.rule_set();
         let mut jobs = Vec::new();
         if let Some(ingest) = parse_basic_ingest(&message.topic) {
-            match set.by_name.get(ingest.rule_name).filter(|r| !r.disabled) {
+            match set
+                .by_name
+                .get(ingest.rule_name)
+                .filter(|r| !r.rule.disabled)
+            {
                 Some(rule) => {
                     let facts = Arc::new(self.facts(message, ingest.topic));
                     self.run_rule(rule, &facts, &mut jobs);
@@ -250,10 +269,10 @@ impl RulesEngine {
         if message.topic.starts_with("$aws/rules/") {
             return jobs;
         }
-        let mut matched: Vec<Arc<CompiledRule>> = Vec::new();
-        set.index.for_each_match(&message.topic, |rule| {
-            if !rule.disabled {
-                matched.push(rule.clone());
+        let mut matched: Vec<Arc<LoadedRule>> = Vec::new();
+        set.index.for_each_match(&message.topic, |loaded| {
+            if !loaded.rule.disabled {
+                matched.push(loaded.clone());
             }
         });
         if matched.is_empty() {
@@ -266,16 +285,13 @@ impl RulesEngine {
         jobs
     }
 
-    fn run_rule(&self, rule: &Arc<CompiledRule>, facts: &Arc<MessageFacts>, jobs: &mut Vec<Job>) {
-        let labels = RuleLabels {
-            rule: rule.name.clone(),
-        };
-        self.metrics.evaluations.get_or_create(&labels).inc();
-        match sql::evaluate(&rule.statement, facts, self.external()) {
+    fn run_rule(&self, loaded: &LoadedRule, facts: &Arc<MessageFacts>, jobs: &mut Vec<Job>) {
+        loaded.evaluations.inc();
+        match sql::evaluate(&loaded.rule.statement, facts, self.external()) {
             EvalOutcome::Matched { output, variables } => {
-                self.metrics.matches.get_or_create(&labels).inc();
+                loaded.matches.inc();
                 jobs.push(Job {
-                    rule: rule.clone(),
+                    rule: loaded.rule.clone(),
                     facts: facts.clone(),
                     output,
                     variables,
