@@ -98,10 +98,13 @@ impl<F: Fn(&Arc<Message>) + Send + Sync + 'static> PublishHook for F {
     }
 }
 
+/// The callback of an in-process subscription.
+pub type MessageCallback = Arc<dyn Fn(&Arc<Message>) + Send + Sync>;
+
 /// An in-process subscriber's sink.
 enum InternalSink {
     Channel(mpsc::Sender<Arc<Message>>),
-    Callback(Arc<dyn Fn(&Arc<Message>) + Send + Sync>),
+    Callback(MessageCallback),
 }
 
 /// What a trie entry points at.
@@ -130,16 +133,19 @@ struct Queued {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    AwaitPubAck,
-    AwaitPubRec,
-    AwaitPubComp,
+enum AwaitedAck {
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2: PUBREC.
+    Received,
+    /// QoS 2 after PUBREL: PUBCOMP.
+    Complete,
 }
 
 #[derive(Debug)]
 struct Inflight {
     queued: Queued,
-    stage: Stage,
+    stage: AwaitedAck,
 }
 
 struct ConnectionLink {
@@ -440,7 +446,7 @@ impl Broker {
     pub fn subscribe_callback(
         &self,
         filter: &str,
-        callback: Arc<dyn Fn(&Arc<Message>) + Send + Sync>,
+        callback: MessageCallback,
     ) -> Result<InternalSubscription, BrokerError> {
         self.subscribe_internal(filter, InternalSink::Callback(callback))
     }
@@ -1144,7 +1150,7 @@ impl Broker {
             state.resend_inflight = false;
             for (pid, f) in state.inflight.iter() {
                 match f.stage {
-                    Stage::AwaitPubComp => {
+                    AwaitedAck::Complete => {
                         codec::encode(&Packet::PubRel(codec::Ack::new(*pid, 0)), version, out)
                     }
                     _ => {
@@ -1190,9 +1196,9 @@ impl Broker {
             codec::encode(&packet, version, out);
             if q.qos > 0 {
                 let stage = if q.qos == 2 {
-                    Stage::AwaitPubRec
+                    AwaitedAck::Received
                 } else {
-                    Stage::AwaitPubAck
+                    AwaitedAck::Ack
                 };
                 state.inflight.insert(pid, Inflight { queued: q, stage });
             }
@@ -1217,7 +1223,7 @@ impl Broker {
         let mut reply = None;
         let finished = match packet {
             Packet::PubAck(a) => match state.inflight.get(&a.packet_id) {
-                Some(f) if f.stage == Stage::AwaitPubAck => state.inflight.remove(&a.packet_id),
+                Some(f) if f.stage == AwaitedAck::Ack => state.inflight.remove(&a.packet_id),
                 _ => None,
             },
             Packet::PubRec(a) => {
@@ -1225,7 +1231,7 @@ impl Broker {
                     if a.code >= 0x80 {
                         state.inflight.remove(&a.packet_id)
                     } else {
-                        f.stage = Stage::AwaitPubComp;
+                        f.stage = AwaitedAck::Complete;
                         reply = Some(Packet::PubRel(codec::Ack::new(a.packet_id, 0)));
                         None
                     }
@@ -1238,7 +1244,7 @@ impl Broker {
                 }
             }
             Packet::PubComp(a) => match state.inflight.get(&a.packet_id) {
-                Some(f) if f.stage == Stage::AwaitPubComp => state.inflight.remove(&a.packet_id),
+                Some(f) if f.stage == AwaitedAck::Complete => state.inflight.remove(&a.packet_id),
                 _ => None,
             },
             _ => None,

@@ -152,7 +152,7 @@ pub fn disconnected(
 ) -> (String, String) {
     let mut m = base(id, ts, "disconnected");
     m.insert(
-        "clientInitiatedDisconnect".into(),
+        "clientInitiatedDisconnect",
         json!(reason == DisconnectReason::ClientInitiatedDisconnect),
     );
     m.insert("disconnectReason", json!(reason.as_str()));
