@@ -744,3 +744,54 @@ def test_websocket(mooring, protocol):
     ws.pub("ws/back", b"from websocket", 1)
     assert tcp.expect("ws/back").payload == b"from websocket"
     ws.stop()
+
+
+def presigned_mqtt_path(m, secret=None):
+    """A SigV4-presigned `/mqtt` path as AWS IoT's SDKs build it (service iotdevicegateway)."""
+    from botocore.auth import SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    key, real_secret = m.credentials()
+    url = f"http://{m.endpoints['http']}/mqtt"
+    request = AWSRequest(method="GET", url=url)
+    SigV4QueryAuth(Credentials(key, secret or real_secret), "iotdevicegateway",
+                   m.endpoints["region"], expires=300).add_auth(request)
+    return request.url.split(m.endpoints["http"], 1)[1], key
+
+
+def test_websocket_with_sigv4_presigned_url(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "mqtt.allow_anonymous=false"])
+    path, key = presigned_mqtt_path(m)
+    signed = Client(m, client_id="ws-signed", transport="websockets", protocol=V5, connect=False)
+    signed.c.ws_set_options(path=path)
+    signed.connect()
+    signed.sub("$aws/events/presence/connected/+", 1)
+    other = Client(m, client_id="ws-signed-2", transport="websockets", connect=False)
+    other.c.ws_set_options(path=presigned_mqtt_path(m)[0])
+    other.connect()
+    c = event(signed.expect("$aws/events/presence/connected/ws-signed-2"))
+    assert c["principalIdentifier"] == f"{m.endpoints['account_id']}/{key}"
+    # A bad signature is refused at the HTTP upgrade; unsigned is refused without anonymous.
+    for bad_path in (presigned_mqtt_path(m, secret="wrong")[0], "/mqtt"):
+        bad = Client(m, transport="websockets", connect=False)
+        bad.c.ws_set_options(path=bad_path)
+        with pytest.raises(Exception):
+            bad.c.connect(bad.host, bad.port, 60)
+
+
+def test_subscription_identifiers_strict_supported_aws_refused(mooring_factory):
+    strict = mooring_factory(extra_args=STRICT)
+    c = Client(strict, protocol=V5)
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = 77
+    rc, mid = c.c.subscribe("sid/+", 1, properties=props)
+    time.sleep(0.5)
+    Client(strict).pub("sid/x", b"tagged", 1)
+    msg = c.expect("sid/x")
+    assert msg.properties.SubscriptionIdentifier == [77]
+
+    aws = mooring_factory()
+    c = Client(aws, protocol=V5)
+    c.c.subscribe("sid/+", 1, properties=props)
+    assert c.disconnects.get(timeout=10).value == 0xA1

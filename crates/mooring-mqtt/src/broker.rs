@@ -36,7 +36,7 @@ use crate::trie::{Matched, SubscriberId, SubscriptionTrie};
 use crate::BrokerError;
 
 /// Messages waiting for a client (queued plus in flight) beyond which new ones are dropped.
-pub const MAX_QUEUED_PER_CLIENT: usize = 1000;
+pub const MAX_QUEUED_PER_CLIENT: usize = 10_000;
 /// In-flight QoS 1/2 messages the broker accepts from one client (CONNACK Receive Maximum).
 pub const SERVER_RECEIVE_MAXIMUM: u16 = 100;
 
