@@ -151,6 +151,9 @@ async fn start(
     (broker, addr, ctx)
 }
 
+/// Topic, origin client id and origin IP as a publish hook saw them.
+type HookRecord = (String, Option<String>, Option<String>);
+
 fn message(topic: &str, payload: &'static [u8], qos: u8) -> Message {
     Message {
         topic: topic.into(),
@@ -167,7 +170,7 @@ fn message(topic: &str, payload: &'static [u8], qos: u8) -> Message {
 async fn hooks_internal_subscribers_and_direct_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, addr, ctx) = start(dir.path()).await;
-    let seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<HookRecord>>> = Arc::default();
     let record = seen.clone();
     broker.add_publish_hook(Arc::new(move |m: &Arc<Message>| {
         record.lock().unwrap().push((
