@@ -146,6 +146,9 @@ struct Connection<S> {
     expiry_secs: u32,
     out: BytesMut,
     pending_acks: FuturesOrdered<BoxFuture<'static, Packet>>,
+    /// QoS 1 publishes whose PUBACK waits in `pending_acks` (QoS 2 ones are in
+    /// `inbound_qos2` until PUBREL).
+    pending_qos1: usize,
     inbound_qos2: HashSet<u16>,
     aliases: HashMap<u16, String>,
     problem_information: bool,
@@ -305,6 +308,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             expiry_secs,
             out: BytesMut::with_capacity(4096),
             pending_acks: FuturesOrdered::new(),
+            pending_qos1: 0,
             inbound_qos2: HashSet::new(),
             aliases: HashMap::new(),
             problem_information: connect.properties.request_problem_information != Some(0),
@@ -436,6 +440,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     return Exit::new(DisconnectReason::ServerInitiatedDisconnect);
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
+                    if matches!(ack, Packet::PubAck(_)) {
+                        self.pending_qos1 = self.pending_qos1.saturating_sub(1);
+                    }
                     codec::encode(&ack, self.version, &mut self.out);
                 }
                 _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
@@ -516,6 +523,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 while let Some(ack) = self.pending_acks.next().await {
                     codec::encode(&ack, self.version, &mut self.out);
                 }
+                self.pending_qos1 = 0;
                 codec::encode(
                     &Packet::SubAck(SubAck {
                         packet_id: s.packet_id,
@@ -535,6 +543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 while let Some(ack) = self.pending_acks.next().await {
                     codec::encode(&ack, self.version, &mut self.out);
                 }
+                self.pending_qos1 = 0;
                 codec::encode(
                     &Packet::UnsubAck(UnsubAck {
                         packet_id: u.packet_id,
@@ -584,6 +593,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         if self.pending_acks.is_empty() {
             codec::encode(&ack, self.version, &mut self.out);
         } else {
+            if matches!(ack, Packet::PubAck(_)) {
+                self.pending_qos1 += 1;
+            }
             self.pending_acks
                 .push_back(Box::pin(futures::future::ready(ack)));
         }
@@ -683,7 +695,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return Ok(());
         }
         if p.qos > 0 {
-            if self.pending_acks.len() + self.inbound_qos2.len()
+            if self.pending_qos1 + self.inbound_qos2.len()
                 >= broker::SERVER_RECEIVE_MAXIMUM as usize
                 && v5
             {
@@ -733,6 +745,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 if ops.is_empty() {
                     self.push_ack_ready(make(reason::SUCCESS));
                 } else {
+                    if qos == 1 {
+                        self.pending_qos1 += 1;
+                    }
                     let durable = self.broker.persist_later(ops);
                     let v5 = self.version == V5;
                     self.pending_acks.push_back(Box::pin(async move {
