@@ -32,6 +32,9 @@ use crate::topic::{self, TopicError};
 
 /// Time a client has to send CONNECT after opening the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed for a protocol error keeps reading (and discarding) after
+/// its DISCONNECT, so the client sees the reason code.
+const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
 /// Longest Message Expiry Interval AWS keeps (7 days).
 const AWS_MAX_MESSAGE_EXPIRY: u32 = 604_800;
 
@@ -347,6 +350,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     &mut conn.out,
                 );
                 let _ = conn.flush().await;
+                if exit.reason == DisconnectReason::ClientError {
+                    // Let the client read the DISCONNECT before the socket closes under
+                    // packets it is still sending (which would reset the connection).
+                    let mut sink = BytesMut::with_capacity(4096);
+                    let _ = tokio::time::timeout(DISCONNECT_LINGER, async {
+                        while matches!(conn.stream.read_buf(&mut sink).await, Ok(n) if n > 0) {
+                            sink.clear();
+                        }
+                    })
+                    .await;
+                }
             }
         }
         let _ = conn.stream.shutdown().await;
