@@ -795,3 +795,26 @@ def test_subscription_identifiers_strict_supported_aws_refused(mooring_factory):
     c = Client(aws, protocol=V5)
     c.c.subscribe("sid/+", 1, properties=props)
     assert c.disconnects.get(timeout=10).value == 0xA1
+
+
+def test_outbound_topic_aliases(mooring):
+    props = Properties(PacketTypes.CONNECT)
+    props.TopicAliasMaximum = 2
+    sub = Client(mooring, protocol=V5, props=props)
+    sub.sub("al/+", 1)
+    pub = Client(mooring)
+    for topic in ("al/a", "al/a", "al/b", "al/c", "al/a", "al/c"):
+        pub.pub(topic, topic.encode(), 1)
+    got = [sub.get() for _ in range(6)]
+    # paho does not resolve aliases itself: resolve them here from the wire values.
+    expected = ["al/a", "al/a", "al/b", "al/c", "al/a", "al/c"]
+    aliases = [getattr(g.properties, "TopicAlias", None) for g in got]
+    assert aliases == [1, 1, 2, None, 1, None], aliases
+    assert [g.topic for g in got] == ["al/a", "", "al/b", "al/c", "", "al/c"]
+    mapping, resolved = {}, []
+    for g, alias in zip(got, aliases):
+        if g.topic and alias:
+            mapping[alias] = g.topic
+        resolved.append(g.topic or mapping[alias])
+    assert resolved == expected
+    assert [g.payload.decode() for g in got] == expected

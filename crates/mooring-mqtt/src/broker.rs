@@ -167,6 +167,10 @@ pub(crate) struct SessionState {
     client: Option<Arc<ClientInfo>>,
     client_receive_maximum: u16,
     client_max_packet_size: usize,
+    /// Topic aliases this connection's client accepts from the broker (MQTT 5).
+    client_topic_alias_maximum: u16,
+    /// Aliases assigned on the current connection.
+    outbound_aliases: HashMap<String, u16>,
     dropped: u64,
 }
 
@@ -222,6 +226,7 @@ pub struct OpenRequest {
     pub expiry_secs: u32,
     pub client_receive_maximum: u16,
     pub client_max_packet_size: usize,
+    pub client_topic_alias_maximum: u16,
 }
 
 pub(crate) struct BrokerInner {
@@ -352,6 +357,8 @@ impl Broker {
                     client: None,
                     client_receive_maximum: u16::MAX,
                     client_max_packet_size: usize::MAX,
+                    client_topic_alias_maximum: 0,
+                    outbound_aliases: HashMap::new(),
                     dropped: 0,
                 }),
                 notify: Notify::new(),
@@ -750,6 +757,8 @@ impl Broker {
             state.client = Some(request.client.clone());
             state.client_receive_maximum = request.client_receive_maximum;
             state.client_max_packet_size = request.client_max_packet_size;
+            state.client_topic_alias_maximum = request.client_topic_alias_maximum;
+            state.outbound_aliases.clear();
             if expiry_secs > 0 {
                 ops.push(StoreOp::PutSession(stored_session(&session, &state, None)));
             } else if session_present {
@@ -807,6 +816,8 @@ impl Broker {
                 client: None,
                 client_receive_maximum: u16::MAX,
                 client_max_packet_size: usize::MAX,
+                client_topic_alias_maximum: 0,
+                outbound_aliases: HashMap::new(),
                 dropped: 0,
             }),
             notify: Notify::new(),
@@ -1148,6 +1159,7 @@ impl Broker {
         }
         if state.resend_inflight {
             state.resend_inflight = false;
+            let mut resend = Vec::new();
             for (pid, f) in state.inflight.iter() {
                 match f.stage {
                     AwaitedAck::Complete => {
@@ -1155,12 +1167,16 @@ impl Broker {
                     }
                     _ => {
                         let p = outgoing_publish(&f.queued, *pid, true, version, now);
-                        codec::encode(&Packet::Publish(p), version, out);
+                        resend.push(p);
                     }
                 }
             }
+            for p in resend {
+                codec::encode(&Packet::Publish(p), version, out);
+            }
         }
         let receive_max = state.client_receive_maximum as usize;
+        let alias_max = state.client_topic_alias_maximum;
         let max_packet = state.client_max_packet_size;
         while let Some(q) = state.queue.front() {
             if q.qos > 0 && state.inflight.len() >= receive_max {
@@ -1181,7 +1197,10 @@ impl Broker {
             } else {
                 0
             };
-            let publish = outgoing_publish(&q, pid, false, version, now);
+            let mut publish = outgoing_publish(&q, pid, false, version, now);
+            if version == codec::V5 && alias_max > 0 {
+                apply_topic_alias(&mut state.outbound_aliases, alias_max, &mut publish);
+            }
             let packet = Packet::Publish(publish);
             if max_packet != usize::MAX && codec::encoded_len(&packet, version) > max_packet {
                 // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
@@ -1359,6 +1378,22 @@ fn pick_share_member(members: Vec<(SubscriberId, SubEntry)>) -> Option<(Subscrib
         return Some((*chosen).clone());
     }
     members.choose(&mut rng).cloned()
+}
+
+/// Replaces a repeated topic by its alias, assigning aliases while the client allows more.
+fn apply_topic_alias(
+    aliases: &mut HashMap<String, u16>,
+    maximum: u16,
+    publish: &mut codec::Publish,
+) {
+    if let Some(alias) = aliases.get(&publish.topic) {
+        publish.properties.topic_alias = Some(*alias);
+        publish.topic = String::new();
+    } else if aliases.len() < maximum as usize {
+        let alias = aliases.len() as u16 + 1;
+        aliases.insert(publish.topic.clone(), alias);
+        publish.properties.topic_alias = Some(alias);
+    }
 }
 
 fn next_packet_id(state: &mut SessionState) -> u16 {

@@ -268,6 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             clean_start: connect.clean_start,
             expiry_secs,
             client_receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+            client_topic_alias_maximum: connect.properties.topic_alias_maximum.unwrap_or(0),
             client_max_packet_size: connect
                 .properties
                 .maximum_packet_size
