@@ -85,7 +85,11 @@ pub async fn serve(config: Config) -> Result<()> {
         ca: Arc::new(ca),
     };
 
-    let services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
+    let broker = mooring_mqtt::start(&ctx)?;
+    let mut services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
+    services.push(Arc::new(mooring_mqtt::websocket::MqttOverWebSocket::new(
+        broker.clone(),
+    )));
     let service_names = services.iter().map(|s| s.name()).collect::<Vec<_>>();
     let front_door = FrontDoor::new(
         FrontDoorConfig {
@@ -129,11 +133,18 @@ pub async fn serve(config: Config) -> Result<()> {
         .fallback(aws)
         .with_state(state.clone());
 
-    for (name, listener) in [
-        ("mqtt", mqtt_listener),
-        ("mqtts", mqtts_listener),
-        ("stream manager", stream_manager_listener),
-    ] {
+    if let Some(listener) = mqtt_listener {
+        shutdown.spawn(mooring_mqtt::listener::serve_tcp(broker.clone(), listener));
+    }
+    if let Some(listener) = mqtts_listener {
+        let acceptor = mooring_mqtt::listener::tls_acceptor(&ctx.ca)?;
+        shutdown.spawn(mooring_mqtt::listener::serve_tls(
+            broker.clone(),
+            listener,
+            acceptor,
+        ));
+    }
+    for (name, listener) in [("stream manager", stream_manager_listener)] {
         if let Some(listener) = listener {
             shutdown.spawn(refuse_connections(name, listener, shutdown.clone()));
         }
@@ -160,10 +171,13 @@ pub async fn serve(config: Config) -> Result<()> {
     }
 
     let http_shutdown = shutdown.clone();
-    axum::serve(http_listener, app)
-        .with_graceful_shutdown(async move { http_shutdown.triggered().await })
-        .await
-        .context("HTTP server failed")?;
+    axum::serve(
+        http_listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { http_shutdown.triggered().await })
+    .await
+    .context("HTTP server failed")?;
     if !shutdown.drain(Duration::from_secs(10)).await {
         tracing::warn!("some tasks did not finish within 10 s of shutdown");
     }

@@ -1,0 +1,1500 @@
+//! The broker core: sessions, the router, retained messages, wills, in-process subscribers
+//! and hooks. No I/O happens here; connections (see `connection`) drive it.
+//!
+//! Locking: the subscription trie and the retained map sit behind read-write locks that
+//! publishers only read; each session has its own mutex, held for a few microseconds to
+//! queue a message or to move queued messages into flight. The session map is touched only
+//! on connect, disconnect, expiry and direct delivery, never per message. Routing a publish
+//! therefore takes one shared trie read and one short lock per receiving session.
+//!
+//! Durability: a QoS 1/2 message queued for a persistent session, a retained publish and a
+//! persistent session's subscriptions produce [`StoreOp`]s; the caller decides whether to
+//! wait for them (a PUBACK waits, a lifecycle event does not).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mooring_core::handles::{BrokerHandle, HandleError, PublishMessage};
+use mooring_core::{Clock, Shutdown};
+use rand::seq::SliceRandom;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::auth::{AllowAll, Authorizer, ClientInfo};
+use crate::codec::{self, reason, Packet, Properties, SubscriptionOptions};
+use crate::lifecycle::{self, DisconnectReason, EventIdentity};
+use crate::profile::Profile;
+use crate::store::{
+    BrokerStore, Loaded, MessageProperties, Persister, StoreOp, StoredMessage, StoredSession,
+    StoredSubscription,
+};
+use crate::topic;
+use crate::trie::{Matched, SubscriberId, SubscriptionTrie};
+use crate::BrokerError;
+
+/// Messages waiting for a client (queued plus in flight) beyond which new ones are dropped.
+pub const MAX_QUEUED_PER_CLIENT: usize = 10_000;
+/// In-flight QoS 1/2 messages the broker accepts from one client (CONNACK Receive Maximum).
+pub const SERVER_RECEIVE_MAXIMUM: u16 = 100;
+
+/// Where a message came from; publish hooks see it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    pub client_id: Option<String>,
+    pub principal: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub protocol_version: Option<u8>,
+}
+
+/// An application message inside the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: MessageProperties,
+    /// Absolute expiry (MQTT 5 Message Expiry Interval), epoch ms.
+    pub expires_at_ms: Option<i64>,
+    pub origin: Origin,
+}
+
+impl Message {
+    fn stored(&self, retain: bool) -> StoredMessage {
+        StoredMessage {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain,
+            properties: self.properties.clone(),
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+
+    fn from_stored(m: StoredMessage) -> Message {
+        Message {
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+            properties: m.properties,
+            expires_at_ms: m.expires_at_ms,
+            origin: Origin::default(),
+        }
+    }
+}
+
+/// Sees every message routed by the broker, with its origin (rules engine, metrics).
+pub trait PublishHook: Send + Sync + 'static {
+    fn on_publish(&self, message: &Arc<Message>);
+}
+
+impl<F: Fn(&Arc<Message>) + Send + Sync + 'static> PublishHook for F {
+    fn on_publish(&self, message: &Arc<Message>) {
+        self(message)
+    }
+}
+
+/// The callback of an in-process subscription.
+pub type MessageCallback = Arc<dyn Fn(&Arc<Message>) + Send + Sync>;
+
+/// An in-process subscriber's sink.
+enum InternalSink {
+    Channel(mpsc::Sender<Arc<Message>>),
+    Callback(MessageCallback),
+}
+
+/// What a trie entry points at.
+#[derive(Clone)]
+enum Target {
+    Session(Arc<Session>),
+    Internal(Arc<InternalSink>),
+}
+
+#[derive(Clone)]
+struct SubEntry {
+    options: SubscriptionOptions,
+    subscription_id: Option<u32>,
+    target: Target,
+}
+
+/// A message waiting in a session's queue.
+#[derive(Debug, Clone)]
+struct Queued {
+    message: Arc<Message>,
+    qos: u8,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+    /// Row in the durable queue, for persistent sessions.
+    seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AwaitedAck {
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2: PUBREC.
+    Received,
+    /// QoS 2 after PUBREL: PUBCOMP.
+    Complete,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    queued: Queued,
+    stage: AwaitedAck,
+}
+
+struct ConnectionLink {
+    id: u64,
+    kick: Option<oneshot::Sender<DisconnectReason>>,
+}
+
+pub(crate) struct SessionState {
+    session_id: String,
+    protocol_version: u8,
+    expiry_secs: u32,
+    connection: Option<ConnectionLink>,
+    generation: u64,
+    subscriptions: BTreeMap<String, StoredSubscription>,
+    queue: VecDeque<Queued>,
+    inflight: BTreeMap<u16, Inflight>,
+    next_packet_id: u16,
+    resend_inflight: bool,
+    client: Option<Arc<ClientInfo>>,
+    client_receive_maximum: u16,
+    client_max_packet_size: usize,
+    /// Topic aliases this connection's client accepts from the broker (MQTT 5).
+    client_topic_alias_maximum: u16,
+    /// Aliases assigned on the current connection.
+    outbound_aliases: HashMap<String, u16>,
+    dropped: u64,
+}
+
+/// One MQTT session (lives across connections when persistent).
+pub struct Session {
+    client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    notify: Notify,
+}
+
+impl Session {
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Resolves when messages may be waiting for the connection.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session identifier reported in lifecycle events.
+    pub fn session_identifier(&self) -> String {
+        self.lock().session_id.clone()
+    }
+}
+
+/// Settings the broker needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub profile: Profile,
+    pub allow_anonymous: bool,
+    pub account_id: String,
+}
+
+/// The result of opening a session for a new connection.
+pub struct Opened {
+    pub session: Arc<Session>,
+    pub connection_id: u64,
+    pub session_present: bool,
+    pub kicked: oneshot::Receiver<DisconnectReason>,
+    pub expiry_secs: u32,
+    pub version_number: u64,
+}
+
+/// What a connection asks for when it opens a session.
+pub struct OpenRequest {
+    pub client: Arc<ClientInfo>,
+    pub clean_start: bool,
+    pub expiry_secs: u32,
+    pub client_receive_maximum: u16,
+    pub client_max_packet_size: usize,
+    pub client_topic_alias_maximum: u16,
+}
+
+pub(crate) struct BrokerInner {
+    pub(crate) settings: BrokerSettings,
+    clock: Arc<dyn Clock>,
+    shutdown: Shutdown,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    trie: RwLock<SubscriptionTrie<SubEntry>>,
+    retained: RwLock<HashMap<String, Arc<Message>>>,
+    hooks: RwLock<Arc<Vec<Arc<dyn PublishHook>>>>,
+    authorizer: RwLock<Arc<dyn Authorizer>>,
+    persister: Persister,
+    next_seq: AtomicU64,
+    next_connection: AtomicU64,
+    next_internal: AtomicU64,
+    versions: Mutex<HashMap<String, u64>>,
+}
+
+/// The broker; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<BrokerInner>,
+}
+
+/// A subscription held by in-process code; dropping it unsubscribes.
+pub struct InternalSubscription {
+    broker: Weak<BrokerInner>,
+    id: u64,
+    filter: String,
+    /// Messages, for channel subscriptions.
+    pub receiver: Option<mpsc::Receiver<Arc<Message>>>,
+}
+
+impl Drop for InternalSubscription {
+    fn drop(&mut self) {
+        if let Some(inner) = self.broker.upgrade() {
+            inner
+                .trie
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.filter, None, &SubscriberId::Internal(self.id));
+        }
+    }
+}
+
+impl Broker {
+    /// Builds the broker over `store`, restoring retained messages and persistent sessions.
+    pub fn new(
+        settings: BrokerSettings,
+        store: Arc<dyn BrokerStore>,
+        clock: Arc<dyn Clock>,
+        shutdown: Shutdown,
+    ) -> Result<Broker, BrokerError> {
+        let loaded = store.load()?;
+        let persister = Persister::start(store);
+        let broker = Broker {
+            inner: Arc::new(BrokerInner {
+                settings,
+                clock,
+                shutdown,
+                sessions: Mutex::new(HashMap::new()),
+                trie: RwLock::new(SubscriptionTrie::new()),
+                retained: RwLock::new(HashMap::new()),
+                hooks: RwLock::new(Arc::new(Vec::new())),
+                authorizer: RwLock::new(Arc::new(AllowAll)),
+                persister,
+                next_seq: AtomicU64::new(crate::store::max_sequence(&loaded) + 1),
+                next_connection: AtomicU64::new(1),
+                next_internal: AtomicU64::new(1),
+                versions: Mutex::new(HashMap::new()),
+            }),
+        };
+        broker.restore(loaded);
+        Ok(broker)
+    }
+
+    fn restore(&self, loaded: Loaded) {
+        let now = self.now();
+        {
+            let mut retained = self
+                .inner
+                .retained
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for (m, _) in loaded.retained {
+                retained.insert(m.topic.clone(), Arc::new(Message::from_stored(m)));
+            }
+        }
+        *self
+            .inner
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = loaded.versions.into_iter().collect();
+        let mut messages = loaded.messages;
+        let mut expired = Vec::new();
+        for s in loaded.sessions {
+            let disconnected = s.disconnected_ms.unwrap_or(now);
+            let ends_at = disconnected.saturating_add(s.expiry_secs as i64 * 1000);
+            if s.expiry_secs != u32::MAX && ends_at <= now {
+                expired.push(StoreOp::DeleteSession(s.client_id.clone()));
+                continue;
+            }
+            let queue: VecDeque<Queued> = messages
+                .remove(&s.client_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(seq, m)| Queued {
+                    qos: m.qos,
+                    retain: m.retain,
+                    message: Arc::new(Message::from_stored(m)),
+                    subscription_ids: Vec::new(),
+                    seq: Some(seq),
+                })
+                .collect();
+            let session = Arc::new(Session {
+                client_id: Arc::from(s.client_id.as_str()),
+                state: Mutex::new(SessionState {
+                    session_id: s.session_id,
+                    protocol_version: s.protocol_version,
+                    expiry_secs: s.expiry_secs,
+                    connection: None,
+                    generation: 0,
+                    subscriptions: s.subscriptions.clone(),
+                    queue,
+                    inflight: BTreeMap::new(),
+                    next_packet_id: 1,
+                    resend_inflight: false,
+                    client: None,
+                    client_receive_maximum: u16::MAX,
+                    client_max_packet_size: usize::MAX,
+                    client_topic_alias_maximum: 0,
+                    outbound_aliases: HashMap::new(),
+                    dropped: 0,
+                }),
+                notify: Notify::new(),
+            });
+            {
+                let mut trie = self.inner.trie.write().unwrap_or_else(|e| e.into_inner());
+                for (raw, sub) in &s.subscriptions {
+                    if let Ok(parsed) = topic::parse_filter(raw) {
+                        trie.insert(
+                            parsed.filter,
+                            parsed.share_group,
+                            SubscriberId::Client(session.client_id.clone()),
+                            SubEntry {
+                                options: sub.options(),
+                                subscription_id: sub.subscription_id,
+                                target: Target::Session(session.clone()),
+                            },
+                        );
+                    }
+                }
+            }
+            self.inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(session.client_id.clone(), session.clone());
+            if s.expiry_secs != u32::MAX {
+                self.schedule_expiry(session, 0, Duration::from_millis((ends_at - now) as u64));
+            }
+        }
+        for client_id in messages.into_keys() {
+            expired.push(StoreOp::DeleteSession(client_id));
+        }
+        self.inner.persister.submit(expired);
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.inner.settings.profile
+    }
+
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.inner.settings
+    }
+
+    pub fn now(&self) -> i64 {
+        self.inner.clock.now_millis()
+    }
+
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.inner.shutdown
+    }
+
+    /// Installs the authorizer (the IoT policy engine).
+    pub fn set_authorizer(&self, authorizer: Arc<dyn Authorizer>) {
+        *self
+            .inner
+            .authorizer
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = authorizer;
+    }
+
+    pub fn authorizer(&self) -> Arc<dyn Authorizer> {
+        self.inner
+            .authorizer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Adds a hook that sees every routed message.
+    pub fn add_publish_hook(&self, hook: Arc<dyn PublishHook>) {
+        let mut hooks = self.inner.hooks.write().unwrap_or_else(|e| e.into_inner());
+        let mut next: Vec<_> = hooks.iter().cloned().collect();
+        next.push(hook);
+        *hooks = Arc::new(next);
+    }
+
+    /// Subscribes in-process; messages arrive on the returned subscription's receiver
+    /// (bounded by `capacity`; a full channel drops the message).
+    pub fn subscribe_channel(
+        &self,
+        filter: &str,
+        capacity: usize,
+    ) -> Result<InternalSubscription, BrokerError> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let mut sub = self.subscribe_internal(filter, InternalSink::Channel(tx))?;
+        sub.receiver = Some(rx);
+        Ok(sub)
+    }
+
+    /// Subscribes in-process with a callback run on the publisher's task.
+    pub fn subscribe_callback(
+        &self,
+        filter: &str,
+        callback: MessageCallback,
+    ) -> Result<InternalSubscription, BrokerError> {
+        self.subscribe_internal(filter, InternalSink::Callback(callback))
+    }
+
+    fn subscribe_internal(
+        &self,
+        filter: &str,
+        sink: InternalSink,
+    ) -> Result<InternalSubscription, BrokerError> {
+        topic::validate_filter(filter, false, &Profile::strict())
+            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        let id = self.inner.next_internal.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .trie
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                filter,
+                None,
+                SubscriberId::Internal(id),
+                SubEntry {
+                    options: SubscriptionOptions {
+                        qos: 1,
+                        ..Default::default()
+                    },
+                    subscription_id: None,
+                    target: Target::Internal(Arc::new(sink)),
+                },
+            );
+        Ok(InternalSubscription {
+            broker: Arc::downgrade(&self.inner),
+            id,
+            filter: filter.to_string(),
+            receiver: None,
+        })
+    }
+
+    /// Delivers `message` to exactly one client's session, bypassing the router and
+    /// subscriptions (Jobs replies). Waits until it is durable when the session is
+    /// persistent and the QoS is 1 or more.
+    pub async fn deliver_to_client(
+        &self,
+        client_id: &str,
+        message: Message,
+    ) -> Result<(), BrokerError> {
+        let session = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("no session for client {client_id}")))?;
+        let qos = message.qos.min(self.profile().maximum_qos);
+        let message = Arc::new(message);
+        let mut ops = Vec::new();
+        self.enqueue(&session, &message, qos, false, Vec::new(), &mut ops);
+        self.persist(ops).await
+    }
+
+    /// Publishes from in-process code; returns once durable where that matters.
+    pub async fn publish(&self, message: Message) -> Result<(), BrokerError> {
+        let ops = self.route(Arc::new(message));
+        self.persist(ops).await
+    }
+
+    /// Waits for `ops` to be durable.
+    pub async fn persist(&self, ops: Vec<StoreOp>) -> Result<(), BrokerError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        match self.inner.persister.submit_durable(ops).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Store(e)),
+            Err(_) => Err(BrokerError::Store("the persister has stopped".into())),
+        }
+    }
+
+    /// The receiver resolves once `ops` are durable.
+    pub fn persist_later(&self, ops: Vec<StoreOp>) -> oneshot::Receiver<Result<(), String>> {
+        self.inner.persister.submit_durable(ops)
+    }
+
+    /// Queues `ops` without waiting.
+    pub fn persist_background(&self, ops: Vec<StoreOp>) {
+        self.inner.persister.submit(ops)
+    }
+
+    /// Routes a message to every matching subscriber; returns the store operations that
+    /// make it durable (retained update, queued messages of persistent sessions).
+    pub fn route(&self, message: Arc<Message>) -> Vec<StoreOp> {
+        let mut ops = Vec::new();
+        let hooks = self
+            .inner
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for hook in hooks.iter() {
+            hook.on_publish(&message);
+        }
+        if message.retain {
+            let mut retained = self
+                .inner
+                .retained
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if message.payload.is_empty() {
+                if retained.remove(&message.topic).is_some() {
+                    ops.push(StoreOp::DeleteRetained(message.topic.clone()));
+                }
+            } else {
+                retained.insert(message.topic.clone(), message.clone());
+                ops.push(StoreOp::PutRetained(message.stored(true), self.now()));
+            }
+        }
+        let matched = self
+            .inner
+            .trie
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .matches(&message.topic, self.profile().hash_excludes_parent);
+        if matched.is_empty() {
+            return ops;
+        }
+        // One delivery per subscriber, at the highest matching QoS.
+        struct Delivery {
+            qos: u8,
+            retain_as_published: bool,
+            subscription_ids: Vec<u32>,
+            target: Target,
+        }
+        let mut deliveries: HashMap<SubscriberId, Delivery> = HashMap::new();
+        let origin_client = message.origin.client_id.as_deref();
+        let mut add = |id: SubscriberId, entry: SubEntry| {
+            if entry.options.no_local {
+                if let SubscriberId::Client(c) = &id {
+                    if Some(&**c) == origin_client {
+                        return;
+                    }
+                }
+            }
+            let d = deliveries.entry(id).or_insert_with(|| Delivery {
+                qos: 0,
+                retain_as_published: false,
+                subscription_ids: Vec::new(),
+                target: entry.target.clone(),
+            });
+            d.qos = d.qos.max(entry.options.qos);
+            d.retain_as_published |= entry.options.retain_as_published;
+            if let Some(id) = entry.subscription_id {
+                d.subscription_ids.push(id);
+            }
+        };
+        for m in matched {
+            match m {
+                Matched::Direct(id, entry) => add(id, entry),
+                Matched::Shared { members, .. } => {
+                    if let Some((id, entry)) = pick_share_member(members) {
+                        add(id, entry)
+                    }
+                }
+            }
+        }
+        let authorizer = self.authorizer();
+        for (_, d) in deliveries {
+            let qos = message.qos.min(d.qos);
+            match d.target {
+                Target::Internal(sink) => match &*sink {
+                    InternalSink::Channel(tx) => {
+                        let _ = tx.try_send(message.clone());
+                    }
+                    InternalSink::Callback(f) => f(&message),
+                },
+                Target::Session(session) => {
+                    let client = session.lock().client.clone();
+                    if let Some(client) = client {
+                        if !authorizer.receive(&client, &message.topic) {
+                            continue;
+                        }
+                    }
+                    let retain = d.retain_as_published && message.retain;
+                    self.enqueue(
+                        &session,
+                        &message,
+                        qos,
+                        retain,
+                        d.subscription_ids,
+                        &mut ops,
+                    );
+                }
+            }
+        }
+        ops
+    }
+
+    fn enqueue(
+        &self,
+        session: &Arc<Session>,
+        message: &Arc<Message>,
+        qos: u8,
+        retain: bool,
+        subscription_ids: Vec<u32>,
+        ops: &mut Vec<StoreOp>,
+    ) {
+        let mut state = session.lock();
+        let connected = state.connection.is_some();
+        if !connected && qos == 0 {
+            return;
+        }
+        if state.queue.len() + state.inflight.len() >= MAX_QUEUED_PER_CLIENT {
+            state.dropped += 1;
+            if state.dropped.is_power_of_two() {
+                tracing::warn!(client_id = %session.client_id, dropped = state.dropped, "client queue full; dropping messages");
+            }
+            return;
+        }
+        let seq = if qos > 0 && state.expiry_secs > 0 {
+            let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+            let mut stored = message.stored(retain);
+            stored.qos = qos;
+            ops.push(StoreOp::PutMessage {
+                client_id: session.client_id.to_string(),
+                seq,
+                message: stored,
+            });
+            Some(seq)
+        } else {
+            None
+        };
+        state.queue.push_back(Queued {
+            message: message.clone(),
+            qos,
+            retain,
+            subscription_ids,
+            seq,
+        });
+        drop(state);
+        if connected {
+            session.notify.notify_one();
+        }
+    }
+
+    /// Opens (creating, resuming or replacing) the session for a new connection. An
+    /// existing connection with the same client id is told to close (takeover).
+    pub fn open_session(&self, request: OpenRequest) -> (Opened, Vec<StoreOp>) {
+        let client_id: Arc<str> = Arc::from(request.client.client_id.as_str());
+        let version = request.client.protocol_version;
+        let connection_id = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let mut ops = Vec::new();
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let existing = sessions.get(&client_id).cloned();
+        let mut session_present = false;
+        let session = match existing {
+            Some(session) => {
+                let resumable = {
+                    let mut state = session.lock();
+                    if let Some(mut link) = state.connection.take() {
+                        if let Some(kick) = link.kick.take() {
+                            let _ = kick.send(DisconnectReason::DuplicateClientId);
+                        }
+                    }
+                    !request.clean_start
+                        && (self.profile().cross_version_sessions
+                            || state.protocol_version == version)
+                };
+                if resumable {
+                    session_present = true;
+                    session
+                } else {
+                    self.discard_session(&session, &mut ops);
+                    sessions.remove(&client_id);
+                    let fresh = self.new_session(client_id.clone(), version);
+                    sessions.insert(client_id.clone(), fresh.clone());
+                    fresh
+                }
+            }
+            None => {
+                let fresh = self.new_session(client_id.clone(), version);
+                sessions.insert(client_id.clone(), fresh.clone());
+                fresh
+            }
+        };
+        drop(sessions);
+        let expiry_secs = request.expiry_secs;
+        {
+            let mut state = session.lock();
+            state.connection = Some(ConnectionLink {
+                id: connection_id,
+                kick: Some(kick_tx),
+            });
+            state.generation += 1;
+            state.protocol_version = version;
+            state.expiry_secs = expiry_secs;
+            state.resend_inflight = true;
+            state.client = Some(request.client.clone());
+            state.client_receive_maximum = request.client_receive_maximum;
+            state.client_max_packet_size = request.client_max_packet_size;
+            state.client_topic_alias_maximum = request.client_topic_alias_maximum;
+            state.outbound_aliases.clear();
+            if expiry_secs > 0 {
+                ops.push(StoreOp::PutSession(stored_session(&session, &state, None)));
+            } else if session_present {
+                ops.push(StoreOp::DeleteSession(client_id.to_string()));
+                for q in state.queue.iter_mut() {
+                    q.seq = None;
+                }
+                for f in state.inflight.values_mut() {
+                    f.queued.seq = None;
+                }
+            }
+        }
+        let version_number = {
+            let mut versions = self
+                .inner
+                .versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let v = versions.entry(client_id.to_string()).or_insert(0);
+            *v += 1;
+            *v
+        };
+        ops.push(StoreOp::PutVersion {
+            client_id: client_id.to_string(),
+            version: version_number,
+        });
+        session.notify.notify_one();
+        (
+            Opened {
+                session,
+                connection_id,
+                session_present,
+                kicked: kick_rx,
+                expiry_secs,
+                version_number,
+            },
+            ops,
+        )
+    }
+
+    fn new_session(&self, client_id: Arc<str>, version: u8) -> Arc<Session> {
+        Arc::new(Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                session_id: uuid::Uuid::new_v4().to_string(),
+                protocol_version: version,
+                expiry_secs: 0,
+                connection: None,
+                generation: 0,
+                subscriptions: BTreeMap::new(),
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                next_packet_id: 1,
+                resend_inflight: false,
+                client: None,
+                client_receive_maximum: u16::MAX,
+                client_max_packet_size: usize::MAX,
+                client_topic_alias_maximum: 0,
+                outbound_aliases: HashMap::new(),
+                dropped: 0,
+            }),
+            notify: Notify::new(),
+        })
+    }
+
+    /// Removes a session's subscriptions from the trie and its durable state.
+    fn discard_session(&self, session: &Arc<Session>, ops: &mut Vec<StoreOp>) {
+        let subs: Vec<String> = {
+            let mut state = session.lock();
+            state.queue.clear();
+            state.inflight.clear();
+            std::mem::take(&mut state.subscriptions)
+                .into_keys()
+                .collect()
+        };
+        let mut trie = self.inner.trie.write().unwrap_or_else(|e| e.into_inner());
+        for raw in subs {
+            if let Ok(p) = topic::parse_filter(&raw) {
+                trie.remove(
+                    p.filter,
+                    p.share_group,
+                    &SubscriberId::Client(session.client_id.clone()),
+                );
+            }
+        }
+        ops.push(StoreOp::DeleteSession(session.client_id.to_string()));
+    }
+
+    /// Called when a connection ends. `expiry_override` is a DISCONNECT's new session
+    /// expiry. Non-persistent sessions end at once; persistent ones start their expiry timer.
+    pub fn close_connection(
+        &self,
+        session: &Arc<Session>,
+        connection_id: u64,
+        expiry_override: Option<u32>,
+    ) {
+        let mut ops = Vec::new();
+        let (still_current, expiry, generation) = {
+            let mut state = session.lock();
+            let current = state.connection.as_ref().map(|c| c.id) == Some(connection_id);
+            if current {
+                state.connection = None;
+                state.client = None;
+                if let Some(e) = expiry_override {
+                    state.expiry_secs = e;
+                }
+                // QoS 0 messages are not kept for offline clients.
+                state.queue.retain(|q| q.qos > 0);
+                if state.expiry_secs > 0 {
+                    let now = self.now();
+                    ops.push(StoreOp::PutSession(stored_session(
+                        session,
+                        &state,
+                        Some(now),
+                    )));
+                }
+            }
+            (current, state.expiry_secs, state.generation)
+        };
+        if !still_current {
+            return;
+        }
+        if expiry == 0 {
+            let mut sessions = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.client_id);
+                drop(sessions);
+                self.discard_session(session, &mut ops);
+            }
+        } else if expiry != u32::MAX {
+            self.schedule_expiry(
+                session.clone(),
+                generation,
+                Duration::from_secs(expiry as u64),
+            );
+        }
+        self.persist_background(ops);
+    }
+
+    fn schedule_expiry(&self, session: Arc<Session>, generation: u64, after: Duration) {
+        let broker = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = shutdown.triggered() => return,
+            }
+            broker.expire_if_idle(&session, generation);
+        });
+    }
+
+    fn expire_if_idle(&self, session: &Arc<Session>, generation: u64) {
+        {
+            let state = session.lock();
+            if state.connection.is_some() || state.generation != generation {
+                return;
+            }
+        }
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            return;
+        }
+        sessions.remove(&session.client_id);
+        drop(sessions);
+        let mut ops = Vec::new();
+        self.discard_session(session, &mut ops);
+        tracing::debug!(client_id = %session.client_id, "session expired");
+        self.persist_background(ops);
+    }
+
+    /// Publishes a will after `delay_secs` unless the session reconnects first.
+    pub fn schedule_will(&self, session: Arc<Session>, will: Message, delay_secs: u32) {
+        if delay_secs == 0 {
+            let ops = self.route(Arc::new(will));
+            self.persist_background(ops);
+            return;
+        }
+        let generation = session.lock().generation;
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(delay_secs as u64)).await;
+            let reconnected = {
+                let state = session.lock();
+                state.generation != generation || state.connection.is_some()
+            };
+            if !reconnected {
+                let ops = broker.route(Arc::new(will));
+                broker.persist_background(ops);
+            }
+        });
+    }
+
+    /// Adds subscriptions to a session; returns per-filter reason codes and store ops.
+    /// Retained messages due to the new subscriptions are queued after the SUBACK's codes.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        filters: &[(String, SubscriptionOptions)],
+        subscription_id: Option<u32>,
+        client: &ClientInfo,
+    ) -> (Vec<u8>, Vec<String>, Vec<StoreOp>) {
+        let profile = self.profile();
+        let authorizer = self.authorizer();
+        let v5 = client.protocol_version == codec::V5;
+        let fail = |code: u8| if v5 { code } else { 0x80 };
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut accepted = Vec::new();
+        let mut retained_to_send: Vec<(Arc<Message>, u8, Option<u32>)> = Vec::new();
+        let mut ops = Vec::new();
+        for (index, (raw, options)) in filters.iter().enumerate() {
+            if profile
+                .max_filters_per_subscribe
+                .is_some_and(|max| index >= max)
+            {
+                codes.push(fail(reason::QUOTA_EXCEEDED));
+                continue;
+            }
+            let parsed = match topic::parse_filter(raw) {
+                Ok(p) => p,
+                Err(_) => {
+                    codes.push(fail(reason::TOPIC_FILTER_INVALID));
+                    continue;
+                }
+            };
+            if topic::validate_filter(parsed.filter, parsed.share_group.is_some(), profile).is_err()
+            {
+                codes.push(fail(reason::TOPIC_FILTER_INVALID));
+                continue;
+            }
+            if !authorizer.subscribe(client, raw) {
+                codes.push(fail(reason::NOT_AUTHORIZED));
+                continue;
+            }
+            if parsed.share_group.is_some() && options.no_local {
+                codes.push(fail(reason::PROTOCOL_ERROR));
+                continue;
+            }
+            let qos = options.qos.min(profile.maximum_qos);
+            let stored = StoredSubscription {
+                qos,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                retain_handling: options.retain_handling,
+                subscription_id,
+            };
+            let existed = {
+                let mut state = session.lock();
+                if !state.subscriptions.contains_key(raw)
+                    && profile
+                        .max_subscriptions_per_connection
+                        .is_some_and(|max| state.subscriptions.len() >= max)
+                {
+                    drop(state);
+                    codes.push(fail(reason::QUOTA_EXCEEDED));
+                    continue;
+                }
+                state
+                    .subscriptions
+                    .insert(raw.clone(), stored.clone())
+                    .is_some()
+            };
+            self.inner
+                .trie
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    parsed.filter,
+                    parsed.share_group,
+                    SubscriberId::Client(session.client_id.clone()),
+                    SubEntry {
+                        options: stored.options(),
+                        subscription_id,
+                        target: Target::Session(session.clone()),
+                    },
+                );
+            codes.push(qos);
+            accepted.push(raw.clone());
+            let wants_retained = parsed.share_group.is_none()
+                && match options.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if wants_retained {
+                let retained = self
+                    .inner
+                    .retained
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                if profile.retained_only_exact {
+                    if let Some(m) = retained.get(parsed.filter) {
+                        retained_to_send.push((m.clone(), qos, subscription_id));
+                    }
+                } else {
+                    for m in retained.values() {
+                        if topic::matches(parsed.filter, &m.topic, profile) {
+                            retained_to_send.push((m.clone(), qos, subscription_id));
+                        }
+                    }
+                }
+            }
+        }
+        let now = self.now();
+        for (m, qos, sub_id) in retained_to_send {
+            if m.expires_at_ms.is_some_and(|e| e <= now) {
+                continue;
+            }
+            if !authorizer.receive(client, &m.topic) {
+                continue;
+            }
+            self.enqueue(
+                session,
+                &m,
+                m.qos.min(qos),
+                true,
+                sub_id.into_iter().collect(),
+                &mut ops,
+            );
+        }
+        if !accepted.is_empty() {
+            self.save_session(session, &mut ops);
+        }
+        (codes, accepted, ops)
+    }
+
+    /// Removes subscriptions; returns per-filter reason codes and store ops.
+    pub fn unsubscribe(
+        &self,
+        session: &Arc<Session>,
+        filters: &[String],
+    ) -> (Vec<u8>, Vec<String>, Vec<StoreOp>) {
+        let mut codes = Vec::new();
+        let mut removed_filters = Vec::new();
+        let mut ops = Vec::new();
+        for raw in filters {
+            let removed = session.lock().subscriptions.remove(raw).is_some();
+            if removed {
+                if let Ok(p) = topic::parse_filter(raw) {
+                    self.inner
+                        .trie
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(
+                            p.filter,
+                            p.share_group,
+                            &SubscriberId::Client(session.client_id.clone()),
+                        );
+                }
+                codes.push(reason::SUCCESS);
+                removed_filters.push(raw.clone());
+            } else if topic::parse_filter(raw).is_err() {
+                codes.push(reason::TOPIC_FILTER_INVALID);
+            } else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        if !removed_filters.is_empty() {
+            self.save_session(session, &mut ops);
+        }
+        (codes, removed_filters, ops)
+    }
+
+    fn save_session(&self, session: &Arc<Session>, ops: &mut Vec<StoreOp>) {
+        let state = session.lock();
+        if state.expiry_secs > 0 {
+            ops.push(StoreOp::PutSession(stored_session(session, &state, None)));
+        }
+    }
+
+    /// Moves queued messages into flight (within the client's Receive Maximum) and encodes
+    /// them, resending unacknowledged ones first after a reconnect.
+    pub fn fill_outgoing(
+        &self,
+        session: &Arc<Session>,
+        connection_id: u64,
+        version: u8,
+        out: &mut BytesMut,
+    ) -> Vec<StoreOp> {
+        let now = self.now();
+        let mut ops = Vec::new();
+        let mut state = session.lock();
+        if state.connection.as_ref().map(|c| c.id) != Some(connection_id) {
+            return ops;
+        }
+        if state.resend_inflight {
+            state.resend_inflight = false;
+            let mut resend = Vec::new();
+            for (pid, f) in state.inflight.iter() {
+                match f.stage {
+                    AwaitedAck::Complete => {
+                        codec::encode(&Packet::PubRel(codec::Ack::new(*pid, 0)), version, out)
+                    }
+                    _ => {
+                        let p = outgoing_publish(&f.queued, *pid, true, version, now);
+                        resend.push(p);
+                    }
+                }
+            }
+            for p in resend {
+                codec::encode(&Packet::Publish(p), version, out);
+            }
+        }
+        let receive_max = state.client_receive_maximum as usize;
+        let alias_max = state.client_topic_alias_maximum;
+        let max_packet = state.client_max_packet_size;
+        while let Some(q) = state.queue.front() {
+            if q.qos > 0 && state.inflight.len() >= receive_max {
+                break;
+            }
+            let q = state.queue.pop_front().expect("front exists");
+            if q.message.expires_at_ms.is_some_and(|e| e <= now) {
+                if let Some(seq) = q.seq {
+                    ops.push(StoreOp::DeleteMessage {
+                        client_id: session.client_id.to_string(),
+                        seq,
+                    });
+                }
+                continue;
+            }
+            let pid = if q.qos > 0 {
+                next_packet_id(&mut state)
+            } else {
+                0
+            };
+            let mut publish = outgoing_publish(&q, pid, false, version, now);
+            if version == codec::V5 && alias_max > 0 {
+                apply_topic_alias(&mut state.outbound_aliases, alias_max, &mut publish);
+            }
+            let packet = Packet::Publish(publish);
+            if max_packet != usize::MAX && codec::encoded_len(&packet, version) > max_packet {
+                // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
+                if let Some(seq) = q.seq {
+                    ops.push(StoreOp::DeleteMessage {
+                        client_id: session.client_id.to_string(),
+                        seq,
+                    });
+                }
+                continue;
+            }
+            codec::encode(&packet, version, out);
+            if q.qos > 0 {
+                let stage = if q.qos == 2 {
+                    AwaitedAck::Received
+                } else {
+                    AwaitedAck::Ack
+                };
+                state.inflight.insert(pid, Inflight { queued: q, stage });
+            }
+            if out.len() > 64 * 1024 {
+                // Let the connection write; it will be notified again.
+                session.notify.notify_one();
+                break;
+            }
+        }
+        ops
+    }
+
+    /// Handles PUBACK / PUBREC / PUBCOMP from the client for an outgoing message.
+    /// Returns a PUBREL to send for PUBREC.
+    pub fn acknowledge(
+        &self,
+        session: &Arc<Session>,
+        packet: &Packet,
+    ) -> (Option<Packet>, Vec<StoreOp>) {
+        let mut ops = Vec::new();
+        let mut state = session.lock();
+        let mut reply = None;
+        let finished = match packet {
+            Packet::PubAck(a) => match state.inflight.get(&a.packet_id) {
+                Some(f) if f.stage == AwaitedAck::Ack => state.inflight.remove(&a.packet_id),
+                _ => None,
+            },
+            Packet::PubRec(a) => {
+                if let Some(f) = state.inflight.get_mut(&a.packet_id) {
+                    if a.code >= 0x80 {
+                        state.inflight.remove(&a.packet_id)
+                    } else {
+                        f.stage = AwaitedAck::Complete;
+                        reply = Some(Packet::PubRel(codec::Ack::new(a.packet_id, 0)));
+                        None
+                    }
+                } else {
+                    reply = Some(Packet::PubRel(codec::Ack::new(
+                        a.packet_id,
+                        reason::PACKET_ID_NOT_FOUND,
+                    )));
+                    None
+                }
+            }
+            Packet::PubComp(a) => match state.inflight.get(&a.packet_id) {
+                Some(f) if f.stage == AwaitedAck::Complete => state.inflight.remove(&a.packet_id),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(f) = finished {
+            if let Some(seq) = f.queued.seq {
+                ops.push(StoreOp::DeleteMessage {
+                    client_id: session.client_id.to_string(),
+                    seq,
+                });
+            }
+            if !state.queue.is_empty() {
+                session.notify.notify_one();
+            }
+        }
+        (reply, ops)
+    }
+
+    /// The lifecycle version number last handed to `client_id`.
+    pub fn version_number(&self, client_id: &str) -> u64 {
+        self.inner
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Publishes a lifecycle event (QoS 1, not waited for).
+    pub fn publish_event(&self, topic: String, payload: String) {
+        let message = Message {
+            topic,
+            payload: Bytes::from(payload),
+            qos: 1,
+            retain: false,
+            properties: MessageProperties {
+                content_type: None,
+                ..Default::default()
+            },
+            expires_at_ms: None,
+            origin: Origin::default(),
+        };
+        let ops = self.route(Arc::new(message));
+        self.persist_background(ops);
+    }
+
+    pub(crate) fn event_identity(&self, client: &ClientInfo, session_id: String) -> EventIdentity {
+        EventIdentity {
+            client_id: client.client_id.clone(),
+            thing_name: None,
+            session_identifier: session_id,
+            principal_identifier: client.principal_identifier.clone(),
+        }
+    }
+
+    /// Emits `connect_failed` for a refused CONNECT.
+    pub fn emit_connect_failed(&self, client: &ClientInfo) {
+        if !lifecycle::emits_events(&client.client_id) || client.client_id.is_empty() {
+            return;
+        }
+        let id = self.event_identity(client, uuid::Uuid::new_v4().to_string());
+        let ip = client.source_ip.map(|i| i.to_string()).unwrap_or_default();
+        let (topic, payload) = lifecycle::connect_failed(&id, self.now(), &ip);
+        self.publish_event(topic, payload);
+    }
+
+    /// Number of sessions (connected or not).
+    pub fn session_count(&self) -> usize {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// The retained message on `topic`, if any (for iot-data GetRetainedMessage).
+    pub fn retained(&self, topic: &str) -> Option<Arc<Message>> {
+        self.inner
+            .retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// Every retained message, sorted by topic (for iot-data ListRetainedMessages).
+    pub fn retained_messages(&self) -> Vec<Arc<Message>> {
+        let mut all: Vec<_> = self
+            .inner
+            .retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.topic.cmp(&b.topic));
+        all
+    }
+}
+
+fn pick_share_member(members: Vec<(SubscriberId, SubEntry)>) -> Option<(SubscriberId, SubEntry)> {
+    let online: Vec<&(SubscriberId, SubEntry)> = members
+        .iter()
+        .filter(|(_, e)| match &e.target {
+            Target::Session(s) => s.lock().connection.is_some(),
+            Target::Internal(_) => true,
+        })
+        .collect();
+    let mut rng = rand::thread_rng();
+    if let Some(chosen) = online.choose(&mut rng) {
+        return Some((*chosen).clone());
+    }
+    members.choose(&mut rng).cloned()
+}
+
+/// Replaces a repeated topic by its alias, assigning aliases while the client allows more.
+fn apply_topic_alias(
+    aliases: &mut HashMap<String, u16>,
+    maximum: u16,
+    publish: &mut codec::Publish,
+) {
+    if let Some(alias) = aliases.get(&publish.topic) {
+        publish.properties.topic_alias = Some(*alias);
+        publish.topic = String::new();
+    } else if aliases.len() < maximum as usize {
+        let alias = aliases.len() as u16 + 1;
+        aliases.insert(publish.topic.clone(), alias);
+        publish.properties.topic_alias = Some(alias);
+    }
+}
+
+fn next_packet_id(state: &mut SessionState) -> u16 {
+    loop {
+        let id = state.next_packet_id;
+        state.next_packet_id = state.next_packet_id.wrapping_add(1).max(1);
+        if !state.inflight.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+fn stored_session(
+    session: &Session,
+    state: &SessionState,
+    disconnected: Option<i64>,
+) -> StoredSession {
+    StoredSession {
+        client_id: session.client_id.to_string(),
+        session_id: state.session_id.clone(),
+        protocol_version: state.protocol_version,
+        expiry_secs: state.expiry_secs,
+        disconnected_ms: disconnected,
+        subscriptions: state.subscriptions.clone(),
+    }
+}
+
+fn outgoing_publish(q: &Queued, pid: u16, dup: bool, version: u8, now: i64) -> codec::Publish {
+    let m = &q.message;
+    let properties = if version == codec::V5 {
+        Properties {
+            payload_format_indicator: m.properties.payload_format_indicator,
+            content_type: m.properties.content_type.clone(),
+            response_topic: m.properties.response_topic.clone(),
+            correlation_data: m.properties.correlation_data.clone().map(Bytes::from),
+            user_properties: m.properties.user_properties.clone(),
+            message_expiry_interval: m.expires_at_ms.map(|e| ((e - now).max(0) / 1000) as u32),
+            subscription_identifiers: q.subscription_ids.clone(),
+            ..Default::default()
+        }
+    } else {
+        Properties::default()
+    };
+    codec::Publish {
+        dup,
+        qos: q.qos,
+        retain: q.retain,
+        topic: m.topic.clone(),
+        packet_id: pid,
+        properties,
+        payload: m.payload.clone(),
+    }
+}
+
+/// The broker as other services see it through core's handle registry.
+impl BrokerHandle for Broker {
+    fn publish(
+        &self,
+        message: PublishMessage,
+    ) -> futures::future::BoxFuture<'_, Result<(), HandleError>> {
+        Box::pin(async move {
+            let profile = self.profile().clone();
+            topic::validate_publish_topic(&message.topic, false, &Profile::strict())
+                .map_err(|e| HandleError::Rejected(e.to_string()))?;
+            if profile
+                .max_payload
+                .is_some_and(|max| message.payload.len() > max)
+            {
+                return Err(HandleError::Rejected(
+                    "payload larger than the 128 KB limit".into(),
+                ));
+            }
+            let now = self.now();
+            let m = Message {
+                topic: message.topic,
+                payload: message.payload,
+                qos: message.qos.min(profile.maximum_qos),
+                retain: message.retain,
+                properties: MessageProperties {
+                    payload_format_indicator: None,
+                    content_type: message.content_type,
+                    response_topic: message.response_topic,
+                    correlation_data: message.correlation_data.map(|b| b.to_vec()),
+                    user_properties: message.user_properties,
+                },
+                expires_at_ms: message
+                    .message_expiry_interval
+                    .map(|s| now + s as i64 * 1000),
+                origin: Origin::default(),
+            };
+            Broker::publish(self, m)
+                .await
+                .map_err(|e| HandleError::Internal(e.to_string()))
+        })
+    }
+}
+
+/// Used by connections to learn whether a will must wait for the session.
+pub(crate) fn will_delay(properties: &Properties, session_expiry: u32) -> u32 {
+    properties
+        .will_delay_interval
+        .unwrap_or(0)
+        .min(session_expiry)
+}

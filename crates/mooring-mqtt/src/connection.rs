@@ -1,0 +1,799 @@
+//! One client connection, from CONNECT to the end, over any byte stream (TCP, TLS or the
+//! WebSocket bridge).
+//!
+//! The connection is a single task: it reads and decodes packets, answers them, writes the
+//! messages its session has queued, acknowledges QoS 1/2 publishes once the broker says
+//! they are durable (in order), watches the keep-alive (1.5 x the negotiated value), and
+//! reacts to a takeover or the server's shutdown. Every way a connection can end maps to
+//! an AWS `disconnectReason`, to whether the will is published, and for MQTT 5 to the
+//! reason code of the server's DISCONNECT.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::auth::{ClientInfo, ConnectRequest, Principal, Transport};
+use crate::broker::{self, Broker, Message, OpenRequest, Origin, Session};
+use crate::codec::{
+    self, reason, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, SubAck,
+    UnsubAck, V5,
+};
+use crate::lifecycle::{self, DisconnectReason};
+use crate::store::MessageProperties;
+use crate::topic::{self, TopicError};
+
+/// Time a client has to send CONNECT after opening the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed for a protocol error keeps reading (and discarding) after
+/// its DISCONNECT, so the client sees the reason code.
+const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
+/// Longest Message Expiry Interval AWS keeps (7 days).
+const AWS_MAX_MESSAGE_EXPIRY: u32 = 604_800;
+
+/// What the listener knows about the peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub transport: Transport,
+    pub remote: Option<SocketAddr>,
+    pub principal: Principal,
+}
+
+/// How the main loop ended.
+struct Exit {
+    reason: DisconnectReason,
+    /// MQTT 5 DISCONNECT reason code to send (none for network loss or client DISCONNECT).
+    code: Option<u8>,
+    message: Option<&'static str>,
+    send_will: bool,
+    expiry_override: Option<u32>,
+}
+
+impl Exit {
+    fn new(reason: DisconnectReason) -> Exit {
+        Exit {
+            reason,
+            code: reason.mqtt5_code(),
+            message: None,
+            send_will: reason.sends_will(),
+            expiry_override: None,
+        }
+    }
+
+    fn client_error(code: u8, message: &'static str) -> Exit {
+        Exit {
+            code: Some(code),
+            message: Some(message),
+            ..Exit::new(DisconnectReason::ClientError)
+        }
+    }
+}
+
+/// Serves one connection to completion.
+pub async fn serve<S>(broker: Broker, mut stream: S, peer: PeerInfo)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let max_packet = broker.profile().max_packet_size;
+    let mut inbuf = BytesMut::with_capacity(4096);
+    let connect = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_connect(&mut stream, &mut inbuf, max_packet),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(Some(DecodeError::UnsupportedVersion(v)))) => {
+            tracing::debug!(version = v, "unsupported protocol version");
+            // Return code 1 "unacceptable protocol version" in the 3.1.1 format.
+            let mut out = BytesMut::new();
+            codec::encode(
+                &Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: 1,
+                    properties: Properties::default(),
+                }),
+                codec::V311,
+                &mut out,
+            );
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = ?e, "connection closed before a valid CONNECT");
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Err(_) => {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    Connection::run(broker, stream, peer, *connect, inbuf).await
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    inbuf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Box<Connect>, Option<DecodeError>> {
+    loop {
+        match codec::decode(inbuf, None, max_packet) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(_)) => return Err(Some(DecodeError::Protocol("first packet not CONNECT"))),
+            Ok(None) => {}
+            Err(e) => return Err(Some(e)),
+        }
+        match stream.read_buf(inbuf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+struct Connection<S> {
+    broker: Broker,
+    stream: S,
+    version: u8,
+    client: Arc<ClientInfo>,
+    session: Arc<Session>,
+    connection_id: u64,
+    expiry_secs: u32,
+    out: BytesMut,
+    pending_acks: FuturesOrdered<BoxFuture<'static, Packet>>,
+    /// QoS 1 publishes whose PUBACK waits in `pending_acks` (QoS 2 ones are in
+    /// `inbound_qos2` until PUBREL).
+    pending_qos1: usize,
+    inbound_qos2: HashSet<u16>,
+    aliases: HashMap<u16, String>,
+    problem_information: bool,
+}
+
+fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+        properties,
+    })
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+    async fn refuse(stream: &mut S, version: u8, v5_code: u8, v3_code: Option<u8>) {
+        let mut out = BytesMut::new();
+        if version == V5 {
+            codec::encode(
+                &connack(v5_code, false, Properties::default()),
+                V5,
+                &mut out,
+            );
+        } else if let Some(code) = v3_code {
+            codec::encode(
+                &connack(code, false, Properties::default()),
+                version,
+                &mut out,
+            );
+        }
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+        let _ = stream.shutdown().await;
+    }
+
+    async fn run(broker: Broker, mut stream: S, peer: PeerInfo, connect: Connect, inbuf: BytesMut) {
+        let profile = broker.profile().clone();
+        let version = connect.protocol_version;
+        let v5 = version == V5;
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            if v5 || connect.clean_start {
+                client_id = format!("mooring-{}", uuid::Uuid::new_v4().simple());
+                assigned = Some(client_id.clone());
+            } else {
+                return Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2))
+                    .await;
+            }
+        }
+        if profile
+            .max_client_id_bytes
+            .is_some_and(|max| client_id.len() > max)
+        {
+            return Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2)).await;
+        }
+        if connect.properties.authentication_method.is_some() {
+            return Self::refuse(
+                &mut stream,
+                version,
+                reason::BAD_AUTHENTICATION_METHOD,
+                Some(4),
+            )
+            .await;
+        }
+        let account = broker.settings().account_id.clone();
+        let client = Arc::new(ClientInfo {
+            client_id: client_id.clone(),
+            principal_identifier: match (&peer.principal, &connect.username) {
+                (Principal::Anonymous, Some(user)) if !user.is_empty() => user.clone(),
+                (p, _) => p.identifier(&account),
+            },
+            principal: peer.principal.clone(),
+            username: connect.username.clone(),
+            source_ip: peer.remote.map(|a| a.ip()),
+            transport: peer.transport,
+            protocol_version: version,
+        });
+        if let Some(will) = &connect.will {
+            if will.qos > profile.maximum_qos {
+                return Self::refuse(&mut stream, version, reason::QOS_NOT_SUPPORTED, None).await;
+            }
+            if topic::validate_publish_topic(&will.topic, will.retain, &profile).is_err() {
+                return Self::refuse(&mut stream, version, reason::TOPIC_NAME_INVALID, None).await;
+            }
+            if profile.max_payload.is_some_and(|m| will.payload.len() > m) {
+                return Self::refuse(&mut stream, version, reason::PACKET_TOO_LARGE, None).await;
+            }
+        }
+        // Session expiry: 3.1.1 persistent sessions get the default; MQTT 5 asks.
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            profile.default_session_expiry
+        };
+        let expiry_secs = requested_expiry.min(profile.max_session_expiry);
+        let anonymous_refused =
+            peer.principal == Principal::Anonymous && !broker.settings().allow_anonymous;
+        let authorized = !anonymous_refused
+            && broker.authorizer().connect(&ConnectRequest {
+                client: &client,
+                password: connect.password.as_deref(),
+                persistent: expiry_secs > 0,
+                will_topic: connect.will.as_ref().map(|w| w.topic.as_str()),
+            });
+        if !authorized {
+            broker.emit_connect_failed(&client);
+            return Self::refuse(&mut stream, version, reason::NOT_AUTHORIZED, Some(5)).await;
+        }
+        let keep_alive = profile.keep_alive(connect.keep_alive);
+        let (opened, ops) = broker.open_session(OpenRequest {
+            client: client.clone(),
+            clean_start: connect.clean_start,
+            expiry_secs,
+            client_receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+            client_topic_alias_maximum: connect.properties.topic_alias_maximum.unwrap_or(0),
+            client_max_packet_size: connect
+                .properties
+                .maximum_packet_size
+                .map(|m| m as usize)
+                .unwrap_or(usize::MAX),
+        });
+        if let Err(e) = broker.persist(ops).await {
+            tracing::error!(error = %e, "persisting the session failed");
+            broker.close_connection(&opened.session, opened.connection_id, None);
+            return Self::refuse(&mut stream, version, reason::SERVER_UNAVAILABLE, Some(3)).await;
+        }
+        let mut properties = Properties::default();
+        if v5 {
+            if expiry_secs != requested_expiry {
+                properties.session_expiry_interval = Some(expiry_secs);
+            }
+            properties.receive_maximum = Some(broker::SERVER_RECEIVE_MAXIMUM);
+            if profile.maximum_qos < 2 {
+                properties.maximum_qos = Some(profile.maximum_qos);
+            }
+            properties.retain_available = Some(1);
+            properties.maximum_packet_size = Some(profile.max_packet_size as u32);
+            properties.assigned_client_identifier = assigned;
+            properties.topic_alias_maximum = Some(profile.topic_alias_maximum);
+            properties.wildcard_subscription_available = Some(1);
+            if !profile.subscription_identifiers {
+                properties.subscription_identifier_available = Some(0);
+            }
+            properties.shared_subscription_available = Some(1);
+            if keep_alive != connect.keep_alive {
+                properties.server_keep_alive = Some(keep_alive);
+            }
+        }
+        let mut conn = Connection {
+            broker: broker.clone(),
+            stream,
+            version,
+            client: client.clone(),
+            session: opened.session.clone(),
+            connection_id: opened.connection_id,
+            expiry_secs,
+            out: BytesMut::with_capacity(4096),
+            pending_acks: FuturesOrdered::new(),
+            pending_qos1: 0,
+            inbound_qos2: HashSet::new(),
+            aliases: HashMap::new(),
+            problem_information: connect.properties.request_problem_information != Some(0),
+        };
+        codec::encode(
+            &connack(reason::SUCCESS, opened.session_present, properties),
+            version,
+            &mut conn.out,
+        );
+        let identity = broker.event_identity(&client, opened.session.session_identifier());
+        let events = lifecycle::emits_events(&client_id);
+        if conn.flush().await.is_err() {
+            broker.close_connection(&opened.session, opened.connection_id, None);
+            return;
+        }
+        if events {
+            let ip = client.source_ip.map(|i| i.to_string()).unwrap_or_default();
+            let (topic, payload) =
+                lifecycle::connected(&identity, broker.now(), &ip, opened.version_number);
+            broker.publish_event(topic, payload);
+        }
+        let exit = conn.main_loop(inbuf, keep_alive, opened.kicked).await;
+        // Tell an MQTT 5 client why, then close.
+        if v5 {
+            if let Some(code) = exit.code {
+                let properties = Properties {
+                    reason_string: exit
+                        .message
+                        .filter(|_| conn.problem_information)
+                        .map(str::to_string),
+                    ..Default::default()
+                };
+                codec::encode(
+                    &Packet::Disconnect(Disconnect { code, properties }),
+                    V5,
+                    &mut conn.out,
+                );
+                let _ = conn.flush().await;
+                if exit.reason == DisconnectReason::ClientError {
+                    // Let the client read the DISCONNECT before the socket closes under
+                    // packets it is still sending (which would reset the connection).
+                    let mut sink = BytesMut::with_capacity(4096);
+                    let _ = tokio::time::timeout(DISCONNECT_LINGER, async {
+                        while matches!(conn.stream.read_buf(&mut sink).await, Ok(n) if n > 0) {
+                            sink.clear();
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
+        let _ = conn.stream.shutdown().await;
+        broker.close_connection(&conn.session, conn.connection_id, exit.expiry_override);
+        if exit.send_will {
+            if let Some(will) = connect.will {
+                let now = broker.now();
+                let delay = if v5 {
+                    broker::will_delay(
+                        &will.properties,
+                        exit.expiry_override.unwrap_or(expiry_secs),
+                    )
+                } else {
+                    0
+                };
+                let message = Message {
+                    topic: will.topic,
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                    properties: message_properties(&will.properties),
+                    expires_at_ms: message_expiry(&will.properties, &profile)
+                        .map(|s| now + delay as i64 * 1000 + s as i64 * 1000),
+                    origin: Origin {
+                        client_id: Some(client.client_id.clone()),
+                        principal: Some(client.principal_identifier.clone()),
+                        source_ip: client.source_ip,
+                        protocol_version: Some(version),
+                    },
+                };
+                broker.schedule_will(conn.session.clone(), message, delay);
+            }
+        }
+        if events {
+            let (topic, payload) = lifecycle::disconnected(
+                &identity,
+                broker.now(),
+                opened.version_number,
+                exit.reason,
+            );
+            broker.publish_event(topic, payload);
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        self.stream.write_all(&self.out).await?;
+        self.stream.flush().await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    async fn main_loop(
+        &mut self,
+        mut inbuf: BytesMut,
+        keep_alive: u16,
+        mut kicked: tokio::sync::oneshot::Receiver<DisconnectReason>,
+    ) -> Exit {
+        let max_packet = self.broker.profile().max_packet_size;
+        let timeout = Duration::from_millis(keep_alive as u64 * 1500);
+        let mut deadline = Instant::now() + timeout;
+        let shutdown = self.broker.shutdown().clone();
+        let mut kicked_open = true;
+        // Packets that arrived together with CONNECT.
+        if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
+            return exit;
+        }
+        loop {
+            let ops = self.broker.fill_outgoing(
+                &self.session,
+                self.connection_id,
+                self.version,
+                &mut self.out,
+            );
+            self.broker.persist_background(ops);
+            if self.flush().await.is_err() {
+                return Exit::new(DisconnectReason::ConnectionLost);
+            }
+            tokio::select! {
+                biased;
+                r = &mut kicked, if kicked_open => {
+                    kicked_open = false;
+                    match r {
+                        Ok(reason) => return Exit::new(reason),
+                        Err(_) => continue,
+                    }
+                }
+                _ = shutdown.triggered() => {
+                    return Exit::new(DisconnectReason::ServerInitiatedDisconnect);
+                }
+                Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
+                    if matches!(ack, Packet::PubAck(_)) {
+                        self.pending_qos1 = self.pending_qos1.saturating_sub(1);
+                    }
+                    codec::encode(&ack, self.version, &mut self.out);
+                }
+                _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
+                    return Exit::new(DisconnectReason::MqttKeepAliveTimeout);
+                }
+                _ = self.session.notified() => {}
+                read = self.stream.read_buf(&mut inbuf) => {
+                    match read {
+                        Ok(0) | Err(_) => return Exit::new(DisconnectReason::ConnectionLost),
+                        Ok(_) => {
+                            deadline = Instant::now() + timeout;
+                            if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
+                                return exit;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn decode_all(&mut self, inbuf: &mut BytesMut, max_packet: usize) -> Result<(), Exit> {
+        loop {
+            match codec::decode(inbuf, Some(self.version), max_packet) {
+                Ok(Some(packet)) => self.handle(packet).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(client_id = %self.client.client_id, error = %e, "closing on a bad packet");
+                    let message = match e {
+                        DecodeError::Malformed(m) | DecodeError::Protocol(m) => m,
+                        DecodeError::TooLarge { .. } => "packet too large",
+                        DecodeError::UnsupportedVersion(_) => "unsupported protocol version",
+                        DecodeError::TopicAlias => "invalid topic alias",
+                    };
+                    return Err(Exit::client_error(e.reason_code(), message));
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), Exit> {
+        let v5 = self.version == V5;
+        match packet {
+            Packet::Publish(p) => self.handle_publish(p)?,
+            Packet::PubRel(a) => {
+                let code = if self.inbound_qos2.remove(&a.packet_id) {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_ID_NOT_FOUND
+                };
+                let comp = Packet::PubComp(Ack::new(a.packet_id, if v5 { code } else { 0 }));
+                self.push_ack_ready(comp);
+            }
+            ack @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
+                let (reply, ops) = self.broker.acknowledge(&self.session, &ack);
+                self.broker.persist_background(ops);
+                if let Some(reply) = reply {
+                    codec::encode(&reply, self.version, &mut self.out);
+                }
+            }
+            Packet::Subscribe(s) => {
+                if !self.broker.profile().subscription_identifiers
+                    && !s.properties.subscription_identifiers.is_empty()
+                {
+                    return Err(Exit::client_error(
+                        reason::SUBSCRIPTION_IDS_NOT_SUPPORTED,
+                        "subscription identifiers are not supported",
+                    ));
+                }
+                let sub_id = s.properties.subscription_identifiers.first().copied();
+                let (codes, accepted, ops) =
+                    self.broker
+                        .subscribe(&self.session, &s.filters, sub_id, &self.client);
+                if let Err(e) = self.broker.persist(ops).await {
+                    tracing::error!(error = %e, "persisting subscriptions failed");
+                }
+                // Acks owed for earlier publishes go first, then the SUBACK.
+                while let Some(ack) = self.pending_acks.next().await {
+                    codec::encode(&ack, self.version, &mut self.out);
+                }
+                self.pending_qos1 = 0;
+                codec::encode(
+                    &Packet::SubAck(SubAck {
+                        packet_id: s.packet_id,
+                        properties: Properties::default(),
+                        codes,
+                    }),
+                    self.version,
+                    &mut self.out,
+                );
+                self.subscription_event(true, &accepted);
+            }
+            Packet::Unsubscribe(u) => {
+                let (codes, removed, ops) = self.broker.unsubscribe(&self.session, &u.filters);
+                if let Err(e) = self.broker.persist(ops).await {
+                    tracing::error!(error = %e, "persisting subscriptions failed");
+                }
+                while let Some(ack) = self.pending_acks.next().await {
+                    codec::encode(&ack, self.version, &mut self.out);
+                }
+                self.pending_qos1 = 0;
+                codec::encode(
+                    &Packet::UnsubAck(UnsubAck {
+                        packet_id: u.packet_id,
+                        properties: Properties::default(),
+                        codes: if v5 { codes } else { Vec::new() },
+                    }),
+                    self.version,
+                    &mut self.out,
+                );
+                self.subscription_event(false, &removed);
+            }
+            Packet::PingReq => codec::encode(&Packet::PingResp, self.version, &mut self.out),
+            Packet::Disconnect(d) => {
+                let mut exit = Exit::new(DisconnectReason::ClientInitiatedDisconnect);
+                exit.code = None;
+                exit.send_will = d.code == reason::DISCONNECT_WITH_WILL;
+                if let Some(expiry) = d.properties.session_expiry_interval {
+                    if self.expiry_secs == 0 && expiry > 0 {
+                        return Err(Exit::client_error(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry cannot be set on DISCONNECT after 0 at CONNECT",
+                        ));
+                    }
+                    exit.expiry_override =
+                        Some(expiry.min(self.broker.profile().max_session_expiry));
+                }
+                return Err(exit);
+            }
+            Packet::Auth(_) => {
+                return Err(Exit::client_error(
+                    reason::PROTOCOL_ERROR,
+                    "enhanced authentication is not supported",
+                ))
+            }
+            other => {
+                tracing::debug!(packet = other.name(), "unexpected packet from a client");
+                return Err(Exit::client_error(
+                    reason::PROTOCOL_ERROR,
+                    "packet type not allowed from a client",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn push_ack_ready(&mut self, ack: Packet) {
+        if self.pending_acks.is_empty() {
+            codec::encode(&ack, self.version, &mut self.out);
+        } else {
+            if matches!(ack, Packet::PubAck(_)) {
+                self.pending_qos1 += 1;
+            }
+            self.pending_acks
+                .push_back(Box::pin(futures::future::ready(ack)));
+        }
+    }
+
+    fn subscription_event(&self, subscribed: bool, filters: &[String]) {
+        if filters.is_empty() || !lifecycle::emits_events(&self.client.client_id) {
+            return;
+        }
+        let identity = self
+            .broker
+            .event_identity(&self.client, self.session.session_identifier());
+        let (topic, payload) =
+            lifecycle::subscriptions(&identity, self.broker.now(), subscribed, filters);
+        self.broker.publish_event(topic, payload);
+    }
+
+    fn handle_publish(&mut self, p: codec::Publish) -> Result<(), Exit> {
+        let profile = self.broker.profile().clone();
+        let v5 = self.version == V5;
+        if p.qos > profile.maximum_qos {
+            return Err(Exit::client_error(
+                reason::QOS_NOT_SUPPORTED,
+                "QoS 2 is not supported",
+            ));
+        }
+        let mut topic_name = p.topic;
+        if let Some(alias) = p.properties.topic_alias {
+            if !v5 || alias > profile.topic_alias_maximum {
+                return Err(Exit::client_error(
+                    reason::TOPIC_ALIAS_INVALID,
+                    "topic alias above the maximum",
+                ));
+            }
+            if topic_name.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => topic_name = t.clone(),
+                    None => {
+                        return Err(Exit::client_error(
+                            reason::PROTOCOL_ERROR,
+                            "unknown topic alias",
+                        ))
+                    }
+                }
+            } else {
+                self.aliases.insert(alias, topic_name.clone());
+            }
+        } else if topic_name.is_empty() {
+            return Err(Exit::client_error(
+                reason::TOPIC_NAME_INVALID,
+                "empty topic name",
+            ));
+        }
+        if profile.max_payload.is_some_and(|max| p.payload.len() > max) {
+            return Err(Exit::client_error(
+                reason::PACKET_TOO_LARGE,
+                "payload larger than 128 KB",
+            ));
+        }
+        let qos_ack = |code: u8| -> Option<Packet> {
+            match p.qos {
+                1 => Some(Packet::PubAck(Ack::new(p.packet_id, code))),
+                2 => Some(Packet::PubRec(Ack::new(p.packet_id, code))),
+                _ => None,
+            }
+        };
+        if let Err(e) = topic::validate_publish_topic(&topic_name, p.retain, &profile) {
+            if !v5 {
+                return Err(Exit::client_error(
+                    reason::TOPIC_NAME_INVALID,
+                    "invalid topic",
+                ));
+            }
+            let code = match e {
+                TopicError::Invalid(_) => reason::TOPIC_NAME_INVALID,
+                TopicError::Reserved(_) => reason::NOT_AUTHORIZED,
+            };
+            if let Some(ack) = qos_ack(code) {
+                self.push_ack_ready(ack);
+            }
+            return Ok(());
+        }
+        if !self
+            .broker
+            .authorizer()
+            .publish(&self.client, &topic_name, p.retain)
+        {
+            if !v5 {
+                return Err(Exit {
+                    code: None,
+                    ..Exit::new(DisconnectReason::AuthError)
+                });
+            }
+            if let Some(ack) = qos_ack(reason::NOT_AUTHORIZED) {
+                self.push_ack_ready(ack);
+            }
+            return Ok(());
+        }
+        if p.qos > 0 {
+            if self.pending_qos1 + self.inbound_qos2.len()
+                >= broker::SERVER_RECEIVE_MAXIMUM as usize
+                && v5
+            {
+                return Err(Exit::client_error(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive maximum exceeded",
+                ));
+            }
+            if p.qos == 2 && self.inbound_qos2.contains(&p.packet_id) {
+                // A retransmission of a message already accepted.
+                if let Some(ack) = qos_ack(reason::SUCCESS) {
+                    self.push_ack_ready(ack);
+                }
+                return Ok(());
+            }
+        }
+        let now = self.broker.now();
+        let message = Message {
+            topic: topic_name,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: message_properties(&p.properties),
+            expires_at_ms: message_expiry(&p.properties, &profile).map(|s| now + s as i64 * 1000),
+            origin: Origin {
+                client_id: Some(self.client.client_id.clone()),
+                principal: Some(self.client.principal_identifier.clone()),
+                source_ip: self.client.source_ip,
+                protocol_version: Some(self.version),
+            },
+        };
+        let ops = self.broker.route(Arc::new(message));
+        match p.qos {
+            0 => self.broker.persist_background(ops),
+            qos => {
+                if qos == 2 {
+                    self.inbound_qos2.insert(p.packet_id);
+                }
+                let pid = p.packet_id;
+                let make = move |code: u8| {
+                    if qos == 1 {
+                        Packet::PubAck(Ack::new(pid, code))
+                    } else {
+                        Packet::PubRec(Ack::new(pid, code))
+                    }
+                };
+                if ops.is_empty() {
+                    self.push_ack_ready(make(reason::SUCCESS));
+                } else {
+                    if qos == 1 {
+                        self.pending_qos1 += 1;
+                    }
+                    let durable = self.broker.persist_later(ops);
+                    let v5 = self.version == V5;
+                    self.pending_acks.push_back(Box::pin(async move {
+                        match durable.await {
+                            Ok(Ok(())) => make(reason::SUCCESS),
+                            _ => make(if v5 { reason::UNSPECIFIED_ERROR } else { 0 }),
+                        }
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn message_properties(p: &Properties) -> MessageProperties {
+    MessageProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.as_ref().map(|b: &Bytes| b.to_vec()),
+        user_properties: p.user_properties.clone(),
+    }
+}
+
+/// The Message Expiry Interval to apply, seconds; AWS turns 0 into 1 and clamps to 7 days.
+fn message_expiry(p: &Properties, profile: &crate::profile::Profile) -> Option<u32> {
+    let requested = p.message_expiry_interval?;
+    if profile.name == "aws" {
+        Some(requested.clamp(1, AWS_MAX_MESSAGE_EXPIRY))
+    } else {
+        Some(requested)
+    }
+}

@@ -1,0 +1,113 @@
+//! The two behaviour profiles, chosen by `mqtt.profile`.
+//!
+//! `aws` (the default) follows AWS IoT Core's documented deviations from the MQTT
+//! specifications; `strict` follows MQTT 3.1.1 and 5.0 as written. Every place where the
+//! broker's behaviour differs reads one field of [`Profile`], so the list of deviations is
+//! this struct.
+
+/// Largest PUBLISH payload AWS IoT accepts (128 KiB).
+pub const AWS_MAX_PAYLOAD: usize = 128 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub name: &'static str,
+    /// Highest QoS served (AWS: 1; QoS 2 subscriptions are granted QoS 1 and QoS 2
+    /// publishes close the connection, MQTT 5 with 0x9B).
+    pub maximum_qos: u8,
+    /// `a/#` does not match `a` (AWS).
+    pub hash_excludes_parent: bool,
+    /// Retained messages are delivered on subscribe only to filters equal to the topic (AWS).
+    pub retained_only_exact: bool,
+    /// `$` topics other than the allowed `$aws/...` directions are refused (AWS).
+    pub aws_reserved_topics: bool,
+    pub max_topic_bytes: Option<usize>,
+    pub max_topic_slashes: Option<usize>,
+    pub max_payload: Option<usize>,
+    /// Largest packet the decoder accepts.
+    pub max_packet_size: usize,
+    pub max_filters_per_subscribe: Option<usize>,
+    pub max_subscriptions_per_connection: Option<usize>,
+    pub max_client_id_bytes: Option<usize>,
+    /// Keep-alive clamp (AWS: 0 means 1200, 1-29 become 30, above 1200 become 1200).
+    pub clamp_keep_alive: bool,
+    /// Topic aliases a client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Subscription identifiers (AWS does not support them: DISCONNECT 0xA1).
+    pub subscription_identifiers: bool,
+    /// A session created by one protocol version cannot be resumed by the other (AWS).
+    pub cross_version_sessions: bool,
+    /// Longest session expiry granted, seconds.
+    pub max_session_expiry: u32,
+    /// Session expiry used for MQTT 3.1.1 persistent sessions, seconds.
+    pub default_session_expiry: u32,
+}
+
+impl Profile {
+    pub fn aws() -> Self {
+        Profile {
+            name: "aws",
+            maximum_qos: 1,
+            hash_excludes_parent: true,
+            retained_only_exact: true,
+            aws_reserved_topics: true,
+            max_topic_bytes: Some(256),
+            max_topic_slashes: Some(7),
+            max_payload: Some(AWS_MAX_PAYLOAD),
+            max_packet_size: AWS_MAX_PAYLOAD + 16 * 1024,
+            max_filters_per_subscribe: Some(8),
+            max_subscriptions_per_connection: Some(50),
+            max_client_id_bytes: Some(128),
+            clamp_keep_alive: true,
+            topic_alias_maximum: 8,
+            subscription_identifiers: false,
+            cross_version_sessions: false,
+            // AWS allows up to 7 days, but the default account maximum is 1 hour.
+            max_session_expiry: 3600,
+            default_session_expiry: 3600,
+        }
+    }
+
+    pub fn strict() -> Self {
+        Profile {
+            name: "strict",
+            maximum_qos: 2,
+            hash_excludes_parent: false,
+            retained_only_exact: false,
+            aws_reserved_topics: false,
+            max_topic_bytes: None,
+            max_topic_slashes: None,
+            max_payload: None,
+            max_packet_size: 16 * 1024 * 1024,
+            max_filters_per_subscribe: None,
+            max_subscriptions_per_connection: None,
+            max_client_id_bytes: None,
+            clamp_keep_alive: false,
+            topic_alias_maximum: 64,
+            subscription_identifiers: true,
+            cross_version_sessions: true,
+            max_session_expiry: u32::MAX,
+            default_session_expiry: 3600,
+        }
+    }
+
+    pub fn by_name(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "" | "aws" => Ok(Profile::aws()),
+            "strict" => Ok(Profile::strict()),
+            other => anyhow::bail!("mqtt.profile must be \"aws\" or \"strict\", got {other:?}"),
+        }
+    }
+
+    /// The keep-alive actually applied for a requested value, seconds (0 = none).
+    pub fn keep_alive(&self, requested: u16) -> u16 {
+        if !self.clamp_keep_alive {
+            return requested;
+        }
+        match requested {
+            0 => 1200,
+            1..=29 => 30,
+            v if v > 1200 => 1200,
+            v => v,
+        }
+    }
+}
