@@ -269,7 +269,10 @@ pub async fn send(
         }
         Some(TargetKind::Log(group)) => {
             let path = events.log_dir.join(format!("{}.log", sanitize(&group)));
+            // One JSON document per line: the payload as sent when it is single-line JSON
+            // (keeping the envelope's field order), else re-serialized or quoted.
             let line = match serde_json::from_str::<Value>(payload) {
+                Ok(_) if !payload.contains(['\n', '\r']) => payload.trim().to_string(),
                 Ok(v) => v.to_string(),
                 Err(_) => Value::String(payload.to_string()).to_string(),
             };

@@ -559,9 +559,11 @@ fn parse_anything_but(operand: &Value, stars: &mut usize) -> Result<Matcher, Pat
                         .filter_map(|v| v.as_str().map(String::from))
                         .collect()
                 }
-                _ => return invalid(format!(
+                _ => {
+                    return invalid(format!(
                     "Value of anything-but {kind} must be a string or a non-empty array of strings"
-                )),
+                ))
+                }
             };
             match kind.as_str() {
                 "prefix" => Ok(Matcher::AnythingButPrefix(strings)),
