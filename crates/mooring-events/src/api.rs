@@ -662,7 +662,7 @@ fn validate_target(target: &Value) -> Result<(), String> {
     }
     if let Some(policy) = target.get("RetryPolicy") {
         if let Some(n) = policy.get("MaximumRetryAttempts") {
-            if !n.as_u64().is_some_and(|n| n <= 185) {
+            if n.as_u64().is_none_or(|n| n > 185) {
                 return Err("MaximumRetryAttempts must be between 0 and 185.".into());
             }
         }

@@ -39,12 +39,13 @@ use crate::model::{
     envelope, epoch, route, with_replay_name, Bus, BusState, EventRecord, EventsConfig,
     EventsError, EventsResult, Rule, State,
 };
-use crate::store::{EventsStore, IngestBatch, SqliteEventsStore};
+use crate::store::{EventsStore, GroupCommitter, IngestBatch, SqliteEventsStore};
 
 /// The event bus: state, storage and the handles it delivers through.
 pub struct Events {
     pub(crate) state: Mutex<State>,
     pub(crate) store: Arc<dyn EventsStore>,
+    pub(crate) committer: GroupCommitter,
     pub(crate) arns: Arns,
     pub(crate) config: EventsConfig,
     pub(crate) clock: Arc<dyn Clock>,
@@ -63,6 +64,7 @@ impl Events {
         let log_dir = ctx.service_dir("events")?.join("logs");
         let events = Arc::new(Events {
             state: Mutex::new(State::default()),
+            committer: GroupCommitter::new(store.clone()),
             store,
             arns: ctx.arns.clone(),
             config,
@@ -174,17 +176,17 @@ impl Events {
         api::dispatch(self, op, input)
     }
 
-    /// Pending deliveries not yet delivered.
+    /// Deliveries stored as pending (not yet delivered or dead-lettered); reads the store.
     pub fn pending_deliveries(&self) -> usize {
-        self.queue.len()
+        self.store.load_deliveries().map_or(0, |d| d.len())
     }
 
     /// Writes `batch` durably, then queues its deliveries.
     pub(crate) fn commit_blocking(&self, batch: IngestBatch) -> EventsResult<()> {
-        let ids = self
-            .store
-            .commit_ingest(&batch)
-            .map_err(|e| EventsError::internal(store::describe(&e)))?;
+        let (ids, batch) = self
+            .committer
+            .commit(batch)
+            .map_err(EventsError::internal)?;
         for (id, doc) in ids.into_iter().zip(batch.deliveries) {
             self.queue.push(id, doc);
         }

@@ -570,7 +570,7 @@ pub fn route(
             continue;
         };
         if let Some(filter) = replay_filter {
-            if !filter.is_empty() && !filter.iter().any(|a| *a == rule.arn) {
+            if !filter.is_empty() && !filter.contains(&rule.arn) {
                 continue;
             }
         }

@@ -698,7 +698,7 @@ fn scalar_matches(matcher: &Matcher, value: &Value) -> bool {
         }
         Matcher::AnythingButIgnoreCase(list) => !text.is_some_and(|t| {
             let lower = t.to_lowercase();
-            list.iter().any(|s| *s == lower)
+            list.contains(&lower)
         }),
         Matcher::AnythingButWildcard(list) => {
             !text.is_some_and(|t| list.iter().any(|w| w.matches(t)))

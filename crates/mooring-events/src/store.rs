@@ -59,13 +59,27 @@ pub struct IngestBatch {
     pub remove_delivery: Option<i64>,
 }
 
+impl IngestBatch {
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+            && self.archive.is_empty()
+            && self.log.is_empty()
+            && self.remove_delivery.is_none()
+    }
+}
+
 /// Storage for the event bus.
 pub trait EventsStore: Send + Sync {
     fn load_resources(&self, kind: &str) -> StoreResult<Vec<Value>>;
     fn put_resource(&self, kind: &str, name: &str, body: &Value) -> StoreResult<()>;
     fn delete_resource(&self, kind: &str, name: &str) -> StoreResult<()>;
-    /// Writes a batch atomically; returns the ids given to the new deliveries.
-    fn commit_ingest(&self, batch: &IngestBatch) -> StoreResult<Vec<i64>>;
+    /// Writes several batches in one transaction (group commit: one fsync for all of them);
+    /// returns, per batch, the ids given to its new deliveries.
+    fn commit_ingest_many(&self, batches: &[&IngestBatch]) -> StoreResult<Vec<Vec<i64>>>;
+    /// Writes one batch atomically; returns the ids given to the new deliveries.
+    fn commit_ingest(&self, batch: &IngestBatch) -> StoreResult<Vec<i64>> {
+        Ok(self.commit_ingest_many(&[batch])?.pop().unwrap_or_default())
+    }
     fn load_deliveries(&self) -> StoreResult<Vec<(i64, Value)>>;
     fn update_delivery(&self, id: i64, body: &Value) -> StoreResult<()>;
     fn delete_delivery(&self, id: i64) -> StoreResult<()>;
@@ -138,39 +152,38 @@ impl EventsStore for SqliteEventsStore {
         })
     }
 
-    fn commit_ingest(&self, batch: &IngestBatch) -> StoreResult<Vec<i64>> {
-        if batch.deliveries.is_empty()
-            && batch.archive.is_empty()
-            && batch.log.is_empty()
-            && batch.remove_delivery.is_none()
-        {
-            return Ok(Vec::new());
+    fn commit_ingest_many(&self, batches: &[&IngestBatch]) -> StoreResult<Vec<Vec<i64>>> {
+        if batches.iter().all(|b| b.is_empty()) {
+            return Ok(batches.iter().map(|_| Vec::new()).collect());
         }
         self.db.write_blocking(|tx| {
-            let mut ids = Vec::with_capacity(batch.deliveries.len());
-            {
-                let mut insert = tx.prepare_cached("INSERT INTO events_deliveries (body) VALUES (?1)")?;
+            let mut all = Vec::with_capacity(batches.len());
+            let mut insert = tx.prepare_cached("INSERT INTO events_deliveries (body) VALUES (?1)")?;
+            let mut archive = tx.prepare_cached(
+                "INSERT INTO events_archive (archive, time_ms, received_ms, event) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut log = tx.prepare_cached(
+                "INSERT INTO events_log (bus, received_ms, event) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut remove = tx.prepare_cached("DELETE FROM events_deliveries WHERE id = ?1")?;
+            for batch in batches {
+                let mut ids = Vec::with_capacity(batch.deliveries.len());
                 for d in &batch.deliveries {
                     insert.execute([serde_json::to_string(d)?])?;
                     ids.push(tx.last_insert_rowid());
                 }
-                let mut archive = tx.prepare_cached(
-                    "INSERT INTO events_archive (archive, time_ms, received_ms, event) VALUES (?1, ?2, ?3, ?4)",
-                )?;
                 for a in &batch.archive {
                     archive.execute(params![a.archive, a.time_ms, a.received_ms, a.event])?;
                 }
-                let mut log = tx.prepare_cached(
-                    "INSERT INTO events_log (bus, received_ms, event) VALUES (?1, ?2, ?3)",
-                )?;
                 for (bus, at, event) in &batch.log {
                     log.execute(params![bus, at, event])?;
                 }
+                if let Some(id) = batch.remove_delivery {
+                    remove.execute([id])?;
+                }
+                all.push(ids);
             }
-            if let Some(id) = batch.remove_delivery {
-                tx.execute("DELETE FROM events_deliveries WHERE id = ?1", [id])?;
-            }
-            Ok(ids)
+            Ok(all)
         })
     }
 
@@ -283,4 +296,100 @@ impl EventsStore for SqliteEventsStore {
 /// Converts a store failure for callers that report it as an internal error.
 pub fn describe(e: &StoreError) -> String {
     format!("storage failure: {e}")
+}
+
+type CommitReply = std::sync::mpsc::Sender<Result<(Vec<i64>, IngestBatch), String>>;
+
+struct CommitShared {
+    store: std::sync::Arc<dyn EventsStore>,
+    pending: std::sync::Mutex<Vec<(IngestBatch, CommitReply)>>,
+    ready: std::sync::Condvar,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Group commit: concurrent ingestions hand their batches to one committer thread, which
+/// writes everything waiting in a single transaction (one fsync) and then answers each caller.
+/// Under load many PutEvents calls share one disk flush; alone, a call waits for its own.
+pub struct GroupCommitter {
+    shared: std::sync::Arc<CommitShared>,
+}
+
+impl GroupCommitter {
+    pub fn new(store: std::sync::Arc<dyn EventsStore>) -> Self {
+        let shared = std::sync::Arc::new(CommitShared {
+            store,
+            pending: std::sync::Mutex::new(Vec::new()),
+            ready: std::sync::Condvar::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name("events-commit".into())
+            .spawn(move || run_committer(&worker))
+            .expect("spawning the events commit thread");
+        GroupCommitter { shared }
+    }
+
+    /// Writes `batch` durably (possibly together with others); returns the new delivery ids
+    /// and the batch back.
+    pub fn commit(&self, batch: IngestBatch) -> Result<(Vec<i64>, IngestBatch), String> {
+        if batch.is_empty() {
+            return Ok((Vec::new(), batch));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared
+            .pending
+            .lock()
+            .map_err(|_| "commit queue poisoned".to_string())?
+            .push((batch, tx));
+        self.shared.ready.notify_one();
+        rx.recv()
+            .map_err(|_| "the commit thread stopped".to_string())?
+    }
+}
+
+impl Drop for GroupCommitter {
+    fn drop(&mut self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.ready.notify_all();
+    }
+}
+
+fn run_committer(shared: &CommitShared) {
+    loop {
+        let items = {
+            let Ok(mut pending) = shared.pending.lock() else {
+                return;
+            };
+            while pending.is_empty() {
+                if shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                pending = match shared
+                    .ready
+                    .wait_timeout(pending, std::time::Duration::from_millis(200))
+                {
+                    Ok((guard, _)) => guard,
+                    Err(_) => return,
+                };
+            }
+            std::mem::take(&mut *pending)
+        };
+        let refs: Vec<&IngestBatch> = items.iter().map(|(b, _)| b).collect();
+        match shared.store.commit_ingest_many(&refs) {
+            Ok(ids) => {
+                for ((batch, reply), ids) in items.into_iter().zip(ids) {
+                    let _ = reply.send(Ok((ids, batch)));
+                }
+            }
+            Err(e) => {
+                let message = describe(&e);
+                for (_, reply) in items {
+                    let _ = reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
 }
