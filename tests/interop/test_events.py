@@ -56,8 +56,10 @@ def log_arn(m, group):
 class Recorder:
     """A tiny local HTTP server recording requests; answers with `status` (mutable)."""
 
-    def __init__(self, port=0, status=200):
+    def __init__(self, port=0, status=200, tls=None, body=b""):
         self.requests = []
+        self.body = body
+        self.tls = tls
         self.status = status
         recorder = self
 
@@ -70,8 +72,9 @@ class Recorder:
                     "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
                 })
                 self.send_response(recorder.status)
-                self.send_header("content-length", "0")
+                self.send_header("content-length", str(len(recorder.body)))
                 self.end_headers()
+                self.wfile.write(recorder.body)
 
             do_POST = do_PUT = do_GET = do_PATCH = do_DELETE = do_any
 
@@ -79,13 +82,18 @@ class Recorder:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
 
     def close(self):
         self.server.shutdown()
@@ -564,6 +572,66 @@ def test_api_destination_delivery_with_auth_and_input_transformer(mooring, recor
     assert len(recorder.requests) == 1  # o-2 did not match
 
 
+def test_https_api_destination_with_basic_auth(mooring_factory, tmp_path):
+    # A private CA (trusted through [events] tls_ca_file) issuing the endpoint's certificate.
+    ca, ca_key, cert, key, csr, ext = (tmp_path / n for n in ("ca.pem", "ca.key", "cert.pem", "key.pem", "csr.pem", "ext.cnf"))
+
+    def openssl(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+            "-keyout", ca_key, "-out", ca)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", key, "-out", csr)
+    ext.write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+            "-extfile", ext, "-out", cert)
+    server = Recorder(tls=(str(cert), str(key)))
+    try:
+        m = mooring_factory(env={"MOORING_EVENTS__TLS_CA_FILE": f'"{ca}"'})
+        ev = m.client("events")
+        conn = ev.create_connection(Name="basic", AuthorizationType="BASIC",
+                                    AuthParameters={"BasicAuthParameters": {"Username": "user", "Password": "pa:ss"}})
+        dest = ev.create_api_destination(Name="tls", ConnectionArn=conn["ConnectionArn"],
+                                         InvocationEndpoint=server.url + "/hook", HttpMethod="POST")
+        ev.put_rule(Name="tls", EventPattern='{"source":["tls"]}')
+        ev.put_targets(Rule="tls", Targets=[{"Id": "d", "Arn": dest["ApiDestinationArn"], "Input": '{"fixed": true}'}])
+        ev.put_events(Entries=[{"Source": "tls", "DetailType": "t", "Detail": "{}"}])
+        req = wait_for(lambda: server.requests)[0]
+        assert req["path"] == "/hook" and json.loads(req["body"]) == {"fixed": True}
+        import base64
+        assert req["headers"]["authorization"] == "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    finally:
+        server.close()
+
+
+def test_oauth_connection_fetches_a_client_credentials_token(mooring):
+    server = Recorder(body=b'{"access_token": "tok-1", "token_type": "Bearer"}')
+    try:
+        ev = mooring.client("events")
+        conn = ev.create_connection(Name="oauth", AuthorizationType="OAUTH_CLIENT_CREDENTIALS", AuthParameters={
+            "OAuthParameters": {"ClientParameters": {"ClientID": "cid", "ClientSecret": "csecret"},
+                                "AuthorizationEndpoint": server.url + "/token", "HttpMethod": "POST",
+                                "OAuthHttpParameters": {"BodyParameters": [{"Key": "scope", "Value": "events"}]}}})
+        described = ev.describe_connection(Name="oauth")["AuthParameters"]["OAuthParameters"]
+        assert described["ClientParameters"] == {"ClientID": "cid"}
+        dest = ev.create_api_destination(Name="o", ConnectionArn=conn["ConnectionArn"],
+                                         InvocationEndpoint=server.url + "/hook", HttpMethod="POST")
+        ev.put_rule(Name="o", EventPattern='{"source":["o"]}')
+        ev.put_targets(Rule="o", Targets=[{"Id": "d", "Arn": dest["ApiDestinationArn"]}])
+        ev.put_events(Entries=[{"Source": "o", "DetailType": "t", "Detail": "{}"}])
+        wait_for(lambda: len(server.requests) == 2)
+        ev.put_events(Entries=[{"Source": "o", "DetailType": "t", "Detail": "{}"}])
+        wait_for(lambda: len(server.requests) == 3)
+        token, hooks = server.requests[0], server.requests[1:]
+        assert token["path"] == "/token" and token["method"] == "POST"
+        import base64
+        assert token["headers"]["authorization"] == "Basic " + base64.b64encode(b"cid:csecret").decode()
+        assert token["body"] == b"grant_type=client_credentials&scope=events"
+        assert [h["path"] for h in hooks] == ["/hook", "/hook"]  # the token is cached
+        assert all(h["headers"]["authorization"] == "Bearer tok-1" for h in hooks)
+    finally:
+        server.close()
+
+
 def test_bus_to_bus_and_http_endpoint_targets(mooring, recorder):
     ev = mooring.client("events")
     other = ev.create_event_bus(Name="downstream")["EventBusArn"]
@@ -842,3 +910,30 @@ def test_generated_patterns_agree_with_moto_where_both_define_the_semantics(moor
         compared += 1
         matched += ours is True
     assert compared == 150 and 0 < matched < 150
+
+
+def test_events_tail_prints_events_of_a_bus(mooring):
+    ev = mooring.client("events")
+    ev.create_event_bus(Name="tailed")
+    ids = [e["EventId"] for e in ev.put_events(Entries=[
+        {"Source": "t", "DetailType": "d", "Detail": json.dumps({"i": i}), "EventBusName": "tailed"} for i in range(2)])["Entries"]]
+    ev.put_events(Entries=[{"Source": "t", "DetailType": "d", "Detail": "{}"}])  # default bus: not shown
+    from conftest import mooring_binary
+    result = subprocess.run([mooring_binary(), "events", "tail", "tailed", "--data-dir", str(mooring.data_dir),
+                             "--from-start", "--no-follow"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["id"] for line in lines] == ids
+    assert [line["detail"] for line in lines] == [{"i": 0}, {"i": 1}]
+    # Following: a new event shows up while tail runs.
+    proc = subprocess.Popen([mooring_binary(), "events", "tail", "tailed", "--data-dir", str(mooring.data_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        new_id = ev.put_events(Entries=[{"Source": "t", "DetailType": "d", "Detail": '{"new":1}',
+                                         "EventBusName": "tailed"}])["Entries"][0]["EventId"]
+        line = json.loads(proc.stdout.readline())
+        assert line["id"] == new_id
+    finally:
+        proc.kill()
+        proc.wait()

@@ -622,7 +622,60 @@ async fn oauth_token(
     Ok(token)
 }
 
-/// One HTTP/1.1 request; 2xx/3xx (and 1xx) are success, 429/5xx retryable, other 4xx final.
+/// The TLS client configuration for HTTPS deliveries: the public web roots plus any
+/// certificates from `tls_ca_file`.
+pub fn tls_connector(
+    extra_ca: Option<&std::path::Path>,
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)? {
+            roots.add(cert?)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+type Exchange = (u16, Option<i64>, Bytes);
+
+async fn exchange<IO>(io: IO, request: http::Request<Full<Bytes>>) -> Result<Exchange, Failure>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| Failure::retry("SDK_CLIENT_ERROR", e.to_string()))?;
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| Failure::retry("SDK_CLIENT_ERROR", e.to_string()))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|s| s.saturating_mul(1000));
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok((status, retry_after, bytes))
+}
+
+/// One HTTP/1.1 request over plain TCP or TLS; 2xx/3xx (and 1xx) are success, 429/5xx
+/// retryable, other 4xx final.
 async fn http_send(
     events: &Events,
     method: &str,
@@ -633,66 +686,64 @@ async fn http_send(
     let uri: http::Uri = url
         .parse()
         .map_err(|_| Failure::fatal("NO_RESOURCE", format!("invalid endpoint {url}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(Failure::fatal(
-            "NO_RESOURCE",
-            format!("{url}: only http:// endpoints are supported by this build"),
-        ));
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(Failure::fatal(
+                "NO_RESOURCE",
+                format!("{url}: not an http(s) URL"),
+            ))
+        }
+    };
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(
+            "host",
+            uri.authority().map_or(host.clone(), |a| a.to_string()),
+        )
+        .header("connection", "close");
+    for (k, v) in headers {
+        request = request.header(k.as_str(), v.as_str());
     }
-    let host = uri.host().unwrap_or_default().to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| Failure::fatal("NO_RESOURCE", e.to_string()))?;
     let timeout = Duration::from_millis(events.config.http_timeout_ms);
-    let exchange = async {
+    let attempt = async {
         let stream = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| Failure::retry("SDK_CLIENT_ERROR", format!("connecting to {url}: {e}")))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| Failure::retry("SDK_CLIENT_ERROR", e.to_string()))?;
-        tokio::spawn(connection);
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(
-                "host",
-                uri.authority().map_or(host.clone(), |a| a.to_string()),
-            )
-            .header("connection", "close");
-        for (k, v) in headers {
-            request = request.header(k.as_str(), v.as_str());
+        if tls {
+            let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                Failure::fatal(
+                    "NO_RESOURCE",
+                    format!("{host} is not a valid TLS server name"),
+                )
+            })?;
+            let stream =
+                events.tls.connect(name, stream).await.map_err(|e| {
+                    Failure::retry("SDK_CLIENT_ERROR", format!("TLS with {url}: {e}"))
+                })?;
+            exchange(stream, request).await
+        } else {
+            exchange(stream, request).await
         }
-        let request = request
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| Failure::fatal("NO_RESOURCE", e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| Failure::retry("SDK_CLIENT_ERROR", e.to_string()))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .map(|s| s.saturating_mul(1000));
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok::<_, Failure>((status, retry_after, bytes))
     };
     let (status, retry_after, bytes) =
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| {
-                Failure::retry(
-                    "TIMEOUT",
-                    format!("{url} did not answer within {timeout:?}"),
-                )
-            })??;
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+            Failure::retry(
+                "TIMEOUT",
+                format!("{url} did not answer within {timeout:?}"),
+            )
+        })??;
     match status {
         0..=399 => Ok(bytes),
         401 | 407 => Err(Failure::fatal(

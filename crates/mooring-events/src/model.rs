@@ -73,6 +73,8 @@ pub struct EventsConfig {
     pub http_timeout_ms: u64,
     /// Newest events kept for `mooring events tail`.
     pub tail_keep: i64,
+    /// Extra PEM certificates trusted for HTTPS deliveries, besides the public web roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for EventsConfig {
@@ -87,6 +89,7 @@ impl Default for EventsConfig {
             retry_max_ms: 60_000,
             http_timeout_ms: 5_000,
             tail_keep: 10_000,
+            tls_ca_file: None,
         }
     }
 }

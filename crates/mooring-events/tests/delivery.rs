@@ -213,3 +213,48 @@ async fn events_handle_puts_events_for_other_services() {
     eventually(|| broker.published.lock().unwrap().len() == 1).await;
     ctx.shutdown.trigger();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rules_fire_on_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = ServiceContext::for_tests(dir.path()).unwrap();
+    let clock = mooring_core::clock::ManualClock::at(1_700_000_000_000);
+    ctx.clock = Arc::new(clock.clone());
+    let broker = Arc::new(FakeBroker::default());
+    ctx.handles.set_broker(broker.clone());
+    let events = Events::open(&ctx, fast()).unwrap();
+    events.start_background();
+    let arn = call(
+        &events,
+        "PutRule",
+        json!({"Name": "tick", "ScheduleExpression": "rate(1 minute)"}),
+    )["RuleArn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    call(
+        &events,
+        "PutTargets",
+        json!({"Rule": "tick", "Targets": [{"Id": "m", "Arn": "arn:aws:iot:us-east-1:000000000000:topic/tick"}]}),
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        broker.published.lock().unwrap().is_empty(),
+        "fired before its time"
+    );
+    clock.advance(61_000);
+    eventually(|| broker.published.lock().unwrap().len() == 1).await;
+    let event: Value =
+        serde_json::from_slice(&broker.published.lock().unwrap()[0].payload).unwrap();
+    assert_eq!(event["source"], "aws.events");
+    assert_eq!(event["detail-type"], "Scheduled Event");
+    assert_eq!(event["resources"], json!([arn]));
+    assert_eq!(event["detail"], json!({}));
+    assert_eq!(event["time"], "2023-11-14T22:14:20Z");
+    // Disabled rules do not fire.
+    call(&events, "DisableRule", json!({"Name": "tick"}));
+    clock.advance(120_000);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(broker.published.lock().unwrap().len(), 1);
+    ctx.shutdown.trigger();
+}

@@ -170,9 +170,9 @@ pub async fn serve(config: Config) -> Result<()> {
 
 /// The AWS APIs served over HTTP, in routing order. Services register here as they land.
 fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
-    let mut services: Vec<Arc<dyn AwsService>> = Vec::new();
-    services.push(mooring_events::EventsService::start(ctx).context("starting the event bus")?);
-    Ok(services)
+    let events: Arc<dyn AwsService> =
+        mooring_events::EventsService::start(ctx).context("starting the event bus")?;
+    Ok(vec![events])
 }
 
 async fn bind(name: &str, addr: &str) -> Result<Option<TcpListener>> {
