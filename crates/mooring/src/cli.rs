@@ -29,6 +29,36 @@ pub enum Command {
     Init(InitArgs),
     /// Ask a running server for its health and endpoints.
     Status(StatusArgs),
+    /// Event bus tools.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print the events arriving on a bus (one JSON document per line) until interrupted.
+    Tail(EventsTailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EventsTailArgs {
+    /// The bus name.
+    #[arg(default_value = "default")]
+    pub bus: String,
+    /// The server's data directory.
+    #[arg(
+        long,
+        default_value = "./mooring-data",
+        value_name = "DIR",
+        env = "MOORING_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Start with the oldest event kept instead of the next new one.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Print what is there and exit instead of following.
+    #[arg(long)]
+    pub no_follow: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ mod serve;
 use anyhow::Result;
 use clap::Parser;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, EventsCommand};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -29,5 +29,13 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(cli::status(&args))
         }
+        Command::Events(EventsCommand::Tail(args)) => mooring_events::tail::run(
+            &args.data_dir,
+            &args.bus,
+            args.from_start,
+            !args.no_follow,
+            &mut std::io::stdout().lock(),
+            &|| false,
+        ),
     }
 }

@@ -193,6 +193,7 @@ fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
     let iot = mooring_iot::Iot::start(ctx).context("starting the IoT rules engine")?;
     services.push(iot.service.clone());
     services.push(mooring_video::VideoService::new(ctx)?);
+    services.push(mooring_events::EventsService::start(ctx).context("starting the event bus")?);
     Ok(services)
 }
 
