@@ -85,6 +85,8 @@ pub async fn serve(config: Config) -> Result<()> {
         ca: Arc::new(ca),
     };
 
+    let stream_manager =
+        mooring_streams::StreamManagerService::start(&ctx).context("starting the stream manager")?;
     let services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
     let service_names = services.iter().map(|s| s.name()).collect::<Vec<_>>();
     let front_door = FrontDoor::new(
@@ -129,11 +131,10 @@ pub async fn serve(config: Config) -> Result<()> {
         .fallback(aws)
         .with_state(state.clone());
 
-    for (name, listener) in [
-        ("mqtt", mqtt_listener),
-        ("mqtts", mqtts_listener),
-        ("stream manager", stream_manager_listener),
-    ] {
+    if let Some(listener) = stream_manager_listener {
+        shutdown.spawn(stream_manager.serve(listener));
+    }
+    for (name, listener) in [("mqtt", mqtt_listener), ("mqtts", mqtts_listener)] {
         if let Some(listener) = listener {
             shutdown.spawn(refuse_connections(name, listener, shutdown.clone()));
         }
