@@ -198,7 +198,8 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
     let id = Some(request_id.clone());
     let request = match operation {
         op::CREATE_MESSAGE_STREAM | op::UPDATE_MESSAGE_STREAM => {
-            let r: DefinitionRequest = decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let r: DefinitionRequest =
+                decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
             let Some(definition) = r.definition else {
                 return Err(reject(id, "definition is required".into()));
             };
@@ -228,8 +229,7 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
             Request::Append(name, data.into_vec())
         }
         op::READ_MESSAGES => {
-            let r: ReadRequestWire =
-                decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let r: ReadRequestWire = decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
             let name = validate_name("streamName", r.stream_name.as_deref())
                 .map_err(|e| reject(id.clone(), e.message))?;
             Request::Read(name, r.read_messages_options)
@@ -397,7 +397,9 @@ mod tests {
             request,
             Request::Append("TestStream".into(), b"hello".to_vec())
         );
-        let node = unhex("0000002404a3697265717565737449646120646e616d65627331677061796c6f61644568656c6c6f");
+        let node = unhex(
+            "0000002404a3697265717565737449646120646e616d65627331677061796c6f61644568656c6c6f",
+        );
         let (id, request) = decode_request(node[4] as i8, &node[5..]).unwrap();
         assert_eq!(id, " ");
         assert_eq!(request, Request::Append("s1".into(), b"hello".to_vec()));

@@ -158,10 +158,7 @@ mod tests {
 
     #[test]
     fn frames_split_anywhere_decode_the_same() {
-        let frames = [
-            encode_frame(4, b"\xa1\x61a\x01"),
-            encode_frame(11, b"\xa0"),
-        ];
+        let frames = [encode_frame(4, b"\xa1\x61a\x01"), encode_frame(11, b"\xa0")];
         let wire: Vec<u8> = frames.concat();
         for split in 0..wire.len() {
             let decoder = FrameDecoder::default();
@@ -184,10 +181,7 @@ mod tests {
         let decoder = FrameDecoder::default();
         for length in [0i32, -1, MAX_FRAME_LENGTH + 1, i32::MIN] {
             let mut buf = BytesMut::from(&length.to_be_bytes()[..]);
-            assert_eq!(
-                decoder.decode(&mut buf),
-                Err(FrameError::BadLength(length))
-            );
+            assert_eq!(decoder.decode(&mut buf), Err(FrameError::BadLength(length)));
         }
     }
 

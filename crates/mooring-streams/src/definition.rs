@@ -325,12 +325,7 @@ fn validate_export(kind: ExportKind, config: &ExportConfig) -> Result<ExportConf
     out.identifier = Some(identifier);
     if kind != ExportKind::S3 {
         if let Some(batch) = config.batch_size {
-            check_range(
-                &format!("{prefix}.batchSize"),
-                batch,
-                1,
-                kind.batch_limit(),
-            )?;
+            check_range(&format!("{prefix}.batchSize"), batch, 1, kind.batch_limit())?;
         }
         if let Some(interval) = config.batch_interval_millis {
             check_range(
@@ -341,12 +336,7 @@ fn validate_export(kind: ExportKind, config: &ExportConfig) -> Result<ExportConf
             )?;
         }
         if let Some(start) = config.start_sequence_number {
-            check_range(
-                &format!("{prefix}.startSequenceNumber"),
-                start,
-                0,
-                i64::MAX,
-            )?;
+            check_range(&format!("{prefix}.startSequenceNumber"), start, 0, i64::MAX)?;
         }
     }
     if let Some(priority) = config.priority {

@@ -134,7 +134,9 @@ pub struct StorageStatus {
 pub enum ReadOutcome {
     Messages(Vec<StoredMessage>),
     /// Fewer than the minimum are available at or after the start.
-    NotEnough { available: i64 },
+    NotEnough {
+        available: i64,
+    },
     /// The first `min` messages alone exceed the response cap.
     TooLarge,
 }
@@ -175,7 +177,9 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn lock(state: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Result of scanning one segment file during recovery.
@@ -375,7 +379,10 @@ impl StreamLog {
             state.start_segment()?;
         }
         let seq = state.next_seq;
-        let active = state.segments.back_mut().expect("a log always has a segment");
+        let active = state
+            .segments
+            .back_mut()
+            .expect("a log always has a segment");
         let offset = active.bytes as u64;
         match &mut active.data {
             SegmentData::File { file, .. } => {

@@ -188,7 +188,10 @@ impl StreamManager {
             .map_err(StreamError::internal)
     }
 
-    pub async fn create(self: &Arc<Self>, wire: &MessageStreamDefinition) -> Result<(), StreamError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        wire: &MessageStreamDefinition,
+    ) -> Result<(), StreamError> {
         let definition = wire.validated()?;
         let _admin = self.admin.lock().await;
         if self.get(&definition.name).is_ok() {
@@ -236,7 +239,10 @@ impl StreamManager {
         Ok(())
     }
 
-    pub async fn update(self: &Arc<Self>, wire: &MessageStreamDefinition) -> Result<(), StreamError> {
+    pub async fn update(
+        self: &Arc<Self>,
+        wire: &MessageStreamDefinition,
+    ) -> Result<(), StreamError> {
         let definition = wire.validated()?;
         let _admin = self.admin.lock().await;
         let stream = self.get(&definition.name)?;

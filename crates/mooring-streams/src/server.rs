@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
-use crate::codec::{decode_payload, encode_frame, encode_payload, op, FrameDecoder, CONNECT_VERSION};
+use crate::codec::{
+    decode_payload, encode_frame, encode_payload, op, FrameDecoder, CONNECT_VERSION,
+};
 use crate::model::StreamManager;
 use crate::status::Status;
 
@@ -348,11 +350,15 @@ mod tests {
         let open = AuthPolicy::default();
         assert!(check_connect(&connect("1.1.0", &["1.0.0"], None), &open).is_ok());
         assert_eq!(
-            check_connect(&connect("1.x", &[], None), &open).unwrap_err().0,
+            check_connect(&connect("1.x", &[], None), &open)
+                .unwrap_err()
+                .0,
             Status::InvalidProtocolVersion
         );
         assert_eq!(
-            check_connect(&connect("9.0.0", &[], None), &open).unwrap_err().0,
+            check_connect(&connect("9.0.0", &[], None), &open)
+                .unwrap_err()
+                .0,
             Status::UnsupportedProtocolVersion
         );
         assert!(check_connect(&connect("9.0.0", &["1.0.0"], None), &open).is_ok());

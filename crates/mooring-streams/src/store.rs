@@ -12,8 +12,7 @@ use rusqlite::OptionalExtension;
 
 use crate::definition::MessageStreamDefinition;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE streams_definitions (
+const MIGRATIONS: &[&str] = &["CREATE TABLE streams_definitions (
         name TEXT PRIMARY KEY,
         definition TEXT NOT NULL
     );
@@ -27,8 +26,7 @@ const MIGRATIONS: &[&str] = &[
         exported_bytes INTEGER NOT NULL,
         exported_messages INTEGER NOT NULL,
         PRIMARY KEY (stream, identifier)
-    );",
-];
+    );"];
 
 /// An export's position and counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,7 +101,10 @@ impl StreamCatalog for DbCatalog {
     fn delete_stream(&self, name: &str) -> StoreResult<()> {
         self.db.write_blocking(|tx| {
             tx.execute("DELETE FROM streams_definitions WHERE name = ?1", [name])?;
-            tx.execute("DELETE FROM streams_export_progress WHERE stream = ?1", [name])?;
+            tx.execute(
+                "DELETE FROM streams_export_progress WHERE stream = ?1",
+                [name],
+            )?;
             Ok(())
         })
     }
@@ -131,12 +132,7 @@ impl StreamCatalog for DbCatalog {
         })
     }
 
-    fn put_progress(
-        &self,
-        stream: &str,
-        identifier: &str,
-        p: &ExportProgress,
-    ) -> StoreResult<()> {
+    fn put_progress(&self, stream: &str, identifier: &str, p: &ExportProgress) -> StoreResult<()> {
         let (stream, identifier, p) = (stream.to_string(), identifier.to_string(), p.clone());
         self.db.write_blocking(move |tx| {
             tx.execute(

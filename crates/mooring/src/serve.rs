@@ -85,8 +85,8 @@ pub async fn serve(config: Config) -> Result<()> {
         ca: Arc::new(ca),
     };
 
-    let stream_manager =
-        mooring_streams::StreamManagerService::start(&ctx).context("starting the stream manager")?;
+    let stream_manager = mooring_streams::StreamManagerService::start(&ctx)
+        .context("starting the stream manager")?;
     let services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
     let service_names = services.iter().map(|s| s.name()).collect::<Vec<_>>();
     let front_door = FrontDoor::new(

@@ -77,7 +77,8 @@ impl Destinations {
             ExportKind::Kinesis => self
                 .kinesis
                 .get_or_init(|| async {
-                    let mut builder = aws_sdk_kinesis::config::Builder::from(self.aws_config().await);
+                    let mut builder =
+                        aws_sdk_kinesis::config::Builder::from(self.aws_config().await);
                     if !self.settings.kinesis_endpoint.is_empty() {
                         builder = builder.endpoint_url(self.settings.kinesis_endpoint.clone());
                     }

@@ -424,8 +424,7 @@ impl WorkerRun {
                     let now = self.engine.clock.now_millis();
                     if now < due {
                         let wait = Duration::from_millis((due - now) as u64);
-                        if let Wake::Cancelled =
-                            self.wait(Some(&mut log_changes), Some(wait)).await
+                        if let Wake::Cancelled = self.wait(Some(&mut log_changes), Some(wait)).await
                         {
                             return;
                         }
