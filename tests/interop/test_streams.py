@@ -34,7 +34,15 @@ from stream_manager import (
     UpdateNotAllowedException,
     ValidationException,
 )
-from stream_manager.data import ExportFormat
+from stream_manager import (
+    S3ExportTaskDefinition,
+    S3ExportTaskExecutorConfig,
+    StatusConfig,
+    StatusLevel,
+    StatusMessage,
+    Util,
+)
+from stream_manager.data import ExportFormat, Status
 
 
 def sm_port(m):
@@ -612,12 +620,14 @@ def moto():
     proc.wait(10)
 
 
-def export_args(moto_url=None):
+def export_args(moto_url=None, s3=False):
     args = ["--set", "streams.retry_initial_millis=200", "--set", "streams.retry_max_millis=1000",
             "--set", "streams.access_key_id=testing", "--set", "streams.secret_access_key=testing",
             "--set", "streams.region=us-east-1"]
     if moto_url:
         args += ["--set", f"streams.kinesis_endpoint={moto_url}"]
+    if moto_url and s3:
+        args += ["--set", f"streams.s3_endpoint={moto_url}"]
     return args
 
 
@@ -778,4 +788,63 @@ def test_http_export_backs_off_and_resumes_without_gaps(mooring_factory, capture
     import base64
     assert [base64.b64decode(e["payload"]) for e in batch] == [b"h10", b"h11"]
     assert all(e["ingestTime"] > 0 for e in batch)
+    c.close()
+
+
+def test_s3_export_tasks_against_moto(mooring_factory, moto, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="export-bucket")
+    m = mooring_factory(extra_args=export_args(moto, s3=True))
+    c = client_for(m)
+    c.create_message_stream(definition("statuses", persistence=Persistence.Memory))
+    c.create_message_stream(definition("files", export_definition=ExportDefinition(
+        s3_task_executor=[S3ExportTaskExecutorConfig(
+            identifier="s3",
+            size_threshold_for_multipart_upload_bytes=5 * 1024 * 1024,
+            status_config=StatusConfig(status_level=StatusLevel.INFO, status_stream_name="statuses"),
+        )])))
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"hello from the edge\n")
+    large = tmp_path / "large.bin"
+    large_bytes = os.urandom(6 * 1024 * 1024 + 123)
+    large.write_bytes(large_bytes)
+    tasks = [
+        S3ExportTaskDefinition(input_url=f"file://{small}", bucket="export-bucket",
+                               key="logs/!{timestamp:yyyy}/!{timestamp:MM}/small.txt",
+                               user_metadata={"device": "pump-7"}),
+        S3ExportTaskDefinition(input_url=f"file:{large}", bucket="export-bucket", key="big/large.bin"),
+        S3ExportTaskDefinition(input_url=f"file://{tmp_path}/missing.txt", bucket="export-bucket", key="x"),
+        S3ExportTaskDefinition(input_url=f"file://{small}", bucket="no-such-bucket", key="y"),
+    ]
+    for task in tasks:
+        c.append_message("files", Util.validate_and_serialize_to_json_bytes(task))
+
+    wait_for(lambda: c.describe_message_stream("files").export_statuses[0]
+             .last_exported_sequence_number == 3, timeout=60, what="all S3 tasks")
+    status = c.describe_message_stream("files").export_statuses[0]
+    assert status.exported_messages_count == 2
+    assert "no-such-bucket" in (status.error_message or "") or "NoSuchBucket" in (status.error_message or "")
+
+    year, month = time.strftime("%Y %m", time.gmtime()).split()
+    obj = s3.get_object(Bucket="export-bucket", Key=f"logs/{year}/{month}/small.txt")
+    assert obj["Body"].read() == b"hello from the edge\n"
+    assert obj["Metadata"] == {"device": "pump-7"}
+    big = s3.get_object(Bucket="export-bucket", Key="big/large.bin")
+    assert big["Body"].read() == large_bytes
+    assert "-" in big["ETag"], "expected a multipart upload ETag"
+
+    messages = [Util.deserialize_json_bytes_to_obj(m.payload, StatusMessage) for m in read_all(c, "statuses")]
+    by_task = {}
+    for msg in messages:
+        assert msg.status_context.stream_name == "files"
+        assert msg.status_context.export_identifier == "s3"
+        by_task.setdefault(msg.status_context.sequence_number, []).append(msg.status)
+    assert by_task[0] == [Status.InProgress, Status.Success]
+    assert by_task[1] == [Status.InProgress, Status.Success]
+    assert by_task[2] == [Status.InProgress, Status.Failure]
+    assert by_task[3] == [Status.InProgress, Status.Failure]
+    first = messages[0]
+    assert first.status_context.s3_export_task_definition.bucket == "export-bucket"
+    assert first.timestamp_epoch_ms > 0
     c.close()

@@ -56,6 +56,8 @@ impl StreamManagerService {
         let destinations = Arc::new(Destinations::new(
             settings.clone(),
             ctx.config.region.clone(),
+            ctx.handles.clone(),
+            ctx.clock.clone(),
         ));
         let engine = ExportEngine::new(
             catalog.clone(),

@@ -1,12 +1,10 @@
-//! Export destinations: Kinesis Data Streams through the official AWS SDK, and the HTTP
-//! test target. AWS clients are built on first use from [`ExportSettings`] (region,
+//! Export destinations: Kinesis Data Streams and S3 through the official AWS SDKs, and the
+//! HTTP test target. AWS clients are built on first use from [`ExportSettings`] (region,
 //! endpoint override, static credentials or the standard chain) with a rustls/ring HTTPS
 //! client. Destinations Mooring does not implement yet report that as the export's error.
 
 use std::sync::Arc;
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -16,30 +14,48 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::OnceCell;
 
+#[cfg(feature = "aws")]
+use super::s3::S3Destination;
 use super::{BatchOutcome, Destination, ExportSettings};
 use crate::definition::{ExportConfig, ExportKind};
 use crate::log::StoredMessage;
 
 /// The destinations of every export kind, created lazily.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 pub struct Destinations {
     settings: ExportSettings,
     process_region: String,
+    #[cfg(feature = "aws")]
     aws: OnceCell<aws_config::SdkConfig>,
     kinesis: OnceCell<Arc<dyn Destination>>,
+    s3: OnceCell<Arc<dyn Destination>>,
     http: Arc<dyn Destination>,
+    handles: Arc<mooring_core::handles::ServiceHandles>,
+    clock: Arc<dyn mooring_core::Clock>,
 }
 
 impl Destinations {
-    pub fn new(settings: ExportSettings, process_region: String) -> Destinations {
+    /// `handles` reaches the stream manager itself (S3 status streams).
+    pub fn new(
+        settings: ExportSettings,
+        process_region: String,
+        handles: Arc<mooring_core::handles::ServiceHandles>,
+        clock: Arc<dyn mooring_core::Clock>,
+    ) -> Destinations {
         Destinations {
             settings,
             process_region,
+            #[cfg(feature = "aws")]
             aws: OnceCell::new(),
             kinesis: OnceCell::new(),
+            s3: OnceCell::new(),
             http: Arc::new(HttpDestination::new()),
+            handles,
+            clock,
         }
     }
 
+    #[cfg(feature = "aws")]
     async fn aws_config(&self) -> &aws_config::SdkConfig {
         self.aws
             .get_or_init(|| async {
@@ -74,6 +90,7 @@ impl Destinations {
     pub async fn for_kind(&self, kind: ExportKind) -> Arc<dyn Destination> {
         match kind {
             ExportKind::Http => self.http.clone(),
+            #[cfg(feature = "aws")]
             ExportKind::Kinesis => self
                 .kinesis
                 .get_or_init(|| async {
@@ -85,6 +102,25 @@ impl Destinations {
                     Arc::new(KinesisDestination {
                         client: aws_sdk_kinesis::Client::from_conf(builder.build()),
                     }) as Arc<dyn Destination>
+                })
+                .await
+                .clone(),
+            #[cfg(feature = "aws")]
+            ExportKind::S3 => self
+                .s3
+                .get_or_init(|| async {
+                    let mut builder = aws_sdk_s3::config::Builder::from(self.aws_config().await);
+                    if !self.settings.s3_endpoint.is_empty() {
+                        builder = builder
+                            .endpoint_url(self.settings.s3_endpoint.clone())
+                            .force_path_style(true);
+                    }
+                    Arc::new(S3Destination::new(
+                        aws_sdk_s3::Client::from_conf(builder.build()),
+                        self.settings.s3_min_part_size,
+                        self.handles.clone(),
+                        self.clock.clone(),
+                    )) as Arc<dyn Destination>
                 })
                 .await
                 .clone(),
@@ -112,10 +148,12 @@ impl Destination for Unimplemented {
 }
 
 /// Kinesis `PutRecords`, one call per batch, a random UUID partition key per record.
+#[cfg(feature = "aws")]
 struct KinesisDestination {
     client: aws_sdk_kinesis::Client,
 }
 
+#[cfg(feature = "aws")]
 impl Destination for KinesisDestination {
     fn send<'a>(
         &'a self,
@@ -128,8 +166,8 @@ impl Destination for KinesisDestination {
             let mut records = Vec::with_capacity(batch.len());
             for message in batch {
                 records.push(
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(message.payload.to_vec()))
+                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                        .data(aws_sdk_kinesis::primitives::Blob::new(message.payload.to_vec()))
                         .partition_key(uuid::Uuid::new_v4().to_string())
                         .build()
                         .map_err(|e| e.to_string())?,

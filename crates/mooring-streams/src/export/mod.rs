@@ -13,6 +13,8 @@
 
 mod destinations;
 mod gate;
+#[cfg(feature = "aws")]
+pub mod s3;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,9 @@ pub struct ExportSettings {
     pub session_token: String,
     /// Endpoint overrides (e.g. a local Kinesis); AWS's endpoints when empty.
     pub kinesis_endpoint: String,
+    pub s3_endpoint: String,
+    /// Multipart part size for S3 exports (at least 5 MiB).
+    pub s3_min_part_size: i64,
     /// Exports that may send at the same time (`STREAM_MANAGER_EXPORTER_THREAD_POOL_SIZE`).
     pub thread_pool_size: usize,
     /// First retry delay; doubles per failure up to `retry_max_millis`.
@@ -64,6 +69,8 @@ impl Default for ExportSettings {
             secret_access_key: String::new(),
             session_token: String::new(),
             kinesis_endpoint: String::new(),
+            s3_endpoint: String::new(),
+            s3_min_part_size: crate::definition::MIN_MULTIPART_THRESHOLD,
             thread_pool_size: 5,
             retry_initial_millis: 1000,
             retry_max_millis: 300_000,
