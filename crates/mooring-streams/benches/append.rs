@@ -243,21 +243,43 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(service.clone().serve(listener));
-        println!("stream manager append benchmark (data in {})", dir.path().display());
-        for (size, count, fsync_count) in [(512usize, n(200_000), n(40_000)), (64 * 1024, n(3_000), n(1_000))] {
+        println!(
+            "stream manager append benchmark (data in {})",
+            dir.path().display()
+        );
+        for (size, count, fsync_count) in [
+            (512usize, n(200_000), n(40_000)),
+            (64 * 1024, n(3_000), n(1_000)),
+        ] {
             println!("message size {size} B");
             let raw = raw_buffered(dir.path(), size, count);
             print("raw buffered sequential write", &raw, None);
             let m = mooring_appends(&service, "b1", false, size, count, 1).await;
-            print("mooring append, flushOnWrite=false, 1 appender", &m, Some(&raw));
+            print(
+                "mooring append, flushOnWrite=false, 1 appender",
+                &m,
+                Some(&raw),
+            );
             let t = tcp_appends(&service, addr, "b2", false, size, count, 16).await;
-            print("SDK protocol over TCP, flushOnWrite=false, 16 connections", &t, Some(&raw));
+            print(
+                "SDK protocol over TCP, flushOnWrite=false, 16 connections",
+                &t,
+                Some(&raw),
+            );
             let raw_sync = raw_fsync_batches(dir.path(), size, fsync_count, 16);
             print("raw write + fdatasync per batch of 16", &raw_sync, None);
             let g = mooring_appends(&service, "b3", true, size, fsync_count, 16).await;
-            print("mooring append, flushOnWrite=true, 16 appenders", &g, Some(&raw_sync));
+            print(
+                "mooring append, flushOnWrite=true, 16 appenders",
+                &g,
+                Some(&raw_sync),
+            );
             let tg = tcp_appends(&service, addr, "b4", true, size, fsync_count, 16).await;
-            print("SDK protocol over TCP, flushOnWrite=true, 16 connections", &tg, Some(&raw_sync));
+            print(
+                "SDK protocol over TCP, flushOnWrite=true, 16 connections",
+                &tg,
+                Some(&raw_sync),
+            );
         }
         ctx.shutdown.trigger();
     });

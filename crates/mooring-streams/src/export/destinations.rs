@@ -167,7 +167,9 @@ impl Destination for KinesisDestination {
             for message in batch {
                 records.push(
                     aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                        .data(aws_sdk_kinesis::primitives::Blob::new(message.payload.to_vec()))
+                        .data(aws_sdk_kinesis::primitives::Blob::new(
+                            message.payload.to_vec(),
+                        ))
                         .partition_key(uuid::Uuid::new_v4().to_string())
                         .build()
                         .map_err(|e| e.to_string())?,

@@ -160,7 +160,12 @@ impl S3Destination {
                 .body(ByteStream::from(body))
                 .send()
                 .await
-                .map_err(|e| classify(aws_sdk_s3::error::DisplayErrorContext(&e).to_string(), e.raw_response().map(|r| r.status().as_u16())))?;
+                .map_err(|e| {
+                    classify(
+                        aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                        e.raw_response().map(|r| r.status().as_u16()),
+                    )
+                })?;
             return Ok(key);
         }
         let upload = self
@@ -171,7 +176,12 @@ impl S3Destination {
             .set_metadata(metadata)
             .send()
             .await
-            .map_err(|e| classify(aws_sdk_s3::error::DisplayErrorContext(&e).to_string(), e.raw_response().map(|r| r.status().as_u16())))?;
+            .map_err(|e| {
+                classify(
+                    aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                    e.raw_response().map(|r| r.status().as_u16()),
+                )
+            })?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
         match self.upload_parts(task, &key, &upload_id, &path).await {
             Ok(()) => Ok(key),
@@ -206,7 +216,9 @@ impl S3Destination {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| TaskError::Permanent(format!("cannot read input file {path}: {e}")))?;
-        let part_size = self.min_part_size.max(crate::definition::MIN_MULTIPART_THRESHOLD) as usize;
+        let part_size = self
+            .min_part_size
+            .max(crate::definition::MIN_MULTIPART_THRESHOLD) as usize;
         let mut parts = Vec::new();
         let mut number = 1;
         loop {
@@ -229,7 +241,12 @@ impl S3Destination {
                 .body(ByteStream::from(chunk))
                 .send()
                 .await
-                .map_err(|e| classify(aws_sdk_s3::error::DisplayErrorContext(&e).to_string(), e.raw_response().map(|r| r.status().as_u16())))?;
+                .map_err(|e| {
+                    classify(
+                        aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                        e.raw_response().map(|r| r.status().as_u16()),
+                    )
+                })?;
             parts.push(
                 CompletedPart::builder()
                     .part_number(number)
@@ -250,7 +267,12 @@ impl S3Destination {
             )
             .send()
             .await
-            .map_err(|e| classify(aws_sdk_s3::error::DisplayErrorContext(&e).to_string(), e.raw_response().map(|r| r.status().as_u16())))?;
+            .map_err(|e| {
+                classify(
+                    aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                    e.raw_response().map(|r| r.status().as_u16()),
+                )
+            })?;
         Ok(())
     }
 }
@@ -258,9 +280,7 @@ impl S3Destination {
 /// Missing buckets, denied access and other client errors will not fix themselves.
 fn classify(message: String, status: Option<u16>) -> TaskError {
     match status {
-        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
-            TaskError::Permanent(message)
-        }
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => TaskError::Permanent(message),
         _ => TaskError::Transient(message),
     }
 }
@@ -369,8 +389,16 @@ impl Destination for S3Destination {
                     "message {} is not an S3ExportTaskDefinition (JSON with inputUrl, bucket and key); skipped",
                     message.sequence_number
                 );
-                self.status(stream, config, message, raw.as_ref(), FAILURE, ERROR_LEVEL, error.clone())
-                    .await;
+                self.status(
+                    stream,
+                    config,
+                    message,
+                    raw.as_ref(),
+                    FAILURE,
+                    ERROR_LEVEL,
+                    error.clone(),
+                )
+                .await;
                 return Ok(BatchOutcome {
                     processed: 1,
                     error: Some(error),
@@ -381,9 +409,12 @@ impl Destination for S3Destination {
                 stream.to_string(),
                 config.identifier.clone().unwrap_or_default(),
             );
-            let first_attempt =
-                self.started.lock().unwrap().insert(key.clone(), message.sequence_number)
-                    != Some(message.sequence_number);
+            let first_attempt = self
+                .started
+                .lock()
+                .unwrap()
+                .insert(key.clone(), message.sequence_number)
+                != Some(message.sequence_number);
             if first_attempt {
                 self.status(
                     stream,
@@ -399,8 +430,16 @@ impl Destination for S3Destination {
             let mut warnings = Vec::new();
             let result = self.run_task(config, &task, &mut warnings).await;
             for warning in warnings {
-                self.status(stream, config, message, raw.as_ref(), WARNING, WARN_LEVEL, warning)
-                    .await;
+                self.status(
+                    stream,
+                    config,
+                    message,
+                    raw.as_ref(),
+                    WARNING,
+                    WARN_LEVEL,
+                    warning,
+                )
+                .await;
             }
             match result {
                 Ok(object_key) => {
@@ -434,10 +473,7 @@ impl Destination for S3Destination {
                     .await;
                     Ok(BatchOutcome {
                         processed: 1,
-                        error: Some(format!(
-                            "task {} failed: {error}",
-                            message.sequence_number
-                        )),
+                        error: Some(format!("task {} failed: {error}", message.sequence_number)),
                         ..Default::default()
                     })
                 }
@@ -466,9 +502,15 @@ mod tests {
             resolve_key("!{timestamp:yyyy/MM/dd/HH/mm/ss}-!{timestamp:D}", t),
             "2020/12/31/23/59/58-366"
         );
-        assert_eq!(resolve_key("a/!{timestamp:yy}/E/!{timestamp:EEE}", t), "a/20/E/Thu");
+        assert_eq!(
+            resolve_key("a/!{timestamp:yy}/E/!{timestamp:EEE}", t),
+            "a/20/E/Thu"
+        );
         assert_eq!(resolve_key("plain/key", t), "plain/key");
-        assert_eq!(resolve_key("open/!{timestamp:yyyy", t), "open/!{timestamp:yyyy");
+        assert_eq!(
+            resolve_key("open/!{timestamp:yyyy", t),
+            "open/!{timestamp:yyyy"
+        );
         // 2021-01-01 belongs to ISO week-based year 2020.
         assert_eq!(resolve_key("!{timestamp:YYYY}", t + 10_000), "2020");
         assert_eq!(resolve_key("!{timestamp:yyyy}", t + 10_000), "2021");
@@ -476,8 +518,14 @@ mod tests {
 
     #[test]
     fn file_urls_map_to_paths() {
-        assert_eq!(local_path("file:/data/in/a.txt").as_deref(), Some("/data/in/a.txt"));
-        assert_eq!(local_path("file:///data/in/a.txt").as_deref(), Some("/data/in/a.txt"));
+        assert_eq!(
+            local_path("file:/data/in/a.txt").as_deref(),
+            Some("/data/in/a.txt")
+        );
+        assert_eq!(
+            local_path("file:///data/in/a.txt").as_deref(),
+            Some("/data/in/a.txt")
+        );
         assert_eq!(local_path("s3://x/y"), None);
     }
 }
