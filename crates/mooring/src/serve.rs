@@ -86,6 +86,8 @@ pub async fn serve(config: Config) -> Result<()> {
     };
 
     let broker = mooring_mqtt::start(&ctx)?;
+    let stream_manager = mooring_streams::StreamManagerService::start(&ctx)
+        .context("starting the stream manager")?;
     let mut services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
     services.push(Arc::new(mooring_mqtt::websocket::MqttOverWebSocket::new(
         broker.clone(),
@@ -144,10 +146,8 @@ pub async fn serve(config: Config) -> Result<()> {
             acceptor,
         ));
     }
-    for (name, listener) in [("stream manager", stream_manager_listener)] {
-        if let Some(listener) = listener {
-            shutdown.spawn(refuse_connections(name, listener, shutdown.clone()));
-        }
+    if let Some(listener) = stream_manager_listener {
+        shutdown.spawn(stream_manager.serve(listener));
     }
 
     // Signal handlers are registered before the endpoints file tells anyone we are up, so a
@@ -205,26 +205,6 @@ async fn bind(name: &str, addr: &str) -> Result<Option<TcpListener>> {
         .await
         .with_context(|| format!("binding the {name} listener to {addr}"))?;
     Ok(Some(listener))
-}
-
-/// Holds a listener open for a service that is not built yet: connections are accepted and
-/// closed at once, so clients see a prompt refusal instead of a hang.
-async fn refuse_connections(name: &'static str, listener: TcpListener, shutdown: Shutdown) {
-    loop {
-        tokio::select! {
-            _ = shutdown.triggered() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tracing::debug!(listener = name, %peer, "no service behind this listener yet; closing");
-                    drop(stream);
-                }
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
 }
 
 /// Registers SIGINT and SIGTERM now; the returned future resolves on the first of them.

@@ -1,0 +1,286 @@
+//! Append throughput of the stream manager beside the raw disk, measured in the same run.
+//!
+//! For 512 B and 64 KiB messages it measures, on the same filesystem:
+//! - raw buffered sequential `write` of the same bytes (the bandwidth ceiling), and raw
+//!   `write` + `fdatasync` per batch of 16 (the ceiling for group-committed appends);
+//! - Mooring's append path (`StreamManager::append`: validation, framing, CRC32C, segment
+//!   write) with `flushOnWrite=false`, one appender;
+//! - the same with `flushOnWrite=true` and 16 concurrent appenders (group commit);
+//! - the full SDK protocol over loopback TCP: 16 connections, each pipelining appends.
+//!
+//! Run: `cargo bench -p mooring-streams --bench append` (set `BENCH_SCALE=0.2` for a
+//! quicker pass). Prints MB/s, appends/s and the ratio to the raw peer.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use mooring_core::ServiceContext;
+use mooring_streams::codec::{encode_frame, encode_payload, FrameDecoder};
+use mooring_streams::definition::MessageStreamDefinition;
+use mooring_streams::StreamManagerService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Figure {
+    messages: u64,
+    bytes: u64,
+    took: Duration,
+}
+
+impl Figure {
+    fn per_sec(&self) -> f64 {
+        self.messages as f64 / self.took.as_secs_f64()
+    }
+    fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.took.as_secs_f64() / 1e6
+    }
+}
+
+fn print(label: &str, f: &Figure, peer: Option<&Figure>) {
+    let ratio = peer
+        .map(|p| format!("  ratio {:.2} of raw", f.mb_per_sec() / p.mb_per_sec()))
+        .unwrap_or_default();
+    println!(
+        "  {label:<58} {:>10.0} msg/s {:>9.1} MB/s{ratio}",
+        f.per_sec(),
+        f.mb_per_sec()
+    );
+}
+
+fn raw_buffered(dir: &std::path::Path, size: usize, count: u64) -> Figure {
+    let path = dir.join(format!("raw-buffered-{size}"));
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&path).unwrap());
+    let record = vec![0xabu8; size + 24];
+    let start = Instant::now();
+    for _ in 0..count {
+        file.write_all(&record).unwrap();
+    }
+    file.flush().unwrap();
+    let took = start.elapsed();
+    std::fs::remove_file(path).unwrap();
+    Figure {
+        messages: count,
+        bytes: count * size as u64,
+        took,
+    }
+}
+
+fn raw_fsync_batches(dir: &std::path::Path, size: usize, count: u64, batch: u64) -> Figure {
+    let path = dir.join(format!("raw-fsync-{size}"));
+    let mut file = File::create(&path).unwrap();
+    let record = vec![0xcdu8; size + 24];
+    let start = Instant::now();
+    let mut written = 0;
+    while written < count {
+        for _ in 0..batch.min(count - written) {
+            file.write_all(&record).unwrap();
+            written += 1;
+        }
+        file.sync_data().unwrap();
+    }
+    let took = start.elapsed();
+    std::fs::remove_file(path).unwrap();
+    Figure {
+        messages: count,
+        bytes: count * size as u64,
+        took,
+    }
+}
+
+fn definition(name: &str, flush: bool) -> MessageStreamDefinition {
+    MessageStreamDefinition {
+        name: Some(name.into()),
+        strategy_on_full: Some(1),
+        max_size: Some(8 << 30),
+        flush_on_write: Some(flush),
+        ..Default::default()
+    }
+}
+
+async fn mooring_appends(
+    service: &StreamManagerService,
+    name: &str,
+    flush: bool,
+    size: usize,
+    count: u64,
+    appenders: u64,
+) -> Figure {
+    let manager = service.manager.clone();
+    manager.create(&definition(name, flush)).await.unwrap();
+    let payload = Arc::new(vec![0xefu8; size]);
+    let per = count / appenders;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..appenders {
+        let manager = manager.clone();
+        let payload = payload.clone();
+        let name = name.to_string();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                manager.append(&name, &payload).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    manager.delete(name).await.unwrap();
+    Figure {
+        messages: per * appenders,
+        bytes: per * appenders * size as u64,
+        took,
+    }
+}
+
+/// A minimal native client: handshake, then `count` pipelined appends (up to `window`
+/// outstanding) on one connection.
+async fn tcp_client(addr: std::net::SocketAddr, name: String, size: usize, count: u64) {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.set_nodelay(true).unwrap();
+    let connect = ciborium::Value::Map(vec![
+        ("requestId".into(), "c".into()),
+        ("protocolVersion".into(), "1.1.0".into()),
+    ]);
+    let mut hello = vec![1u8];
+    hello.extend(encode_frame(1, &encode_payload(&connect)));
+    socket.write_all(&hello).await.unwrap();
+    let (mut reader, mut writer) = socket.into_split();
+    let payload = vec![0x42u8; size];
+    let send = tokio::spawn(async move {
+        let mut out = Vec::new();
+        for i in 0..count {
+            let request = ciborium::Value::Map(vec![
+                ("requestId".into(), format!("r{i}").into()),
+                ("name".into(), name.clone().into()),
+                ("payload".into(), ciborium::Value::Bytes(payload.clone())),
+            ]);
+            out.extend(encode_frame(4, &encode_payload(&request)));
+            if out.len() > 256 * 1024 || i + 1 == count {
+                writer.write_all(&out).await.unwrap();
+                out.clear();
+            }
+        }
+        writer
+    });
+    let decoder = FrameDecoder::default();
+    let mut buf = BytesMut::new();
+    assert_eq!(reader.read_u8().await.unwrap(), 1);
+    let mut got = 0u64;
+    let mut connected = false;
+    while got < count {
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            if !connected {
+                connected = true;
+                continue;
+            }
+            assert_eq!(frame.operation, 9);
+            got += 1;
+        }
+        if got < count && reader.read_buf(&mut buf).await.unwrap() == 0 {
+            panic!("server closed the connection");
+        }
+    }
+    let _writer = send.await.unwrap();
+}
+
+async fn tcp_appends(
+    service: &StreamManagerService,
+    addr: std::net::SocketAddr,
+    name: &str,
+    flush: bool,
+    size: usize,
+    count: u64,
+    connections: u64,
+) -> Figure {
+    service
+        .manager
+        .create(&definition(name, flush))
+        .await
+        .unwrap();
+    let per = count / connections;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        tasks.push(tokio::spawn(tcp_client(addr, name.to_string(), size, per)));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    let newest = service
+        .manager
+        .describe(name)
+        .unwrap()
+        .storage_status
+        .newest_sequence_number;
+    assert_eq!(newest + 1, (per * connections) as i64);
+    service.manager.delete(name).await.unwrap();
+    Figure {
+        messages: per * connections,
+        bytes: per * connections * size as u64,
+        took,
+    }
+}
+
+fn main() {
+    let scale: f64 = std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let n = |base: u64| ((base as f64 * scale) as u64).max(16);
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ctx = ServiceContext::for_tests(dir.path()).unwrap();
+        let service = StreamManagerService::start(&ctx).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(service.clone().serve(listener));
+        println!(
+            "stream manager append benchmark (data in {})",
+            dir.path().display()
+        );
+        for (size, count, fsync_count) in [
+            (512usize, n(200_000), n(40_000)),
+            (64 * 1024, n(3_000), n(1_000)),
+        ] {
+            println!("message size {size} B");
+            let raw = raw_buffered(dir.path(), size, count);
+            print("raw buffered sequential write", &raw, None);
+            let m = mooring_appends(&service, "b1", false, size, count, 1).await;
+            print(
+                "mooring append, flushOnWrite=false, 1 appender",
+                &m,
+                Some(&raw),
+            );
+            let t = tcp_appends(&service, addr, "b2", false, size, count, 16).await;
+            print(
+                "SDK protocol over TCP, flushOnWrite=false, 16 connections",
+                &t,
+                Some(&raw),
+            );
+            let raw_sync = raw_fsync_batches(dir.path(), size, fsync_count, 16);
+            print("raw write + fdatasync per batch of 16", &raw_sync, None);
+            let g = mooring_appends(&service, "b3", true, size, fsync_count, 16).await;
+            print(
+                "mooring append, flushOnWrite=true, 16 appenders",
+                &g,
+                Some(&raw_sync),
+            );
+            let tg = tcp_appends(&service, addr, "b4", true, size, fsync_count, 16).await;
+            print(
+                "SDK protocol over TCP, flushOnWrite=true, 16 connections",
+                &tg,
+                Some(&raw_sync),
+            );
+        }
+        ctx.shutdown.trigger();
+    });
+}

@@ -1,0 +1,850 @@
+"""The Greengrass stream manager, driven by the official `stream-manager` SDK (and, for what
+the SDK cannot send, raw frames built with cbor2 exactly as the Java and Node.js SDKs write
+them) against the real binary."""
+
+import http.server
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import cbor2
+import pytest
+from stream_manager import (
+    ConnectFailedException,
+    ExportDefinition,
+    HTTPConfig,
+    InvalidRequestException,
+    KinesisConfig,
+    MessageStreamDefinition,
+    NotEnoughMessagesException,
+    Persistence,
+    ReadMessagesOptions,
+    RequestPayloadTooLargeException,
+    ResourceNotFoundException,
+    StrategyOnFull,
+    StreamManagerClient,
+    UpdateFailedException,
+    UpdateNotAllowedException,
+    ValidationException,
+)
+from stream_manager import (
+    S3ExportTaskDefinition,
+    S3ExportTaskExecutorConfig,
+    StatusConfig,
+    StatusLevel,
+    StatusMessage,
+    Util,
+)
+from stream_manager.data import ExportFormat, Status
+
+
+def sm_port(m):
+    return int(m.endpoints["stream_manager"].rsplit(":", 1)[1])
+
+
+def client_for(m, **kwargs):
+    return StreamManagerClient(port=sm_port(m), **kwargs)
+
+
+@pytest.fixture
+def sm(mooring):
+    client = client_for(mooring)
+    yield client
+    client.close()
+
+
+def definition(name, **kwargs):
+    kwargs.setdefault("strategy_on_full", StrategyOnFull.OverwriteOldestData)
+    return MessageStreamDefinition(name=name, **kwargs)
+
+
+def read_all(client, name, start=0, count=None):
+    status = client.describe_message_stream(name).storage_status
+    if count is None:
+        count = status.newest_sequence_number - max(start, status.oldest_sequence_number) + 1
+    out = []
+    while len(out) < count:
+        batch = client.read_messages(
+            name,
+            ReadMessagesOptions(
+                desired_start_sequence_number=start + len(out),
+                min_message_count=1,
+                max_message_count=min(500, count - len(out)),
+            ),
+        )
+        out.extend(batch)
+    return out
+
+
+# --- raw protocol helpers --------------------------------------------------------------
+
+
+class RawConnection:
+    def __init__(self, m, version_byte=1, connect=None, op=1):
+        self.sock = socket.create_connection(("127.0.0.1", sm_port(m)), timeout=10)
+        self.sock.sendall(bytes([version_byte]))
+        if version_byte != 1:
+            return
+        connect = connect if connect is not None else {
+            "requestId": "c", "protocolVersion": "1.1.0",
+            "otherSupportedProtocolVersions": ["1.0.0"], "sdkVersion": "test",
+        }
+        self.send(op, cbor2.dumps(connect))
+
+    def send(self, op, payload: bytes):
+        self.sock.sendall(struct.pack(">iB", len(payload) + 1, op & 0xFF) + payload)
+
+    def recv_exact(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def recv_frame(self):
+        length, op = struct.unpack(">iB", self.recv_exact(5))
+        return op, cbor2.loads(self.recv_exact(length - 1))
+
+    def handshake(self):
+        assert self.recv_exact(1) == b"\x01"
+        return self.recv_frame()
+
+    def closed(self):
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+# --- operations ------------------------------------------------------------------------
+
+
+def test_create_describe_list_delete(sm):
+    assert sm.list_streams() == []
+    sm.create_message_stream(definition("s1"))
+    sm.create_message_stream(definition("with space, comma.dot-dash_", persistence=Persistence.Memory))
+    assert sm.list_streams() == ["s1", "with space, comma.dot-dash_"]
+    info = sm.describe_message_stream("s1")
+    d = info.definition
+    assert d.name == "s1"
+    assert d.max_size == 268435456
+    assert d.stream_segment_size == 16777216
+    assert d.strategy_on_full == StrategyOnFull.OverwriteOldestData
+    assert d.persistence == Persistence.File
+    assert d.flush_on_write is False
+    assert d.time_to_live_millis is None
+    s = info.storage_status
+    assert (s.oldest_sequence_number, s.newest_sequence_number, s.total_bytes) == (0, -1, 0)
+    assert info.export_statuses == [] or info.export_statuses is None
+    with pytest.raises(InvalidRequestException, match="already exists"):
+        sm.create_message_stream(definition("s1"))
+    sm.delete_message_stream("s1")
+    assert sm.list_streams() == ["with space, comma.dot-dash_"]
+    for call in (
+        lambda: sm.delete_message_stream("s1"),
+        lambda: sm.describe_message_stream("s1"),
+        lambda: sm.append_message("s1", b"x"),
+        lambda: sm.read_messages("s1"),
+        lambda: sm.update_message_stream(definition("s1")),
+    ):
+        with pytest.raises(ResourceNotFoundException, match="s1"):
+            call()
+    # Recreating a deleted stream starts from sequence number 0 again.
+    sm.create_message_stream(definition("s1"))
+    assert sm.append_message("s1", b"again") == 0
+
+
+def test_append_and_read_with_options(sm):
+    sm.create_message_stream(definition("r"))
+    seqs = [sm.append_message("r", f"m{i}".encode()) for i in range(10)]
+    assert seqs == list(range(10))
+    # Default options: one message from the start.
+    [first] = sm.read_messages("r")
+    assert (first.stream_name, first.sequence_number, first.payload) == ("r", 0, b"m0")
+    assert abs(first.ingest_time - time.time() * 1000) < 60_000
+    got = sm.read_messages("r", ReadMessagesOptions(desired_start_sequence_number=3,
+                                                     min_message_count=2, max_message_count=4))
+    assert [(m.sequence_number, m.payload) for m in got] == [(i, f"m{i}".encode()) for i in range(3, 7)]
+    # Fewer than max available: everything available is returned.
+    got = sm.read_messages("r", ReadMessagesOptions(desired_start_sequence_number=8, max_message_count=100))
+    assert [m.sequence_number for m in got] == [8, 9]
+    with pytest.raises(NotEnoughMessagesException):
+        sm.read_messages("r", ReadMessagesOptions(desired_start_sequence_number=8, min_message_count=3,
+                                                  max_message_count=5))
+    with pytest.raises(NotEnoughMessagesException):
+        sm.read_messages("r", ReadMessagesOptions(desired_start_sequence_number=10))
+    info = sm.describe_message_stream("r").storage_status
+    assert (info.oldest_sequence_number, info.newest_sequence_number) == (0, 9)
+    assert info.total_bytes == sum(24 + len(f"m{i}") for i in range(10))
+
+
+def test_client_side_validation_still_applies(sm):
+    sm.create_message_stream(definition("v"))
+    with pytest.raises(ValidationException):
+        sm.read_messages("v", ReadMessagesOptions(min_message_count=5, max_message_count=2))
+    with pytest.raises(ValidationException):
+        sm.create_message_stream(MessageStreamDefinition(name="no-strategy"))
+
+
+def test_long_poll_returns_as_soon_as_enough_messages_arrive(sm, mooring):
+    sm.create_message_stream(definition("lp"))
+    writer = client_for(mooring)
+
+    def append_later():
+        time.sleep(0.5)
+        for i in range(3):
+            writer.append_message("lp", f"late{i}".encode())
+            time.sleep(0.1)
+
+    t = threading.Thread(target=append_later)
+    started = time.monotonic()
+    t.start()
+    got = sm.read_messages("lp", ReadMessagesOptions(min_message_count=3, max_message_count=10,
+                                                      read_timeout_millis=10_000))
+    took = time.monotonic() - started
+    t.join()
+    writer.close()
+    assert [m.payload for m in got] == [b"late0", b"late1", b"late2"]
+    assert 0.5 <= took < 5, took
+
+    # Not enough before the timeout: NotEnoughMessages after roughly the timeout.
+    started = time.monotonic()
+    with pytest.raises(NotEnoughMessagesException):
+        sm.read_messages("lp", ReadMessagesOptions(desired_start_sequence_number=3,
+                                                   read_timeout_millis=800))
+    took = time.monotonic() - started
+    assert 0.7 <= took < 5, took
+
+
+def test_blocked_read_does_not_block_appends_on_the_same_connection(sm):
+    """One client = one socket: the append's response overtakes the pending read's."""
+    sm.create_message_stream(definition("same"))
+    result = {}
+
+    def reader():
+        result["messages"] = sm.read_messages(
+            "same", ReadMessagesOptions(min_message_count=2, max_message_count=2, read_timeout_millis=20_000))
+        result["read_done"] = time.monotonic()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.3)
+    assert sm.append_message("same", b"one") == 0
+    first_ack = time.monotonic()
+    assert "read_done" not in result
+    assert sm.append_message("same", b"two") == 1
+    t.join(10)
+    assert [m.payload for m in result["messages"]] == [b"one", b"two"]
+    assert result["read_done"] >= first_ack
+
+
+def test_deleting_a_stream_ends_blocked_reads(sm, mooring):
+    sm.create_message_stream(definition("gone"))
+    other = client_for(mooring)
+    errors = []
+
+    def reader():
+        try:
+            sm.read_messages("gone", ReadMessagesOptions(read_timeout_millis=20_000))
+        except Exception as e:  # noqa: BLE001 - asserting the type below
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.3)
+    other.delete_message_stream("gone")
+    t.join(10)
+    other.close()
+    assert len(errors) == 1 and isinstance(errors[0], ResourceNotFoundException), errors
+
+
+def test_concurrent_appends_from_many_clients_get_unique_sequence_numbers(mooring):
+    admin = client_for(mooring)
+    admin.create_message_stream(definition("c", flush_on_write=True))
+    acked = {}
+    lock = threading.Lock()
+
+    def worker(w):
+        c = client_for(mooring)
+        for i in range(40):
+            payload = f"{w}:{i}".encode()
+            seq = c.append_message("c", payload)
+            with lock:
+                acked[seq] = payload
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(acked) == list(range(320))
+    for m in read_all(admin, "c"):
+        assert acked[m.sequence_number] == m.payload
+    admin.close()
+
+
+def test_size_limits_and_strategies(sm):
+    sm.create_message_stream(definition("reject", max_size=2048, stream_segment_size=1024,
+                                        strategy_on_full=StrategyOnFull.RejectNewData))
+    accepted = 0
+    with pytest.raises(InvalidRequestException, match="full"):
+        while True:
+            sm.append_message("reject", b"x" * 100)
+            accepted += 1
+    assert accepted == 2048 // 124
+    with pytest.raises(RequestPayloadTooLargeException):
+        sm.append_message("reject", b"y" * 4096)
+
+    sm.create_message_stream(definition("over", max_size=2048, stream_segment_size=1024))
+    for i in range(100):
+        assert sm.append_message("over", bytes([i]) * 100) == i
+    status = sm.describe_message_stream("over").storage_status
+    assert status.newest_sequence_number == 99
+    assert status.oldest_sequence_number > 80
+    assert status.total_bytes <= 2048
+    # Reading from before the oldest message starts at the oldest.
+    got = sm.read_messages("over", ReadMessagesOptions(desired_start_sequence_number=0, max_message_count=100))
+    assert got[0].sequence_number == status.oldest_sequence_number
+    assert [m.sequence_number for m in got] == list(range(status.oldest_sequence_number, 100))
+    assert all(m.payload == bytes([m.sequence_number]) * 100 for m in got)
+
+
+def test_update_rules(sm):
+    sm.create_message_stream(definition("u", max_size=4096, strategy_on_full=StrategyOnFull.RejectNewData))
+    for _ in range(20):
+        sm.append_message("u", b"z" * 100)
+    with pytest.raises(UpdateNotAllowedException):
+        sm.update_message_stream(definition("u", max_size=4096, persistence=Persistence.Memory,
+                                            strategy_on_full=StrategyOnFull.RejectNewData))
+    with pytest.raises(UpdateFailedException, match="maxSize"):
+        sm.update_message_stream(definition("u", max_size=1024, strategy_on_full=StrategyOnFull.RejectNewData))
+    sm.update_message_stream(definition("u", max_size=1 << 20, time_to_live_millis=3_600_000,
+                                        flush_on_write=True, strategy_on_full=StrategyOnFull.RejectNewData))
+    d = sm.describe_message_stream("u").definition
+    assert (d.max_size, d.time_to_live_millis, d.flush_on_write) == (1 << 20, 3_600_000, True)
+    assert sm.append_message("u", b"after update") == 20
+    # Omitted fields revert to defaults; switching to overwrite with a small maxSize trims.
+    sm.update_message_stream(definition("u", max_size=1024))
+    info = sm.describe_message_stream("u")
+    assert info.definition.time_to_live_millis is None
+    assert info.definition.flush_on_write is False
+    assert info.storage_status.total_bytes <= 1024
+    assert info.storage_status.newest_sequence_number == 20
+
+
+def test_file_streams_survive_restart_and_memory_streams_do_not(mooring):
+    c = client_for(mooring)
+    c.create_message_stream(definition("file"))
+    c.create_message_stream(definition("mem", persistence=Persistence.Memory))
+    for i in range(5):
+        c.append_message("file", f"f{i}".encode())
+        c.append_message("mem", f"m{i}".encode())
+    c.close()
+    mooring.restart()
+    c = client_for(mooring)
+    assert sorted(c.list_streams()) == ["file", "mem"]
+    assert [m.payload for m in read_all(c, "file")] == [f"f{i}".encode() for i in range(5)]
+    assert c.append_message("file", b"next") == 5
+    mem = c.describe_message_stream("mem")
+    assert mem.definition.persistence == Persistence.Memory
+    assert mem.storage_status.newest_sequence_number == -1
+    c.close()
+
+
+def test_sigkill_right_after_acks_loses_nothing(mooring):
+    admin = client_for(mooring)
+    admin.create_message_stream(definition("crash", flush_on_write=True, stream_segment_size=64 * 1024))
+    admin.close()
+    acked = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(w):
+        c = client_for(mooring, request_timeout=5)
+        i = 0
+        while not stop.is_set():
+            payload = f"writer {w} message {i} ".encode() * 8
+            try:
+                seq = c.append_message("crash", payload)
+            except Exception:  # noqa: BLE001 - the server is being killed
+                return
+            with lock:
+                acked[seq] = payload
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(w,), daemon=True) for w in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    mooring.kill()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert len(acked) > 50, len(acked)
+    mooring.start()
+    c = client_for(mooring)
+    stored = {m.sequence_number: m.payload for m in read_all(c, "crash")}
+    missing = [seq for seq in acked if stored.get(seq) != acked[seq]]
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
+    # Sequence numbers continue after the newest stored message, never reused.
+    newest = c.describe_message_stream("crash").storage_status.newest_sequence_number
+    assert newest >= max(acked)
+    assert c.append_message("crash", b"after restart") == newest + 1
+    c.close()
+
+
+def test_torn_tail_is_truncated_on_restart(mooring):
+    c = client_for(mooring)
+    c.create_message_stream(definition("torn"))
+    for i in range(10):
+        c.append_message("torn", f"record {i}".encode() * 10)
+    c.close()
+    mooring.stop()
+    seg_dir = mooring.data_dir / "streams" / b"torn".hex()
+    segments = sorted(seg_dir.glob("*.seg"))
+    assert segments and segments[-1].name == "00000000000000000000.seg"
+    last = segments[-1]
+    size = last.stat().st_size
+    with open(last, "r+b") as f:
+        f.truncate(size - 30)  # cut the last record in the middle of its payload
+    mooring.start()
+    c = client_for(mooring)
+    got = read_all(c, "torn")
+    assert [m.payload for m in got] == [f"record {i}".encode() * 10 for i in range(9)]
+    status = c.describe_message_stream("torn").storage_status
+    assert status.newest_sequence_number == 8
+    assert c.append_message("torn", b"fresh") == 9
+    assert last.stat().st_size == status.total_bytes + 24 + len(b"fresh")
+    c.close()
+
+
+# --- protocol details the SDK cannot produce ----------------------------------------------
+
+
+JAVA_CONNECT = bytes.fromhex(
+    "010000008f01bf69726571756573744964782431356630623238352d62646164"
+    "2d343037632d623738322d3136656263383230303463336f70726f746f636f6c"
+    "56657273696f6e65312e312e30781e6f74686572537570706f7274656450726f"
+    "746f636f6c56657273696f6e738165312e302e306a73646b56657273696f6e65"
+    "312e312e306961757468546f6b656e63746f6bff")
+JAVA_APPEND = bytes.fromhex(
+    "0000005104bf69726571756573744964782432616234343730662d633963662d"
+    "343032312d386633622d323633306530353337636161646e616d656a54657374"
+    "53747265616d677061796c6f61644568656c6c6fff")
+NODE_CONNECT = bytes.fromhex(
+    "010000005c01a46972657175657374496461206f70726f746f636f6c56657273696f6e65312e312e30781e6f746865"
+    "72537570706f7274656450726f746f636f6c56657273696f6e738165312e302e306a73646b56657273696f6e65312e"
+    "312e30")
+NODE_APPEND = bytes.fromhex(
+    "0000002404a3697265717565737449646120646e616d65627331677061796c6f61644568656c6c6f")
+
+
+def raw(m):
+    s = socket.create_connection(("127.0.0.1", sm_port(m)), timeout=10)
+    conn = RawConnection.__new__(RawConnection)
+    conn.sock = s
+    return conn
+
+
+def test_java_sdk_frames_replayed_byte_for_byte(sm, mooring):
+    sm.create_message_stream(definition("TestStream"))
+    conn = raw(mooring)
+    # Header and payload split across writes, as the SDKs do.
+    conn.sock.sendall(JAVA_CONNECT[:1])
+    time.sleep(0.05)
+    conn.sock.sendall(JAVA_CONNECT[1:6])
+    time.sleep(0.05)
+    conn.sock.sendall(JAVA_CONNECT[6:])
+    op, resp = conn.handshake()
+    assert op == 6
+    assert resp["status"] == 0
+    assert resp["requestId"] == "15f0b285-bdad-407c-b782-16ebc82004c3"
+    assert resp["protocolVersion"] == "1.1.0"
+    assert resp["supportedProtocolVersions"] == ["1.0.0", "1.1.0"]
+    assert resp["clientIdentifier"]
+    conn.sock.sendall(JAVA_APPEND)
+    op, resp = conn.recv_frame()
+    assert op == 9
+    assert resp == {"requestId": "2ab4470f-c9cf-4021-8f3b-2630e0537caa", "status": 0, "sequenceNumber": 0}
+    conn.close()
+    assert sm.read_messages("TestStream")[0].payload == b"hello"
+
+
+def test_node_sdk_duplicate_request_ids_are_fine(sm, mooring):
+    sm.create_message_stream(definition("s1"))
+    conn = raw(mooring)
+    conn.sock.sendall(NODE_CONNECT)
+    op, resp = conn.handshake()
+    assert (op, resp["status"], resp["requestId"]) == (6, 0, " ")
+    conn.sock.sendall(NODE_APPEND + NODE_APPEND)
+    responses = [conn.recv_frame(), conn.recv_frame()]
+    assert sorted(r["sequenceNumber"] for _, r in responses) == [0, 1]
+    assert all(op == 9 and r["requestId"] == " " for op, r in responses)
+    conn.close()
+
+
+def test_unknown_operation_and_bad_payloads(mooring):
+    conn = RawConnection(mooring)
+    op, resp = conn.handshake()
+    assert resp["status"] == 0
+    conn.send(42, cbor2.dumps({"requestId": "x"}))
+    op, resp = conn.recv_frame()
+    assert op == 17
+    assert resp["requestId"] == "x" and resp["status"] == 18 and resp["errorMessage"]
+    # A response code sent as a request is unknown too.
+    conn.send(9, cbor2.dumps({"requestId": "y"}))
+    assert conn.recv_frame()[0] == 17
+    # Wrong types and server-side validation: InvalidRequest on the operation's response.
+    conn.send(4, cbor2.dumps({"requestId": "a", "name": 7, "payload": b"x"}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["requestId"], resp["status"]) == (9, "a", 3)
+    conn.send(2, cbor2.dumps({"requestId": "b", "definition": {"name": "tiny", "maxSize": 10,
+                                                                 "strategyOnFull": 0}}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["status"]) == (7, 3) and "maxSize" in resp["errorMessage"]
+    conn.send(2, cbor2.dumps({"requestId": "c", "definition": {"name": "bad/name", "strategyOnFull": 0}}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["status"]) == (7, 3) and "name" in resp["errorMessage"]
+    conn.send(5, cbor2.dumps({"requestId": "d", "streamName": "nope",
+                              "readMessagesOptions": {"minMessageCount": 5, "maxMessageCount": 1}}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["status"]) == (10, 3)
+    # Null is treated as absent; unknown keys are ignored.
+    conn.send(2, cbor2.dumps({"requestId": "e", "future": 1, "definition": {
+        "name": "nulls", "strategyOnFull": 1, "timeToLiveMillis": None, "exportDefinition": None}}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["status"]) == (7, 0), resp
+    conn.send(4, cbor2.dumps({"requestId": "f", "name": "nulls", "payload": b""}))
+    op, resp = conn.recv_frame()
+    assert (op, resp["status"]) == (9, 3)
+    # Undecodable payload without a request id: the connection is closed, the server lives on.
+    conn.send(4, b"\xff\xfe")
+    assert conn.closed()
+    c = client_for(mooring)
+    assert "nulls" in c.list_streams()
+    c.close()
+
+
+def test_handshake_refusals(mooring):
+    conn = RawConnection(mooring, version_byte=2)
+    op, resp = conn.handshake()
+    assert (op, resp["status"]) == (6, 8)
+    assert conn.closed()
+    conn = RawConnection(mooring, op=11)
+    op, resp = conn.handshake()
+    assert (op, resp["status"]) == (6, 9)
+    conn = RawConnection(mooring, connect={"requestId": "v", "protocolVersion": "banana"})
+    assert conn.handshake()[1]["status"] == 11
+    conn = RawConnection(mooring, connect={"requestId": "v", "protocolVersion": "9.9.9"})
+    assert conn.handshake()[1]["status"] == 10
+    # An oversized length field closes the connection.
+    conn = RawConnection(mooring)
+    assert conn.handshake()[1]["status"] == 0
+    conn.sock.sendall(struct.pack(">i", (1 << 30) + 1))
+    assert conn.closed()
+
+
+def test_auth_token_is_checked_when_required(mooring_factory, monkeypatch):
+    m = mooring_factory(extra_args=["--set", "stream_manager.require_auth=true",
+                                    "--set", "stream_manager.auth_token=s3cret"])
+    monkeypatch.delenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", raising=False)
+    with pytest.raises(ConnectFailedException):
+        client_for(m)
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "wrong")
+    with pytest.raises(ConnectFailedException):
+        client_for(m)
+    # Java sends "" when the variable is unset: treated as missing.
+    conn = RawConnection(m, connect={"requestId": "j", "protocolVersion": "1.1.0", "authToken": ""})
+    assert conn.handshake()[1]["status"] == 2
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "s3cret")
+    c = client_for(m)
+    assert c.list_streams() == []
+    c.close()
+
+
+def test_auth_is_off_by_default(mooring, monkeypatch):
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "anything")
+    c = client_for(mooring)
+    assert c.list_streams() == []
+    c.close()
+
+
+def test_sdk_honours_the_port_environment_variable(mooring, monkeypatch):
+    monkeypatch.setenv("STREAM_MANAGER_SERVER_PORT", str(sm_port(mooring)))
+    c = StreamManagerClient()
+    assert c.list_streams() == []
+    c.close()
+
+
+# --- exports -------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto():
+    port = free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+
+
+def export_args(moto_url=None, s3=False):
+    args = ["--set", "streams.retry_initial_millis=200", "--set", "streams.retry_max_millis=1000",
+            "--set", "streams.access_key_id=testing", "--set", "streams.secret_access_key=testing",
+            "--set", "streams.region=us-east-1"]
+    if moto_url:
+        args += ["--set", f"streams.kinesis_endpoint={moto_url}"]
+    if moto_url and s3:
+        args += ["--set", f"streams.s3_endpoint={moto_url}"]
+    return args
+
+
+def wait_for(predicate, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kinesis_records(kinesis, name):
+    shard = kinesis.describe_stream(StreamName=name)["StreamDescription"]["Shards"][0]["ShardId"]
+    it = kinesis.get_shard_iterator(StreamName=name, ShardId=shard,
+                                    ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    out = []
+    while True:
+        resp = kinesis.get_records(ShardIterator=it, Limit=1000)
+        out.extend(resp["Records"])
+        if not resp["Records"]:
+            return out
+        it = resp["NextShardIterator"]
+
+
+def test_kinesis_export_against_moto(mooring_factory, moto, tmp_path):
+    kinesis = boto3.client("kinesis", endpoint_url=moto, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+    kinesis.create_stream(StreamName="ks", ShardCount=1)
+    m = mooring_factory(extra_args=export_args(moto))
+    c = client_for(m)
+    c.create_message_stream(definition("to-kinesis", export_definition=ExportDefinition(
+        kinesis=[KinesisConfig(identifier="k1", kinesis_stream_name="ks", batch_size=10)])))
+    payloads = [f"reading {i}".encode() for i in range(25)]
+    for p in payloads:
+        c.append_message("to-kinesis", p)
+
+    def exported():
+        [status] = c.describe_message_stream("to-kinesis").export_statuses
+        return status if status.last_exported_sequence_number == 24 else None
+
+    status = wait_for(exported, what="kinesis export")
+    assert status.export_config_identifier == "k1"
+    assert status.exported_messages_count == 25
+    assert status.exported_bytes_from_stream == sum(len(p) for p in payloads)
+    assert status.error_message is None
+    assert status.last_export_time > 0
+    records = kinesis_records(kinesis, "ks")
+    assert [r["Data"] for r in records] == payloads
+    keys = [r["PartitionKey"] for r in records]
+    assert len(set(keys)) == 25 and all(len(k) == 36 and k.count("-") == 4 for k in keys)
+
+    # The checkpoint is persisted: after a restart nothing is sent twice, new data follows.
+    c.close()
+    m.restart()
+    c = client_for(m)
+    c.append_message("to-kinesis", b"after restart")
+    wait_for(lambda: c.describe_message_stream("to-kinesis").export_statuses[0]
+             .last_exported_sequence_number == 25, what="export after restart")
+    assert [r["Data"] for r in kinesis_records(kinesis, "ks")] == payloads + [b"after restart"]
+    c.close()
+
+
+def test_kinesis_export_to_missing_stream_retries_and_reports(mooring_factory, moto):
+    kinesis = boto3.client("kinesis", endpoint_url=moto, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+    m = mooring_factory(extra_args=export_args(moto))
+    c = client_for(m)
+    c.create_message_stream(definition("late", export_definition=ExportDefinition(
+        kinesis=[KinesisConfig(identifier="k", kinesis_stream_name="not-yet")])))
+    c.append_message("late", b"waiting")
+    status = wait_for(lambda: c.describe_message_stream("late").export_statuses[0].error_message,
+                      what="an export error")
+    assert "ResourceNotFound" in status or "not-yet" in status, status
+    assert c.describe_message_stream("late").export_statuses[0].last_exported_sequence_number == -1
+    kinesis.create_stream(StreamName="not-yet", ShardCount=1)
+    wait_for(lambda: c.describe_message_stream("late").export_statuses[0]
+             .last_exported_sequence_number == 0, what="the retry to succeed")
+    assert [r["Data"] for r in kinesis_records(kinesis, "not-yet")] == [b"waiting"]
+    assert c.describe_message_stream("late").export_statuses[0].error_message is None
+    c.close()
+
+
+class Capture(http.server.BaseHTTPRequestHandler):
+    """Records POSTs; fails the first `failures` of them with 503."""
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        server = self.server
+        with server.lock:
+            server.attempts += 1
+            fail = server.attempts <= server.failures
+            if not fail:
+                server.bodies.append((self.headers["Content-Type"], body))
+        self.send_response(503 if fail else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def capture():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    server.lock = threading.Lock()
+    server.attempts = 0
+    server.failures = 0
+    server.bodies = []
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield server
+    server.shutdown()
+
+
+def test_http_export_backs_off_and_resumes_without_gaps(mooring_factory, capture):
+    import json
+
+    capture.failures = 3
+    m = mooring_factory(extra_args=export_args())
+    c = client_for(m)
+    uri = f"http://127.0.0.1:{capture.server_address[1]}/ingest"
+    c.create_message_stream(definition("h", export_definition=ExportDefinition(http=[
+        HTTPConfig(identifier="raw", uri=uri, batch_size=5),
+    ])))
+    for i in range(12):
+        c.append_message("h", f"h{i}".encode())
+    wait_for(lambda: c.describe_message_stream("h").export_statuses[0].last_exported_sequence_number == 11,
+             what="http export")
+    assert capture.attempts >= 3 + 12
+    raw_bodies = [b for ct, b in capture.bodies if ct == "application/octet-stream"]
+    assert raw_bodies == [f"h{i}".encode() for i in range(12)]
+    status = c.describe_message_stream("h").export_statuses[0]
+    assert status.exported_messages_count == 12 and status.error_message is None
+
+    # JSON_BATCHED, disabled and re-enabled through UpdateMessageStream.
+    capture.bodies.clear()
+    c.update_message_stream(definition("h", export_definition=ExportDefinition(http=[
+        HTTPConfig(identifier="raw", uri=uri, batch_size=5),
+        HTTPConfig(identifier="json", uri=uri, batch_size=20, export_format=ExportFormat.JSON_BATCHED,
+                   disabled=True, start_sequence_number=10),
+    ])))
+    time.sleep(1.0)
+    assert capture.bodies == []
+    statuses = {s.export_config_identifier: s for s in c.describe_message_stream("h").export_statuses}
+    assert statuses["json"].last_exported_sequence_number == 9
+    c.update_message_stream(definition("h", export_definition=ExportDefinition(http=[
+        HTTPConfig(identifier="raw", uri=uri, batch_size=5),
+        HTTPConfig(identifier="json", uri=uri, batch_size=20, export_format=ExportFormat.JSON_BATCHED,
+                   start_sequence_number=10),
+    ])))
+    wait_for(lambda: capture.bodies, what="json batch")
+    ct, body = capture.bodies[0]
+    assert ct == "application/json"
+    batch = json.loads(body)
+    assert [(e["streamName"], e["sequenceNumber"]) for e in batch] == [("h", 10), ("h", 11)]
+    import base64
+    assert [base64.b64decode(e["payload"]) for e in batch] == [b"h10", b"h11"]
+    assert all(e["ingestTime"] > 0 for e in batch)
+    c.close()
+
+
+def test_s3_export_tasks_against_moto(mooring_factory, moto, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="export-bucket")
+    m = mooring_factory(extra_args=export_args(moto, s3=True))
+    c = client_for(m)
+    c.create_message_stream(definition("statuses", persistence=Persistence.Memory))
+    c.create_message_stream(definition("files", export_definition=ExportDefinition(
+        s3_task_executor=[S3ExportTaskExecutorConfig(
+            identifier="s3",
+            size_threshold_for_multipart_upload_bytes=5 * 1024 * 1024,
+            status_config=StatusConfig(status_level=StatusLevel.INFO, status_stream_name="statuses"),
+        )])))
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"hello from the edge\n")
+    large = tmp_path / "large.bin"
+    large_bytes = os.urandom(6 * 1024 * 1024 + 123)
+    large.write_bytes(large_bytes)
+    tasks = [
+        S3ExportTaskDefinition(input_url=f"file://{small}", bucket="export-bucket",
+                               key="logs/!{timestamp:yyyy}/!{timestamp:MM}/small.txt",
+                               user_metadata={"device": "pump-7"}),
+        S3ExportTaskDefinition(input_url=f"file:{large}", bucket="export-bucket", key="big/large.bin"),
+        S3ExportTaskDefinition(input_url=f"file://{tmp_path}/missing.txt", bucket="export-bucket", key="x"),
+        S3ExportTaskDefinition(input_url=f"file://{small}", bucket="no-such-bucket", key="y"),
+    ]
+    for task in tasks:
+        c.append_message("files", Util.validate_and_serialize_to_json_bytes(task))
+
+    wait_for(lambda: c.describe_message_stream("files").export_statuses[0]
+             .last_exported_sequence_number == 3, timeout=60, what="all S3 tasks")
+    status = c.describe_message_stream("files").export_statuses[0]
+    assert status.exported_messages_count == 2
+    assert "no-such-bucket" in (status.error_message or "") or "NoSuchBucket" in (status.error_message or "")
+
+    year, month = time.strftime("%Y %m", time.gmtime()).split()
+    obj = s3.get_object(Bucket="export-bucket", Key=f"logs/{year}/{month}/small.txt")
+    assert obj["Body"].read() == b"hello from the edge\n"
+    assert obj["Metadata"] == {"device": "pump-7"}
+    big = s3.get_object(Bucket="export-bucket", Key="big/large.bin")
+    assert big["Body"].read() == large_bytes
+    assert "-" in big["ETag"], "expected a multipart upload ETag"
+
+    messages = [Util.deserialize_json_bytes_to_obj(m.payload, StatusMessage) for m in read_all(c, "statuses")]
+    by_task = {}
+    for msg in messages:
+        assert msg.status_context.stream_name == "files"
+        assert msg.status_context.export_identifier == "s3"
+        by_task.setdefault(msg.status_context.sequence_number, []).append(msg.status)
+    assert by_task[0] == [Status.InProgress, Status.Success]
+    assert by_task[1] == [Status.InProgress, Status.Success]
+    assert by_task[2] == [Status.InProgress, Status.Failure]
+    assert by_task[3] == [Status.InProgress, Status.Failure]
+    first = messages[0]
+    assert first.status_context.s3_export_task_definition.bucket == "export-bucket"
+    assert first.timestamp_epoch_ms > 0
+    c.close()
