@@ -201,7 +201,10 @@ async fn call(
     let request = request
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    sender.ready().await.unwrap();
+    if sender.ready().await.is_err() {
+        // The peer closed the connection (moto's development server does not keep alive).
+        *sender = connection(port).await;
+    }
     let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
