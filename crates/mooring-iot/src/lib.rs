@@ -8,6 +8,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod broker_bridge;
 pub mod config;
 pub mod engine;
 pub mod model;

@@ -88,10 +88,16 @@ pub async fn serve(config: Config) -> Result<()> {
     let broker = mooring_mqtt::start(&ctx)?;
     let stream_manager = mooring_streams::StreamManagerService::start(&ctx)
         .context("starting the stream manager")?;
-    let mut services: Vec<Arc<dyn AwsService>> = aws_services(&ctx)?;
-    services.push(Arc::new(mooring_mqtt::websocket::MqttOverWebSocket::new(
-        broker.clone(),
-    )));
+    let iot = mooring_iot::Iot::start(&ctx).context("starting the IoT rules engine")?;
+    mooring_iot::broker_bridge::connect(&broker, iot.engine.clone());
+    let services: Vec<Arc<dyn AwsService>> = vec![
+        iot.service.clone(),
+        mooring_video::VideoService::new(&ctx)?,
+        mooring_events::EventsService::start(&ctx).context("starting the event bus")?,
+        Arc::new(mooring_mqtt::websocket::MqttOverWebSocket::new(
+            broker.clone(),
+        )),
+    ];
     let service_names = services.iter().map(|s| s.name()).collect::<Vec<_>>();
     let front_door = FrontDoor::new(
         FrontDoorConfig {
@@ -183,18 +189,6 @@ pub async fn serve(config: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The AWS APIs served over HTTP, in routing order. Services register here as they land.
-fn aws_services(ctx: &ServiceContext) -> Result<Vec<Arc<dyn AwsService>>> {
-    let mut services: Vec<Arc<dyn AwsService>> = Vec::new();
-    // IoT control plane and rules engine. The broker calls `iot.engine.on_message` for every
-    // publish once it is wired in.
-    let iot = mooring_iot::Iot::start(ctx).context("starting the IoT rules engine")?;
-    services.push(iot.service.clone());
-    services.push(mooring_video::VideoService::new(ctx)?);
-    services.push(mooring_events::EventsService::start(ctx).context("starting the event bus")?);
-    Ok(services)
 }
 
 async fn bind(name: &str, addr: &str) -> Result<Option<TcpListener>> {
