@@ -144,6 +144,14 @@ fn with_token(mut out: Map<String, Value>, next: Option<String>) -> Value {
     Value::Object(out)
 }
 
+/// One page of a List* operation: `{key: [...], "NextToken": ...}`.
+fn list_response(key: &str, items: Vec<Value>, input: &Value) -> EventsResult<Value> {
+    let (items, next) = page(items, input)?;
+    let mut out = Map::new();
+    out.insert(key.into(), Value::Array(items));
+    Ok(with_token(out, next))
+}
+
 fn internal(e: impl std::fmt::Display) -> EventsError {
     EventsError::internal(format!("storage failure: {e}"))
 }
@@ -366,10 +374,7 @@ fn list_event_buses(events: &Arc<Events>, input: &Value) -> EventsResult<Value> 
             .map(|b| render_bus(&b.bus, false))
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("EventBuses".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("EventBuses", items, input)
 }
 
 fn update_event_bus(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -548,10 +553,7 @@ fn list_rules(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
             .map(|r| render_rule(r, false))
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("Rules".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("Rules", items, input)
 }
 
 fn delete_rule(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -784,10 +786,7 @@ fn list_targets_by_rule(events: &Arc<Events>, input: &Value) -> EventsResult<Val
             .ok_or_else(|| rule_not_found(rule_name, &bus_name))?;
         rule.targets.clone()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("Targets".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("Targets", items, input)
 }
 
 fn list_rule_names_by_target(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -805,10 +804,7 @@ fn list_rule_names_by_target(events: &Arc<Events>, input: &Value) -> EventsResul
             .map(|r| json!(r.name))
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("RuleNames".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("RuleNames", items, input)
 }
 
 fn test_event_pattern(input: &Value) -> EventsResult<Value> {
@@ -934,10 +930,7 @@ fn list_archives(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
         .iter()
         .map(|a| render_archive(events, a, false))
         .collect::<EventsResult<Vec<_>>>()?;
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("Archives".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("Archives", items, input)
 }
 
 fn update_archive(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -1117,10 +1110,7 @@ fn list_replays(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
             .map(|r| render_replay(r, false))
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("Replays".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("Replays", items, input)
 }
 
 fn cancel_replay(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -1326,10 +1316,7 @@ fn list_connections(events: &Arc<Events>, input: &Value) -> EventsResult<Value> 
             .map(render_connection_summary)
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("Connections".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("Connections", items, input)
 }
 
 fn update_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
@@ -1557,10 +1544,7 @@ fn list_api_destinations(events: &Arc<Events>, input: &Value) -> EventsResult<Va
             })
             .collect()
     };
-    let (items, next) = page(items, input)?;
-    let mut out = Map::new();
-    out.insert("ApiDestinations".into(), Value::Array(items));
-    Ok(with_token(out, next))
+    list_response("ApiDestinations", items, input)
 }
 
 fn update_api_destination(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
