@@ -11,7 +11,7 @@ use crate::delivery::TargetKind;
 use crate::model::{
     bus_name_from, check_name, compact, compile_pattern, envelope, epoch, parse_tags, render_tags,
     route, validate_entry, ApiDestination, Archive, Bus, BusState, Connection, EventsError,
-    EventsResult, Replay, Rule,
+    EventsResult, Replay, Rule, State,
 };
 use crate::schedule;
 use crate::store::IngestBatch;
@@ -142,6 +142,31 @@ fn with_token(mut out: Map<String, Value>, next: Option<String>) -> Value {
         out.insert("NextToken".into(), json!(token));
     }
     Value::Object(out)
+}
+
+/// The rule `rule_name` on bus `bus_name`, or the not-found error for whichever is missing.
+fn rule_in<'a>(state: &'a State, bus_name: &str, rule_name: &str) -> EventsResult<&'a Rule> {
+    state
+        .buses
+        .get(bus_name)
+        .ok_or_else(|| bus_not_found(bus_name))?
+        .rules
+        .get(rule_name)
+        .ok_or_else(|| rule_not_found(rule_name, bus_name))
+}
+
+fn rule_in_mut<'a>(
+    state: &'a mut State,
+    bus_name: &str,
+    rule_name: &str,
+) -> EventsResult<&'a mut Rule> {
+    state
+        .buses
+        .get_mut(bus_name)
+        .ok_or_else(|| bus_not_found(bus_name))?
+        .rules
+        .get_mut(rule_name)
+        .ok_or_else(|| rule_not_found(rule_name, bus_name))
 }
 
 /// One page of a List* operation: `{key: [...], "NextToken": ...}`.
@@ -700,14 +725,7 @@ fn put_targets(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
         ));
     }
     let mut state = events.state.lock().expect("state lock");
-    let bus = state
-        .buses
-        .get_mut(&bus_name)
-        .ok_or_else(|| bus_not_found(&bus_name))?;
-    let rule = bus
-        .rules
-        .get_mut(rule_name)
-        .ok_or_else(|| rule_not_found(rule_name, &bus_name))?;
+    let rule = rule_in_mut(&mut state, &bus_name, rule_name)?;
     let mut merged: BTreeMap<String, Value> = rule
         .targets
         .iter()
@@ -754,14 +772,7 @@ fn remove_targets(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
         ));
     }
     let mut state = events.state.lock().expect("state lock");
-    let bus = state
-        .buses
-        .get_mut(&bus_name)
-        .ok_or_else(|| bus_not_found(&bus_name))?;
-    let rule = bus
-        .rules
-        .get_mut(rule_name)
-        .ok_or_else(|| rule_not_found(rule_name, &bus_name))?;
+    let rule = rule_in_mut(&mut state, &bus_name, rule_name)?;
     let mut updated = rule.clone();
     updated
         .targets
@@ -776,14 +787,7 @@ fn list_targets_by_rule(events: &Arc<Events>, input: &Value) -> EventsResult<Val
     let bus_name = bus_param(input, "EventBusName")?;
     let items = {
         let state = events.state.lock().expect("state lock");
-        let bus = state
-            .buses
-            .get(&bus_name)
-            .ok_or_else(|| bus_not_found(&bus_name))?;
-        let rule = bus
-            .rules
-            .get(rule_name)
-            .ok_or_else(|| rule_not_found(rule_name, &bus_name))?;
+        let rule = rule_in(&state, &bus_name, rule_name)?;
         rule.targets.clone()
     };
     list_response("Targets", items, input)
