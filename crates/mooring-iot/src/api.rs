@@ -1,8 +1,10 @@
 //! The `iot` REST operations: one function per operation (parse, call the model, render),
 //! and the table of method and path patterns that routes requests to them.
 //!
-//! The table is the one place an operation is registered, so things, certificates,
-//! policies and jobs can join the same restJson1 service by adding rows.
+//! The table is the one place an operation is registered: each part of the control plane
+//! (rules here, things in [`crate::registry`], and so on) contributes its own rows, and
+//! [`routes`] joins them. When two patterns match a path, the one with more literal
+//! segments wins, so `/thing-groups/addThingToThingGroup` beats `/thing-groups/{name}`.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use crate::model::{parse_tagging, RuleError, StoredRule, TopicRulePayload, Topic
 /// What the operations share.
 pub struct IotState {
     pub rules: TopicRules,
+    pub things: crate::registry::things::ThingRegistry,
 }
 
 /// Path parameters captured by a route (`{ruleName}` and friends), percent-decoded.
@@ -35,6 +38,8 @@ impl PathParams {
 
 pub type OperationResult = Result<Response<Body>, AwsError>;
 pub type Handler = fn(Arc<IotState>, AwsRequest, PathParams) -> BoxFuture<'static, OperationResult>;
+/// One row of a routing table: method, path pattern, operation name, handler.
+pub type RouteRow = (Method, &'static str, &'static str, Handler);
 
 #[derive(Debug, Clone, PartialEq)]
 enum Segment {
@@ -56,13 +61,13 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(table: &[(Method, &'static str, &'static str, Handler)]) -> Router {
+    pub fn new(table: Vec<RouteRow>) -> Router {
         let routes = table
-            .iter()
+            .into_iter()
             .map(|(method, pattern, operation, handler)| Route {
-                method: method.clone(),
+                method,
                 operation,
-                handler: *handler,
+                handler,
                 segments: pattern
                     .trim_matches('/')
                     .split('/')
@@ -81,6 +86,7 @@ impl Router {
     /// The route for `method` and raw `path`, with its parameters.
     pub fn find(&self, method: &Method, path: &str) -> Option<(&Route, PathParams)> {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let mut best: Option<(usize, &Route, PathParams)> = None;
         'routes: for route in &self.routes {
             if route.method != *method || route.segments.len() != parts.len() {
                 continue;
@@ -101,15 +107,25 @@ impl Router {
                     }
                 }
             }
-            return Some((route, PathParams(params)));
+            let literals = route.segments.len() - params.len();
+            if best.as_ref().is_none_or(|(b, _, _)| literals > *b) {
+                best = Some((literals, route, PathParams(params)));
+            }
         }
-        None
+        best.map(|(_, route, params)| (route, params))
     }
 }
 
 /// The operations of the `iot` service that Mooring implements.
 pub fn routes() -> Router {
-    Router::new(&[
+    let mut table = rule_routes();
+    table.extend(crate::registry::api::routes());
+    Router::new(table)
+}
+
+/// The topic rule operations.
+fn rule_routes() -> Vec<RouteRow> {
+    vec![
         (Method::GET, "/rules", "ListTopicRules", list_topic_rules),
         (
             Method::POST,
@@ -147,7 +163,7 @@ pub fn routes() -> Router {
             "DeleteTopicRule",
             delete_topic_rule,
         ),
-    ])
+    ]
 }
 
 /// Renders a model error as AWS IoT answers it.
@@ -176,7 +192,7 @@ pub fn rule_error(e: RuleError) -> AwsError {
     }
 }
 
-fn empty_ok() -> OperationResult {
+pub fn empty_ok() -> OperationResult {
     Ok(json_response(Protocol::RestJson1, &json!({})))
 }
 
@@ -416,7 +432,8 @@ mod tests {
             "a b"
         );
         assert!(find(Method::PUT, "/rules/r").is_none());
-        assert!(find(Method::GET, "/things").is_none());
+        assert_eq!(find(Method::GET, "/things").unwrap().0, "ListThings");
+        assert!(find(Method::GET, "/unknown").is_none());
         assert!(find(Method::POST, "/rules/r/other").is_none());
     }
 }

@@ -5,6 +5,7 @@
 //! database, [`api`] and [`service`] serve the `iot` REST API (CreateTopicRule and friends)
 //! behind the front door, [`engine`] runs rules against published messages, and [`actions`]
 //! carries out what the rules ask for (republish, HTTP, local functions, streams).
+//! [`registry`] holds things and the other registry resources.
 
 pub mod actions;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod broker_bridge;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod registry;
 pub mod service;
 pub mod sql;
 pub mod store;

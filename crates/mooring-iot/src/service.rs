@@ -17,6 +17,7 @@ use crate::api::{self, IotState, Router};
 use crate::config::IotConfig;
 use crate::engine::RulesEngine;
 use crate::model::TopicRules;
+use crate::registry::things::ThingRegistry;
 use crate::store::SqliteRuleStore;
 
 /// The `iot` control-plane API.
@@ -83,6 +84,7 @@ pub struct Iot {
     pub service: Arc<IotService>,
     pub engine: Arc<RulesEngine>,
     pub rules: TopicRules,
+    pub things: ThingRegistry,
 }
 
 impl Iot {
@@ -103,16 +105,20 @@ impl Iot {
             .load_into_engine_blocking()
             .map_err(|e| anyhow::anyhow!("loading topic rules: {e}"))?;
         tracing::info!(rules = loaded, "rules engine started");
+        let things = ThingRegistry::open(ctx.db.clone(), ctx.arns.clone())
+            .context("opening the thing registry")?;
         let service = Arc::new(IotService {
             router: api::routes(),
             state: Arc::new(IotState {
                 rules: rules.clone(),
+                things: things.clone(),
             }),
         });
         Ok(Iot {
             service,
             engine,
             rules,
+            things,
         })
     }
 }
