@@ -3,7 +3,9 @@
 //! 1. Matcher throughput: one simple event against rule sets of 10, 1,000 and 10,000 rules
 //!    that require other `source` values (plus one rule that matches), single thread; prints
 //!    matches per second and the slowdown from 10 to 10,000 rules (target: ≥ 1,000,000/s per
-//!    core and < 1.5×).
+//!    core and < 1.5×), beside moto's matcher on the same rules and event in the same run
+//!    (a Python child: `BENCH_PYTHON`, else `.venv/bin/python`, else
+//!    `/tmp/venv-probe/bin/python`), with the ratio.
 //! 2. PutEvents end to end over loopback HTTP: the `mooring` binary (`MOORING_BIN`, else
 //!    `target/release/mooring`, else `target/debug/mooring`; started with `--auth none`) and
 //!    moto's `moto_server` (`MOTO_SERVER`, else `.venv/bin/moto_server`, else
@@ -22,38 +24,113 @@ use mooring_events::pattern;
 use mooring_events::ruleset::RuleSet;
 use serde_json::{json, Value};
 
-fn matcher_bench() {
-    let event = json!({
+/// The bench's rule set of `rules` patterns: all but one require another `source`.
+fn bench_patterns(rules: usize) -> Vec<String> {
+    let mut patterns: Vec<String> = (0..rules - 1)
+        .map(|i| {
+            format!(
+                r#"{{"source":["svc-{i}"],"detail":{{"temperature":[{{"numeric":[">",{i}]}}]}}}}"#
+            )
+        })
+        .collect();
+    patterns.push(r#"{"source":["sensor.hub"],"detail":{"room":["lab"]}}"#.to_string());
+    patterns
+}
+
+fn bench_event() -> Value {
+    json!({
         "version": "0", "id": "6a7e8feb-b491-4cf7-a9f1-bf3703467718", "detail-type": "reading",
         "source": "sensor.hub", "account": "000000000000", "time": "2026-01-01T00:00:00Z",
         "region": "us-east-1", "resources": [], "detail": {"temperature": 21.5, "room": "lab"}
-    });
+    })
+}
+
+/// moto's matcher (what moto_server routes with): each event is tested against every rule's
+/// `EventPattern.matches_event`, as moto does. Prints "<events/s>" for the rule count given.
+const MOTO_MATCHER: &str = r#"
+import json, sys, time
+from moto.events.models import EventPattern
+patterns = [EventPattern.load(p) for p in json.loads(sys.stdin.read())]
+event = json.loads(sys.argv[1])
+seconds = float(sys.argv[2])
+n = 0
+start = time.perf_counter()
+while True:
+    hits = sum(1 for p in patterns if p.matches_event(event))
+    assert hits == 1, hits
+    n += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= seconds:
+        break
+print(n / elapsed)
+"#;
+
+fn venv_python(repo: &Path) -> Option<PathBuf> {
+    std::env::var_os("BENCH_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            first_existing(&[
+                repo.join(".venv/bin/python"),
+                PathBuf::from("/tmp/venv-probe/bin/python"),
+            ])
+        })
+}
+
+/// Events per second moto's matcher sustains against `patterns`, or None without moto.
+fn moto_matcher_rate(python: &Path, patterns: &[String], seconds: f64) -> Option<f64> {
+    use std::io::Write;
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            MOTO_MATCHER,
+            &bench_event().to_string(),
+            &seconds.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    child
+        .stdin
+        .take()?
+        .write_all(serde_json::to_string(patterns).ok()?.as_bytes())
+        .ok()?;
+    let out = child.wait_with_output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+fn matcher_bench() {
+    let event = bench_event();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = venv_python(&repo);
     let mut rates = Vec::new();
     for rules in [10usize, 1_000, 10_000] {
         let mut set = RuleSet::new();
-        for i in 0..rules - 1 {
-            let p = format!(
-                r#"{{"source":["svc-{i}"],"detail":{{"temperature":[{{"numeric":[">",{i}]}}]}}}}"#
-            );
-            set.insert(i, Arc::new(pattern::parse(&p).unwrap()));
+        for (i, p) in bench_patterns(rules).iter().enumerate() {
+            set.insert(i, Arc::new(pattern::parse(p).unwrap()));
         }
-        set.insert(
-            rules - 1,
-            Arc::new(
-                pattern::parse(r#"{"source":["sensor.hub"],"detail":{"room":["lab"]}}"#).unwrap(),
-            ),
-        );
-        let iterations = 1_000_000;
+        let iterations = 2_000_000;
         let start = Instant::now();
         let mut hits = 0usize;
         for _ in 0..iterations {
-            hits += set.matching(std::hint::black_box(&event)).len();
+            set.for_each_match(std::hint::black_box(&event), |_| hits += 1);
         }
         let elapsed = start.elapsed();
         assert_eq!(hits, iterations);
         let rate = iterations as f64 / elapsed.as_secs_f64();
+        let peer = python
+            .as_deref()
+            .and_then(|py| moto_matcher_rate(py, &bench_patterns(rules), 2.0));
+        let versus = match peer {
+            Some(moto) => format!(
+                "moto's matcher {moto:>9.0} events/s, ratio {:.0}x",
+                rate / moto
+            ),
+            None => "moto's matcher: not available (set BENCH_PYTHON)".to_string(),
+        };
         println!(
-            "matcher: {rules:>6} rules: {rate:>12.0} matches/s ({:.0} ns/event)",
+            "matcher: {rules:>6} rules: {rate:>12.0} matches/s ({:.0} ns/event) single thread; {versus}",
             elapsed.as_nanos() as f64 / iterations as f64
         );
         rates.push(rate);

@@ -26,6 +26,8 @@ pub fn dispatch(events: &Arc<Events>, op: &str, input: &Value) -> EventsResult<V
         "ListEventBuses" => list_event_buses(events, input),
         "UpdateEventBus" => update_event_bus(events, input),
         "DeleteEventBus" => delete_event_bus(events, input),
+        "PutPermission" => put_permission(events, input),
+        "RemovePermission" => remove_permission(events, input),
         "PutRule" => put_rule(events, input),
         "DescribeRule" => describe_rule(events, input),
         "ListRules" => list_rules(events, input),
@@ -284,7 +286,7 @@ pub fn put_events(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
                             &entry.detail,
                             None,
                         );
-                        route(&state, &entry.bus, &record, None, now, &mut batch);
+                        route(&state, &entry.bus, &record, None, now, 0, &mut batch);
                         batch.log.push((entry.bus.clone(), now, record.text));
                     }
                     results.push(json!({"EventId": id}));
@@ -453,6 +455,184 @@ fn delete_event_bus(events: &Arc<Events>, input: &Value) -> EventsResult<Value> 
         .delete_resource("bus", &name)
         .map_err(internal)?;
     state.buses.remove(&name);
+    Ok(json!({}))
+}
+
+// ---------------------------------------------------------------- bus policies
+
+/// The longest resource policy a bus may have.
+const MAX_POLICY_CHARS: usize = 10_240;
+
+fn policy_statements(policy: Option<&str>) -> Vec<Value> {
+    policy
+        .and_then(|p| serde_json::from_str::<Value>(p).ok())
+        .and_then(|p| p.get("Statement").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+}
+
+fn render_policy(statements: Vec<Value>) -> Option<String> {
+    (!statements.is_empty())
+        .then(|| json!({"Version": "2012-10-17", "Statement": statements}).to_string())
+}
+
+/// Replaces the bus's policy, refusing one over the length limit.
+fn store_policy(events: &Events, bus: &mut Bus, policy: Option<String>) -> EventsResult<()> {
+    if policy
+        .as_ref()
+        .is_some_and(|p| p.chars().count() > MAX_POLICY_CHARS)
+    {
+        return Err(EventsError::new(
+            "PolicyLengthExceededException",
+            format!("The event bus policy is longer than {MAX_POLICY_CHARS} characters."),
+        ));
+    }
+    let mut updated = bus.clone();
+    updated.policy = policy;
+    updated.last_modified_time = epoch(events.now());
+    events.save_bus(&updated)?;
+    *bus = updated;
+    Ok(())
+}
+
+/// PutPermission: either a whole `Policy` document, or one `events:PutEvents` statement built
+/// from `Principal` (an account id, or `*` with a `Condition`) under `StatementId`, replacing a
+/// statement with the same id. The policy is stored and shown by DescribeEventBus; with one
+/// account per Mooring instance there is no other account whose calls it could admit.
+fn put_permission(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
+    let bus_name = bus_param(input, "EventBusName")?;
+    let new_policy = match opt(input, "Policy") {
+        Some(policy) => {
+            let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(policy) else {
+                return Err(EventsError::validation("This policy contains invalid Json"));
+            };
+            if !doc.get("Statement").is_some_and(Value::is_array) {
+                return Err(EventsError::validation(
+                    "The policy must contain a Statement list.",
+                ));
+            }
+            Some(policy.to_string())
+        }
+        None => None,
+    };
+    let statement = match new_policy {
+        Some(_) => None,
+        None => Some(permission_statement(input)?),
+    };
+    let mut state = events.state.lock().expect("state lock");
+    let bus = state
+        .buses
+        .get_mut(&bus_name)
+        .ok_or_else(|| bus_not_found(&bus_name))?;
+    let policy = match (new_policy, statement) {
+        (Some(policy), _) => Some(policy),
+        (None, Some((sid, mut statement))) => {
+            statement["Resource"] = json!(bus.bus.arn);
+            let mut statements = policy_statements(bus.bus.policy.as_deref());
+            statements.retain(|s| s["Sid"] != json!(sid));
+            statements.push(statement);
+            render_policy(statements)
+        }
+        (None, None) => unreachable!("one of the two is built above"),
+    };
+    store_policy(events, &mut bus.bus, policy)?;
+    Ok(json!({}))
+}
+
+/// The statement PutPermission adds, without its `Resource`, and its id.
+fn permission_statement(input: &Value) -> EventsResult<(String, Value)> {
+    let principal = opt(input, "Principal")
+        .ok_or_else(|| EventsError::validation("Parameter Principal must be specified."))?;
+    let action = opt(input, "Action").unwrap_or_default();
+    if action != "events:PutEvents" {
+        return Err(EventsError::validation(
+            "Provided value in parameter 'action' is not supported.",
+        ));
+    }
+    let sid = req(input, "StatementId")?;
+    if sid.is_empty()
+        || sid.len() > 64
+        || !sid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(EventsError::validation(
+            "StatementId must match ^[a-zA-Z0-9-_]{1,64}$",
+        ));
+    }
+    let account = principal.len() == 12 && principal.bytes().all(|b| b.is_ascii_digit());
+    if principal != "*" && !account {
+        return Err(EventsError::validation(format!(
+            "1 validation error detected: Value '{principal}' at 'principal' failed to satisfy constraint: Member must satisfy regular expression pattern: (\\d{{12}}|\\*)"
+        )));
+    }
+    let condition = match input.get("Condition") {
+        None | Some(Value::Null) => None,
+        Some(c) => {
+            let (Some(kind), Some(key), Some(value)) = (
+                c.get("Type").and_then(Value::as_str),
+                c.get("Key").and_then(Value::as_str),
+                c.get("Value").and_then(Value::as_str),
+            ) else {
+                return Err(EventsError::validation(
+                    "Parameter Condition must have Type, Key and Value.",
+                ));
+            };
+            if principal != "*" {
+                return Err(EventsError::validation(
+                    "Value of the parameter 'principal' must be '*' when the parameter 'condition' is set.",
+                ));
+            }
+            Some(json!({kind: {key: value}}))
+        }
+    };
+    let principal = if account {
+        json!({"AWS": format!("arn:aws:iam::{principal}:root")})
+    } else {
+        json!("*")
+    };
+    let mut statement = json!({
+        "Sid": sid, "Effect": "Allow", "Principal": principal, "Action": action,
+    });
+    if let Some(condition) = condition {
+        statement["Condition"] = condition;
+    }
+    Ok((sid.to_string(), statement))
+}
+
+/// RemovePermission: one statement by `StatementId`, or the whole policy with
+/// `RemoveAllPermissions`.
+fn remove_permission(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
+    let bus_name = bus_param(input, "EventBusName")?;
+    let all = input
+        .get("RemoveAllPermissions")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let sid = opt(input, "StatementId");
+    if !all && sid.is_none() {
+        return Err(EventsError::validation(
+            "Parameter StatementId or RemoveAllPermissions must be specified.",
+        ));
+    }
+    let mut state = events.state.lock().expect("state lock");
+    let bus = state
+        .buses
+        .get_mut(&bus_name)
+        .ok_or_else(|| bus_not_found(&bus_name))?;
+    if all {
+        return store_policy(events, &mut bus.bus, None).map(|_| json!({}));
+    }
+    let Some(policy) = bus.bus.policy.as_deref() else {
+        return Err(EventsError::not_found("EventBus does not have a policy."));
+    };
+    let mut statements = policy_statements(Some(policy));
+    let before = statements.len();
+    statements.retain(|s| s["Sid"].as_str() != sid);
+    if statements.len() == before {
+        return Err(EventsError::not_found(
+            "Statement with the provided id does not exist.",
+        ));
+    }
+    store_policy(events, &mut bus.bus, render_policy(statements))?;
     Ok(json!({}))
 }
 
@@ -1217,6 +1397,18 @@ fn check_auth(kind: &str, auth: &Value) -> EventsResult<()> {
     Ok(())
 }
 
+const OAUTH: &str = "OAUTH_CLIENT_CREDENTIALS";
+
+/// Basic and API-key connections are authorized at once; an OAuth connection is
+/// `AUTHORIZING` until its first token arrives (see `Events::spawn_authorization`).
+fn initial_connection_state(kind: &str) -> &'static str {
+    if kind == OAUTH {
+        "AUTHORIZING"
+    } else {
+        "AUTHORIZED"
+    }
+}
+
 fn create_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {
     let name = req(input, "Name")?;
     check_name("name", name, 64)?;
@@ -1247,11 +1439,11 @@ fn create_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value>
         description: opt(input, "Description").map(String::from),
         authorization_type: kind.to_string(),
         auth_parameters: auth,
-        state: "AUTHORIZED".into(),
+        state: initial_connection_state(kind).into(),
         state_reason: None,
         creation_time: now,
         last_modified_time: now,
-        last_authorized_time: Some(now),
+        last_authorized_time: (kind != OAUTH).then_some(now),
     };
     events.save("connection", name, &connection)?;
     let out = json!({
@@ -1261,6 +1453,10 @@ fn create_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value>
         "LastModifiedTime": now,
     });
     state.connections.insert(name.to_string(), connection);
+    drop(state);
+    if kind == OAUTH {
+        events.spawn_authorization(name.to_string());
+    }
     Ok(out)
 }
 
@@ -1357,15 +1553,31 @@ fn update_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value>
     }
     check_auth(&updated.authorization_type, &updated.auth_parameters)?;
     let now = epoch(events.now());
-    updated.state = "AUTHORIZED".into();
+    let oauth = updated.authorization_type == OAUTH;
+    updated.state = initial_connection_state(&updated.authorization_type).into();
+    updated.state_reason = None;
     updated.last_modified_time = now;
-    updated.last_authorized_time = Some(now);
+    if !oauth {
+        updated.last_authorized_time = Some(now);
+    }
     events.save("connection", name, &updated)?;
     events.tokens_forget(&updated.arn);
     *c = updated;
-    Ok(
-        json!({"ConnectionArn": c.arn, "ConnectionState": c.state, "CreationTime": c.creation_time, "LastModifiedTime": now, "LastAuthorizedTime": now}),
-    )
+    let out = compact(Map::from_iter([
+        ("ConnectionArn".to_string(), json!(c.arn)),
+        ("ConnectionState".to_string(), json!(c.state)),
+        ("CreationTime".to_string(), json!(c.creation_time)),
+        ("LastModifiedTime".to_string(), json!(now)),
+        (
+            "LastAuthorizedTime".to_string(),
+            json!(c.last_authorized_time),
+        ),
+    ]));
+    drop(state);
+    if oauth {
+        events.spawn_authorization(name.to_string());
+    }
+    Ok(out)
 }
 
 fn deauthorize_connection(events: &Arc<Events>, input: &Value) -> EventsResult<Value> {

@@ -18,7 +18,7 @@ use mooring_core::handles::{EventsHandle, HandleError, ServiceHandles};
 use mooring_core::{Arns, Clock, ServiceContext, Shutdown};
 use serde_json::{json, Value};
 
-use crate::delivery::{DeliveryQueue, Failure, TokenCache};
+use crate::delivery::{DeliveryQueue, Failure, InvocationLimiter, TokenCache};
 use crate::model::{
     envelope, epoch, route, with_replay_name, Bus, BusState, EventRecord, EventsConfig,
     EventsError, EventsResult, Rule, State,
@@ -39,6 +39,7 @@ pub struct Events {
     pub(crate) log_dir: PathBuf,
     pub(crate) queue: DeliveryQueue,
     pub(crate) tokens: TokenCache,
+    pub(crate) limiter: InvocationLimiter,
     pub(crate) tls: tokio_rustls::TlsConnector,
 }
 
@@ -61,6 +62,7 @@ impl Events {
             log_dir,
             queue: DeliveryQueue::default(),
             tokens: TokenCache::default(),
+            limiter: InvocationLimiter::default(),
             tls,
         });
         events.load()?;
@@ -157,6 +159,82 @@ impl Events {
         for name in active {
             self.spawn_replay(name);
         }
+        let authorizing: Vec<String> = {
+            let state = self.state.lock().expect("state lock");
+            state
+                .connections
+                .values()
+                .filter(|c| c.state == "AUTHORIZING")
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        for name in authorizing {
+            self.spawn_authorization(name);
+        }
+    }
+
+    /// Authorizes an OAuth connection in the background: fetches a client-credentials token
+    /// (retrying unreachable endpoints a few times), then moves the connection from
+    /// `AUTHORIZING` to `AUTHORIZED`, or to `DEAUTHORIZED` with the failure as `StateReason`.
+    pub(crate) fn spawn_authorization(self: &Arc<Self>, name: String) {
+        let events = self.clone();
+        self.shutdown.spawn(async move {
+            let connection = {
+                let state = events.state.lock().expect("state lock");
+                state.connections.get(&name).cloned()
+            };
+            let Some(connection) = connection else { return };
+            let mut outcome = delivery::oauth_token(&events, &connection, true).await;
+            for _ in 0..3 {
+                match &outcome {
+                    Err(f) if f.retryable => {
+                        tokio::select! {
+                            _ = events.shutdown.triggered() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        outcome = delivery::oauth_token(&events, &connection, true).await;
+                    }
+                    _ => break,
+                }
+            }
+            let now = epoch(events.clock.now_millis());
+            let events2 = events.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut state = events2.state.lock().expect("state lock");
+                let Some(c) = state.connections.get_mut(&name) else {
+                    return;
+                };
+                if c.arn != connection.arn || c.state != "AUTHORIZING" {
+                    return;
+                }
+                let mut updated = c.clone();
+                match outcome {
+                    Ok(_) => {
+                        updated.state = "AUTHORIZED".into();
+                        updated.state_reason = None;
+                        updated.last_authorized_time = Some(now);
+                    }
+                    Err(f) => {
+                        updated.state = "DEAUTHORIZED".into();
+                        updated.state_reason =
+                            Some(format!("Failed to obtain an OAuth token: {}", f.message));
+                    }
+                }
+                updated.last_modified_time = now;
+                match serde_json::to_value(&updated)
+                    .map_err(|e| e.to_string())
+                    .and_then(|doc| {
+                        events2
+                            .store
+                            .put_resource("connection", &name, &doc)
+                            .map_err(|e| store::describe(&e))
+                    }) {
+                    Ok(()) => *c = updated,
+                    Err(e) => tracing::error!(connection = %name, error = %e, "could not record the authorization"),
+                }
+            })
+            .await;
+        });
     }
 
     /// Runs one API operation (blocking: call from the blocking pool).
@@ -198,8 +276,16 @@ impl Events {
             .remove(connection_arn);
     }
 
-    /// Puts an event forwarded by a bus target onto `bus` (blocking).
-    pub(crate) fn ingest_forwarded(&self, bus: &str, payload: &str) -> Result<(), Failure> {
+    /// Puts an event forwarded by a bus target onto `bus` (blocking); `hops` is the number of
+    /// forwards including this one. Past `max_event_hops` the bus does not route the event (it
+    /// is looping) but hands it to the bus's dead-letter destination; without one the forward
+    /// fails for good, so the forwarding target's own dead-letter destination gets it.
+    pub(crate) fn ingest_forwarded(
+        &self,
+        bus: &str,
+        payload: &str,
+        hops: u32,
+    ) -> Result<(), Failure> {
         let value: Value = serde_json::from_str(payload)
             .ok()
             .filter(Value::is_object)
@@ -220,18 +306,63 @@ impl Events {
             time_ms,
         };
         let mut batch = IngestBatch::default();
+        let looping = self.config.max_event_hops > 0 && hops > self.config.max_event_hops;
         {
             let state = self.state.lock().expect("state lock");
-            if !state.buses.contains_key(bus) {
+            let Some(bus_state) = state.buses.get(bus) else {
                 return Err(Failure {
                     retryable: false,
                     code: "NO_RESOURCE",
                     message: format!("event bus {bus} does not exist"),
                     retry_after_ms: None,
                 });
+            };
+            if looping {
+                let message = format!(
+                    "the event was forwarded {hops} times between event buses (limit {}); it is not routed on {bus}",
+                    self.config.max_event_hops
+                );
+                let Some(dlq) = bus_state
+                    .bus
+                    .dead_letter_config
+                    .as_ref()
+                    .and_then(|c| c["Arn"].as_str())
+                else {
+                    tracing::warn!(
+                        bus,
+                        hops,
+                        "event loop stopped; the bus has no dead-letter destination"
+                    );
+                    return Err(Failure {
+                        retryable: false,
+                        code: "EVENT_LOOP_DETECTED",
+                        message,
+                        retry_after_ms: None,
+                    });
+                };
+                tracing::warn!(
+                    bus,
+                    hops,
+                    "event loop stopped; sent to the bus's dead-letter destination"
+                );
+                let attributes = json!({
+                    "EVENT_BUS_ARN": bus_state.bus.arn,
+                    "ERROR_CODE": "EVENT_LOOP_DETECTED",
+                    "ERROR_MESSAGE": message,
+                    "HOPS": hops,
+                });
+                batch.deliveries.push(delivery::dead_letter_document(
+                    dlq,
+                    None,
+                    attributes,
+                    &record.text,
+                    now,
+                    hops,
+                ));
+            } else {
+                route(&state, bus, &record, None, now, hops, &mut batch);
+                batch.log.push((bus.to_string(), now, record.text.clone()));
             }
-            route(&state, bus, &record, None, now, &mut batch);
-            batch.log.push((bus.to_string(), now, record.text.clone()));
         }
         self.commit_blocking(batch).map_err(|e| Failure {
             retryable: true,
@@ -338,7 +469,7 @@ impl Events {
                 last_seq = *seq;
                 last_time = Some(last_time.map_or(*time_ms, |t: i64| t.max(*time_ms)));
                 if let Some(record) = with_replay_name(text, name) {
-                    route(&state, &bus, &record, Some(&filter), now, &mut batch);
+                    route(&state, &bus, &record, Some(&filter), now, 0, &mut batch);
                 }
             }
         }
@@ -380,6 +511,7 @@ impl Events {
                 payload,
                 &record.text,
                 now,
+                0,
             ));
         }
         batch

@@ -19,6 +19,12 @@
 //! failure, so deliveries wait for it. A dead-letter destination may be any of the ARNs above
 //! and receives `{"attributes": {RULE_ARN, TARGET_ARN, ERROR_CODE, ERROR_MESSAGE,
 //! EXHAUSTED_RETRY_CONDITION, RETRY_ATTEMPTS}, "body": <event>}`.
+//!
+//! A bus's own `DeadLetterConfig` receives the events the bus refuses to process: an event
+//! forwarded from bus to bus more than `max_event_hops` times (a rule loop), with attributes
+//! `{EVENT_BUS_ARN, ERROR_CODE: "EVENT_LOOP_DETECTED", ERROR_MESSAGE, HOPS}`. Every delivery
+//! document carries the event's hop count for this. API destinations are held to their
+//! `InvocationRateLimitPerSecond` by [`InvocationLimiter`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -134,7 +140,8 @@ async fn attempt(events: &Arc<Events>, id: i64, mut doc: Value) {
     let target = doc["target"].clone();
     let payload = doc["payload"].as_str().unwrap_or_default().to_string();
     let event = doc["event"].as_str().unwrap_or_default().to_string();
-    let result = send(events, &target, &payload, &event).await;
+    let hops = doc["hops"].as_u64().unwrap_or(0) as u32;
+    let result = send(events, &target, &payload, &event, hops).await;
     let store = events.store.clone();
     let failure = match result {
         Ok(()) => {
@@ -144,15 +151,21 @@ async fn attempt(events: &Arc<Events>, id: i64, mut doc: Value) {
         Err(f) => f,
     };
     let now = events.clock.now_millis();
-    let attempts = doc["attempts"].as_u64().unwrap_or(0) + 1;
-    doc["attempts"] = json!(attempts);
     let policy = &target["RetryPolicy"];
-    let max_attempts = policy["MaximumRetryAttempts"].as_u64().unwrap_or(185);
     let max_age_ms = policy["MaximumEventAgeInSeconds"]
         .as_i64()
         .unwrap_or(86_400)
         * 1000;
     let first = doc["first_ms"].as_i64().unwrap_or(now);
+    if failure.code == RATE_LIMITED && now - first < max_age_ms {
+        // Deferred by the destination's rate limit: not an attempt; the delivery stays stored.
+        doc["next_ms"] = json!(now + failure.retry_after_ms.unwrap_or(1));
+        events.queue.push(id, doc);
+        return;
+    }
+    let attempts = doc["attempts"].as_u64().unwrap_or(0) + 1;
+    doc["attempts"] = json!(attempts);
+    let max_attempts = policy["MaximumRetryAttempts"].as_u64().unwrap_or(185);
     let exhausted = if !failure.retryable || failure.retry_after_ms.is_some_and(|r| r < 0) {
         None
     } else if attempts > max_attempts {
@@ -181,30 +194,52 @@ async fn attempt(events: &Arc<Events>, id: i64, mut doc: Value) {
         ..Default::default()
     };
     if let (Some(dlq), false) = (dlq, doc["dlq"].as_bool().unwrap_or(false)) {
-        let body = json!({
-            "attributes": {
-                "RULE_ARN": doc["rule_arn"],
-                "TARGET_ARN": target["Arn"],
-                "ERROR_CODE": failure.code,
-                "ERROR_MESSAGE": failure.message,
-                "EXHAUSTED_RETRY_CONDITION": exhausted,
-                "RETRY_ATTEMPTS": attempts - 1,
-            },
-            "body": serde_json::from_str::<Value>(&event).unwrap_or(Value::String(event.clone())),
+        let attributes = json!({
+            "RULE_ARN": doc["rule_arn"],
+            "TARGET_ARN": target["Arn"],
+            "ERROR_CODE": if failure.code == RATE_LIMITED { "THROTTLING" } else { failure.code },
+            "ERROR_MESSAGE": failure.message,
+            "EXHAUSTED_RETRY_CONDITION": exhausted,
+            "RETRY_ATTEMPTS": attempts - 1,
         });
-        batch.deliveries.push(json!({
-            "rule_arn": doc["rule_arn"],
-            "rule_name": doc["rule_name"],
-            "target": {"Id": "dead-letter", "Arn": dlq},
-            "payload": body.to_string(),
-            "event": event,
-            "attempts": 0,
-            "first_ms": now,
-            "next_ms": now,
-            "dlq": true,
-        }));
+        batch.deliveries.push(dead_letter_document(
+            &dlq,
+            Some(&doc),
+            attributes,
+            &event,
+            now,
+            hops,
+        ));
     }
     events.commit_and_queue(batch).await;
+}
+
+/// A delivery of `event` to a dead-letter destination: `{"attributes": …, "body": <event>}`.
+/// `origin` is the failed delivery, if the event was dead-lettered by a target (not a bus).
+pub fn dead_letter_document(
+    dlq_arn: &str,
+    origin: Option<&Value>,
+    attributes: Value,
+    event: &str,
+    now_ms: i64,
+    hops: u32,
+) -> Value {
+    let body = json!({
+        "attributes": attributes,
+        "body": serde_json::from_str::<Value>(event).unwrap_or(Value::String(event.to_string())),
+    });
+    json!({
+        "rule_arn": origin.map_or(Value::Null, |d| d["rule_arn"].clone()),
+        "rule_name": origin.map_or(Value::Null, |d| d["rule_name"].clone()),
+        "target": {"Id": "dead-letter", "Arn": dlq_arn},
+        "payload": body.to_string(),
+        "event": event,
+        "attempts": 0,
+        "first_ms": now_ms,
+        "next_ms": now_ms,
+        "hops": hops,
+        "dlq": true,
+    })
 }
 
 fn backoff_ms(events: &Events, attempts: u64, retry_after: Option<i64>) -> i64 {
@@ -224,13 +259,14 @@ pub async fn send(
     target: &Value,
     payload: &str,
     event: &str,
+    hops: u32,
 ) -> Result<(), Failure> {
     let arn = target["Arn"].as_str().unwrap_or_default();
     match TargetKind::parse(arn) {
         Some(TargetKind::Bus(bus)) => {
             let events = events.clone();
             let payload = payload.to_string();
-            tokio::task::spawn_blocking(move || events.ingest_forwarded(&bus, &payload))
+            tokio::task::spawn_blocking(move || events.ingest_forwarded(&bus, &payload, hops + 1))
                 .await
                 .map_err(|e| Failure::retry("INTERNAL", e.to_string()))?
         }
@@ -366,6 +402,38 @@ impl TargetKind {
     }
 }
 
+/// The invocation rate limit of API destinations (`InvocationRateLimitPerSecond`): each send
+/// reserves the destination's next free slot, slots being `1/rate` seconds apart. A send whose
+/// slot is less than [`InvocationLimiter::MAX_WAIT_MS`] away waits for it; a later one does not
+/// reserve anything and is put back in the queue until about then (see [`RATE_LIMITED`]),
+/// without counting as a failed attempt.
+#[derive(Default)]
+pub struct InvocationLimiter(Mutex<HashMap<String, f64>>);
+
+/// The failure code of a send deferred by the invocation rate limit.
+pub const RATE_LIMITED: &str = "RATE_LIMITED";
+
+impl InvocationLimiter {
+    pub const MAX_WAIT_MS: f64 = 1_000.0;
+
+    /// Milliseconds to wait before sending to `destination` at `rate` per second, or
+    /// `Err(ms)` when the next slot is further away than [`Self::MAX_WAIT_MS`].
+    pub fn reserve(&self, destination: &str, rate: i64, now_ms: f64) -> Result<f64, f64> {
+        let mut next_free = self.0.lock().expect("limiter lock");
+        let slot = next_free
+            .get(destination)
+            .copied()
+            .unwrap_or(now_ms)
+            .max(now_ms);
+        let wait = slot - now_ms;
+        if wait > Self::MAX_WAIT_MS {
+            return Err(wait);
+        }
+        next_free.insert(destination.to_string(), slot + 1_000.0 / rate.max(1) as f64);
+        Ok(wait)
+    }
+}
+
 /// OAuth access tokens by connection ARN.
 #[derive(Default)]
 pub struct TokenCache(pub(crate) Mutex<HashMap<String, String>>);
@@ -399,11 +467,42 @@ async fn send_api_destination(
             })?;
         (destination, connection)
     };
-    if connection.state != "AUTHORIZED" {
-        return Err(Failure::fatal(
-            "NO_PERMISSIONS",
-            format!("connection {} is {}", connection.name, connection.state),
-        ));
+    match connection.state.as_str() {
+        "AUTHORIZED" => {}
+        "AUTHORIZING" => {
+            return Err(Failure::retry(
+                "SDK_CLIENT_ERROR",
+                format!("connection {} is still being authorized", connection.name),
+            ))
+        }
+        other => {
+            return Err(Failure::fatal(
+                "NO_PERMISSIONS",
+                format!("connection {} is {other}", connection.name),
+            ))
+        }
+    }
+    let now = events.clock.now_millis() as f64;
+    match events.limiter.reserve(
+        &destination.name,
+        destination.invocation_rate_limit_per_second,
+        now,
+    ) {
+        Ok(wait) if wait > 0.0 => {
+            tokio::time::sleep(Duration::from_micros((wait * 1000.0) as u64)).await
+        }
+        Ok(_) => {}
+        Err(wait) => {
+            return Err(Failure {
+                retryable: true,
+                code: RATE_LIMITED,
+                message: format!(
+                    "API destination {} is at its invocation rate limit of {}/s",
+                    destination.name, destination.invocation_rate_limit_per_second
+                ),
+                retry_after_ms: Some(wait.ceil() as i64),
+            })
+        }
     }
     let event_value: Value = serde_json::from_str(event).unwrap_or(Value::Null);
     let http_parameters = &target["HttpParameters"];
@@ -549,7 +648,9 @@ async fn send_api_destination(
     }
 }
 
-async fn oauth_token(
+/// The connection's OAuth access token: the cached one unless `refresh`, else a new one from
+/// its authorization endpoint (client credentials grant), cached for later sends.
+pub(crate) async fn oauth_token(
     events: &Arc<Events>,
     connection: &Connection,
     refresh: bool,
@@ -770,6 +871,50 @@ async fn http_send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invocation_limiter_spaces_slots_and_defers_far_ones() {
+        let limiter = InvocationLimiter::default();
+        // 4 per second: slots 250 ms apart, the first one now.
+        let waits: Vec<_> = (0..5).map(|_| limiter.reserve("d", 4, 10_000.0)).collect();
+        assert_eq!(
+            waits,
+            vec![Ok(0.0), Ok(250.0), Ok(500.0), Ok(750.0), Ok(1_000.0)]
+        );
+        // The next slot (1 250 ms away) is beyond the wait bound: deferred, nothing reserved.
+        assert_eq!(limiter.reserve("d", 4, 10_000.0), Err(1_250.0));
+        assert_eq!(limiter.reserve("d", 4, 10_000.0), Err(1_250.0));
+        // Later, the slot is available again; other destinations are independent.
+        assert_eq!(limiter.reserve("d", 4, 10_300.0), Ok(950.0));
+        assert_eq!(limiter.reserve("other", 1, 10_000.0), Ok(0.0));
+        assert_eq!(limiter.reserve("other", 1, 10_000.0), Ok(1_000.0));
+        assert_eq!(limiter.reserve("other", 1, 10_000.0), Err(2_000.0));
+    }
+
+    #[test]
+    fn dead_letter_documents_carry_the_event_and_its_origin() {
+        let origin = json!({"rule_arn": "arn:r", "rule_name": "r"});
+        let doc = dead_letter_document(
+            "arn:aws:logs:r:1:log-group:dlq",
+            Some(&origin),
+            json!({"ERROR_CODE": "X"}),
+            r#"{"id":"e"}"#,
+            5,
+            3,
+        );
+        assert_eq!(doc["rule_arn"], "arn:r");
+        assert_eq!(doc["hops"], 3);
+        assert_eq!(doc["dlq"], true);
+        let payload: Value = serde_json::from_str(doc["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            payload,
+            json!({"attributes": {"ERROR_CODE": "X"}, "body": {"id": "e"}})
+        );
+        let bus_level = dead_letter_document("arn:x", None, json!({}), "not json", 5, 0);
+        assert_eq!(bus_level["rule_arn"], Value::Null);
+        let payload: Value = serde_json::from_str(bus_level["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload["body"], "not json");
+    }
 
     #[test]
     fn target_arns_are_recognised() {

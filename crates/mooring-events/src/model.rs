@@ -75,6 +75,10 @@ pub struct EventsConfig {
     pub tail_keep: i64,
     /// Extra PEM certificates trusted for HTTPS deliveries, besides the public web roots.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Loop guard: how many times one event may be forwarded from bus to bus (through
+    /// event-bus targets) before the receiving bus stops routing it and dead-letters it
+    /// instead; 0 turns the guard off.
+    pub max_event_hops: u32,
 }
 
 impl Default for EventsConfig {
@@ -90,6 +94,7 @@ impl Default for EventsConfig {
             http_timeout_ms: 5_000,
             tail_keep: 10_000,
             tls_ca_file: None,
+            max_event_hops: 16,
         }
     }
 }
@@ -534,15 +539,18 @@ pub fn compile_pattern(text: &str) -> EventsResult<Arc<Pattern>> {
         .map_err(|e| EventsError::pattern(&e))
 }
 
-/// A pending delivery document, as stored.
+/// A pending delivery document, as stored. `hops` counts the bus-to-bus forwards the event
+/// went through before reaching the rule's bus (0 for an event put on it directly).
 pub fn delivery_document(
     rule: &Rule,
     target: &Value,
     payload: String,
     event: &str,
     now_ms: i64,
+    hops: u32,
 ) -> Value {
     json!({
+        "hops": hops,
         "rule_arn": rule.arn,
         "rule_name": rule.name,
         "target": target,
@@ -556,25 +564,26 @@ pub fn delivery_document(
 
 /// The deliveries (one per target of every matching enabled rule) and archive records for
 /// `event` arriving on `bus`. A replayed event is restricted to `filter_rules` (rule ARNs)
-/// when given, and never archived.
+/// when given, and never archived. `hops` is the event's bus-to-bus forward count.
 pub fn route(
     state: &State,
     bus: &str,
     event: &EventRecord,
     replay_filter: Option<&[String]>,
     now_ms: i64,
+    hops: u32,
     batch: &mut IngestBatch,
 ) {
     let Some(bus_state) = state.buses.get(bus) else {
         return;
     };
-    for rule_name in bus_state.matcher.matching(&event.value) {
-        let Some(rule) = bus_state.rules.get(&rule_name) else {
-            continue;
+    bus_state.matcher.for_each_match(&event.value, |rule_name| {
+        let Some(rule) = bus_state.rules.get(rule_name) else {
+            return;
         };
         if let Some(filter) = replay_filter {
             if !filter.is_empty() && !filter.contains(&rule.arn) {
-                continue;
+                return;
             }
         }
         for target in &rule.targets {
@@ -585,9 +594,10 @@ pub fn route(
                 payload,
                 &event.text,
                 now_ms,
+                hops,
             ));
         }
-    }
+    });
     if replay_filter.is_none() {
         for (archive, pattern) in state.archives.values() {
             if archive.bus != bus || archive.state != "ENABLED" {

@@ -608,7 +608,88 @@ fn combinations(node: &Node) -> u64 {
 impl Pattern {
     /// Whether `event` matches this pattern.
     pub fn matches(&self, event: &Value) -> bool {
+        self.matches_normalized(&normalize_event(event))
+    }
+
+    /// Whether an event already passed through [`normalize_event`] matches.
+    pub(crate) fn matches_normalized(&self, event: &Value) -> bool {
         node_matches(&self.root, Some(event))
+    }
+}
+
+/// The event as the matcher sees it: event-ruler flattens events into `.`-joined paths, so an
+/// event key containing dots (`{"state.status": "x"}`) is the same path as the nested
+/// `{"state": {"status": "x"}}`. Keys with dots are split into nested objects here (merged with
+/// an existing object of the same name; a clash with a non-object value keeps both as the
+/// elements of an array, so each still matches its own path). Events without dotted keys, the
+/// usual case, are borrowed unchanged.
+pub fn normalize_event(event: &Value) -> std::borrow::Cow<'_, Value> {
+    if has_dotted_key(event) {
+        std::borrow::Cow::Owned(split_dotted_keys(event))
+    } else {
+        std::borrow::Cow::Borrowed(event)
+    }
+}
+
+fn has_dotted_key(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k.contains('.') || has_dotted_key(v)),
+        Value::Array(items) => items.iter().any(has_dotted_key),
+        _ => false,
+    }
+}
+
+fn split_dotted_keys(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (key, child) in map {
+                let segments: Vec<&str> = key.split('.').collect();
+                merge_at(&mut out, &segments, split_dotted_keys(child));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(split_dotted_keys).collect()),
+        scalar => scalar.clone(),
+    }
+}
+
+fn merge_at(map: &mut Map<String, Value>, segments: &[&str], value: Value) {
+    let (first, rest) = segments.split_first().expect("split yields one segment");
+    let value = if rest.is_empty() {
+        value
+    } else {
+        let mut inner = Map::new();
+        merge_at(&mut inner, rest, value);
+        Value::Object(inner)
+    };
+    match map.get_mut(*first) {
+        None => {
+            map.insert(first.to_string(), value);
+        }
+        Some(existing) => merge_values(existing, value),
+    }
+}
+
+fn merge_values(existing: &mut Value, incoming: Value) {
+    match (existing, incoming) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    None => {
+                        a.insert(k, v);
+                    }
+                    Some(slot) => merge_values(slot, v),
+                }
+            }
+        }
+        (Value::Array(items), incoming) => items.push(incoming),
+        (existing, incoming) => {
+            let old = existing.take();
+            *existing = Value::Array(vec![old, incoming]);
+        }
     }
 }
 
@@ -733,6 +814,43 @@ mod tests {
         assert!(check(
             r#"{"a":[{"wildcard":"x*y*"}]}"#,
             json!({"a":"xzzyq"})
+        ));
+    }
+
+    #[test]
+    fn dotted_event_keys_are_the_same_path_as_nested_objects() {
+        // event-ruler joins event paths with '.', so dots in event keys collide with nesting.
+        let nested = r#"{"detail":{"state":{"status":["running"]}}}"#;
+        let dotted = r#"{"detail":{"state.status":["running"]}}"#;
+        for p in [nested, dotted] {
+            assert!(
+                check(p, json!({"detail":{"state.status":"running"}})),
+                "{p}"
+            );
+            assert!(
+                check(p, json!({"detail":{"state":{"status":"running"}}})),
+                "{p}"
+            );
+            assert!(
+                !check(p, json!({"detail":{"state.status":"stopped"}})),
+                "{p}"
+            );
+        }
+        // Mixed: part dotted, part nested, merged with a sibling object.
+        let p = r#"{"a":{"b":{"c":["1"],"d":["2"]}}}"#;
+        assert!(check(p, json!({"a.b.c":"1","a":{"b":{"d":"2"}}})));
+        assert!(check(p, json!({"a":{"b.c":"1","b":{"d":"2"}}})));
+        // A dotted key clashing with a scalar of the same name keeps both paths.
+        assert!(check(r#"{"a":["x"]}"#, json!({"a":"x","a.b":"y"})));
+        assert!(check(r#"{"a":{"b":["y"]}}"#, json!({"a":"x","a.b":"y"})));
+        assert!(check(
+            r#"{"a":{"b":[{"exists":false}]}}"#,
+            json!({"a.c":"y"})
+        ));
+        // Dotted keys inside arrays of objects.
+        assert!(check(
+            r#"{"items":{"k":{"v":["z"]}}}"#,
+            json!({"items":[{"k.v":"q"},{"k.v":"z"}]})
         ));
     }
 

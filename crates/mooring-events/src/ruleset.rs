@@ -4,9 +4,10 @@
 //! Every pattern is analysed for a set of *entry keys*: (path, exact value) pairs of which any
 //! matching event must contain at least one, for instance `source = "aws.ec2"`. A pattern is
 //! filed under each of its entry keys; patterns without one (only `prefix`, `exists`,
-//! `anything-but`, … leaves) go to a short list that is always evaluated. Matching an event
-//! walks the event once, looks each (path, scalar) pair up in the index, and evaluates only the
-//! patterns found there plus the unindexed ones. The cost therefore grows with the size of the
+//! `anything-but`, … leaves) go to a short list that is always evaluated. The index is a tree of
+//! path segments; matching an event descends only into the event fields that some pattern
+//! names, looks each scalar found there up in that path's value table, and evaluates only the
+//! patterns found plus the unindexed ones. The cost therefore grows with the size of the
 //! event and the number of plausible rules, not with the rules that require other values.
 
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::pattern::{Field, Matcher, Node, Pattern};
+use crate::pattern::{normalize_event, Field, Matcher, Node, Pattern};
 
 /// An exact scalar a pattern requires at some path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -33,16 +34,26 @@ fn number_key(x: f64) -> u64 {
     }
 }
 
+/// The exact values indexed at one path, and the deeper paths below it.
 #[derive(Debug, Default)]
-struct PathIndex {
+struct PathNode {
     strings: HashMap<String, Vec<u32>>,
     others: HashMap<ScalarKey, Vec<u32>>,
+    children: HashMap<String, PathNode>,
+}
+
+impl PathNode {
+    fn at(&mut self, path: &[String]) -> &mut PathNode {
+        path.iter().fold(self, |node, key| {
+            node.children.entry(key.clone()).or_default()
+        })
+    }
 }
 
 /// Patterns keyed by `K` (a rule name, an archive name, …), indexed for matching.
 pub struct RuleSet<K> {
     entries: Vec<(K, Arc<Pattern>)>,
-    by_path: HashMap<String, PathIndex>,
+    index: PathNode,
     unindexed: Vec<u32>,
 }
 
@@ -50,7 +61,7 @@ impl<K> Default for RuleSet<K> {
     fn default() -> Self {
         RuleSet {
             entries: Vec::new(),
-            by_path: HashMap::new(),
+            index: PathNode::default(),
             unindexed: Vec::new(),
         }
     }
@@ -72,13 +83,13 @@ impl<K: Clone> RuleSet<K> {
     /// Adds a pattern under `key`.
     pub fn insert(&mut self, key: K, pattern: Arc<Pattern>) {
         let id = self.entries.len() as u32;
-        match entry_keys(&pattern.root, "") {
+        match entry_keys(&pattern.root, &[]) {
             Some(keys) => {
                 for (path, scalar) in keys {
-                    let index = self.by_path.entry(path).or_default();
+                    let node = self.index.at(&path);
                     let list = match scalar {
-                        ScalarKey::String(s) => index.strings.entry(s).or_default(),
-                        other => index.others.entry(other).or_default(),
+                        ScalarKey::String(s) => node.strings.entry(s).or_default(),
+                        other => node.others.entry(other).or_default(),
                     };
                     if list.last() != Some(&id) {
                         list.push(id);
@@ -97,73 +108,73 @@ impl<K: Clone> RuleSet<K> {
 
     /// The keys of the patterns that match `event`, in insertion order.
     pub fn matching(&self, event: &Value) -> Vec<K> {
+        let mut out = Vec::new();
+        self.for_each_match(event, |key| out.push(key.clone()));
+        out
+    }
+
+    /// Calls `found` with the key of every pattern that matches `event`, in insertion order.
+    /// Only the event paths some indexed pattern names are visited, so an event is looked up
+    /// in a handful of hash maps however many rules require other values.
+    pub fn for_each_match(&self, event: &Value, mut found: impl FnMut(&K)) {
+        let event = normalize_event(event);
         let mut candidates: Vec<u32> = self.unindexed.clone();
-        if !self.by_path.is_empty() {
-            let mut path = String::new();
-            self.collect(event, &mut path, &mut candidates);
-        }
+        collect(&self.index, &event, &mut candidates);
         candidates.sort_unstable();
         candidates.dedup();
-        candidates
-            .into_iter()
-            .filter_map(|id| {
-                let (key, pattern) = &self.entries[id as usize];
-                pattern.matches(event).then(|| key.clone())
-            })
-            .collect()
-    }
-
-    fn collect(&self, value: &Value, path: &mut String, out: &mut Vec<u32>) {
-        match value {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    let len = path.len();
-                    if len > 0 {
-                        path.push('.');
-                    }
-                    path.push_str(key);
-                    self.collect(child, path, out);
-                    path.truncate(len);
-                }
-            }
-            Value::Array(items) => {
-                for item in items {
-                    self.collect(item, path, out);
-                }
-            }
-            scalar => {
-                let Some(index) = self.by_path.get(path.as_str()) else {
-                    return;
-                };
-                let found = match scalar {
-                    Value::String(s) => index.strings.get(s.as_str()),
-                    Value::Number(n) => n
-                        .as_f64()
-                        .and_then(|x| index.others.get(&ScalarKey::Number(number_key(x)))),
-                    Value::Bool(b) => index.others.get(&ScalarKey::Bool(*b)),
-                    _ => index.others.get(&ScalarKey::Null),
-                };
-                if let Some(ids) = found {
-                    out.extend_from_slice(ids);
-                }
+        for id in candidates {
+            let (key, pattern) = &self.entries[id as usize];
+            if pattern.matches_normalized(&event) {
+                found(key);
             }
         }
     }
 }
 
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
+/// Adds the ids indexed under the values `value` holds at `node`'s path and below.
+fn collect(node: &PathNode, value: &Value, out: &mut Vec<u32>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in &node.children {
+                if let Some(v) = map.get(key) {
+                    collect(child, v, out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                collect(node, item, out);
+            }
+        }
+        scalar => {
+            let found = match scalar {
+                Value::String(s) => node.strings.get(s.as_str()),
+                Value::Number(n) => n
+                    .as_f64()
+                    .and_then(|x| node.others.get(&ScalarKey::Number(number_key(x)))),
+                Value::Bool(b) => node.others.get(&ScalarKey::Bool(*b)),
+                _ => node.others.get(&ScalarKey::Null),
+            };
+            if let Some(ids) = found {
+                out.extend_from_slice(ids);
+            }
+        }
     }
 }
+
+fn join(prefix: &[String], key: &str) -> Vec<String> {
+    let mut path = prefix.to_vec();
+    path.push(key.to_string());
+    path
+}
+
+type EntryKey = (Vec<String>, ScalarKey);
 
 /// A set of (path, scalar) pairs of which every matching event holds at least one, choosing
 /// the smallest such set found; `None` when the pattern has no exact requirement.
-fn entry_keys(node: &Node, prefix: &str) -> Option<Vec<(String, ScalarKey)>> {
-    let mut best: Option<Vec<(String, ScalarKey)>> = None;
-    let mut consider = |keys: Vec<(String, ScalarKey)>| {
+fn entry_keys(node: &Node, prefix: &[String]) -> Option<Vec<EntryKey>> {
+    let mut best: Option<Vec<EntryKey>> = None;
+    let mut consider = |keys: Vec<EntryKey>| {
         if best.as_ref().is_none_or(|b| keys.len() < b.len()) {
             best = Some(keys);
         }
@@ -240,6 +251,28 @@ mod tests {
         );
         assert_eq!(s.matching(&json!({"source":"a","y":true})), vec![0, 3]);
         assert_eq!(s.matching(&json!({"x":[0,1]})), vec![3]);
+    }
+
+    #[test]
+    fn index_finds_patterns_through_dotted_event_keys() {
+        let s = set(&[
+            r#"{"detail":{"state":{"status":["running"]}}}"#,
+            r#"{"detail":{"state.status":["stopped"]}}"#,
+            r#"{"source":["x"]}"#,
+        ]);
+        assert_eq!(s.unindexed_len(), 0);
+        assert_eq!(
+            s.matching(&json!({"detail":{"state.status":"running"}})),
+            vec![0]
+        );
+        assert_eq!(
+            s.matching(&json!({"detail.state.status":"stopped"})),
+            vec![1]
+        );
+        assert_eq!(
+            s.matching(&json!({"source":"x","detail":{"state":{"status":"running"}}})),
+            vec![0, 2]
+        );
     }
 
     #[test]
