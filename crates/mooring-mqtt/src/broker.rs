@@ -150,7 +150,29 @@ struct Inflight {
 
 struct ConnectionLink {
     id: u64,
-    kick: Option<oneshot::Sender<DisconnectReason>>,
+    kick: Option<oneshot::Sender<Kick>>,
+}
+
+/// An order to close a live connection from outside it (takeover, `DeleteConnection`, a
+/// revoked certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kick {
+    pub reason: DisconnectReason,
+    /// Whether the connection's will is published.
+    pub send_will: bool,
+    /// Whether the session ends with the connection (`DeleteConnection` `cleanSession`).
+    pub end_session: bool,
+}
+
+impl Kick {
+    /// A kick with the reason's usual will behaviour, keeping the session.
+    pub fn new(reason: DisconnectReason) -> Kick {
+        Kick {
+            reason,
+            send_will: reason.sends_will(),
+            end_session: false,
+        }
+    }
 }
 
 pub(crate) struct SessionState {
@@ -214,7 +236,7 @@ pub struct Opened {
     pub session: Arc<Session>,
     pub connection_id: u64,
     pub session_present: bool,
-    pub kicked: oneshot::Receiver<DisconnectReason>,
+    pub kicked: oneshot::Receiver<Kick>,
     pub expiry_secs: u32,
     pub version_number: u64,
 }
@@ -500,12 +522,7 @@ impl Broker {
         message: Message,
     ) -> Result<(), BrokerError> {
         let session = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client_id)
-            .cloned()
+            .session(client_id)
             .ok_or_else(|| BrokerError::NotFound(format!("no session for client {client_id}")))?;
         let qos = message.qos.min(self.profile().maximum_qos);
         let message = Arc::new(message);
@@ -718,7 +735,7 @@ impl Broker {
                     let mut state = session.lock();
                     if let Some(mut link) = state.connection.take() {
                         if let Some(kick) = link.kick.take() {
-                            let _ = kick.send(DisconnectReason::DuplicateClientId);
+                            let _ = kick.send(Kick::new(DisconnectReason::DuplicateClientId));
                         }
                     }
                     !request.clean_start
@@ -822,6 +839,57 @@ impl Broker {
             }),
             notify: Notify::new(),
         })
+    }
+
+    /// The session of `client_id`, connected or not.
+    fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
+    }
+
+    /// Closes the live connection of `client_id` (AWS `DeleteConnection` gives
+    /// `API_INITIATED_DISCONNECT`). Returns whether a connection was there to close.
+    pub fn disconnect_client(&self, client_id: &str, kick: Kick) -> bool {
+        let Some(session) = self.session(client_id) else {
+            return false;
+        };
+        let mut state = session.lock();
+        let sender = state.connection.as_mut().and_then(|link| link.kick.take());
+        sender.is_some_and(|tx| tx.send(kick).is_ok())
+    }
+
+    /// Closes every live connection authenticated as `principal_identifier` (for example a
+    /// certificate id when the certificate is revoked); returns how many were closed.
+    pub fn disconnect_principal(&self, principal_identifier: &str, kick: Kick) -> usize {
+        let sessions: Vec<Arc<Session>> = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for session in sessions {
+            let mut state = session.lock();
+            let matches = state
+                .client
+                .as_ref()
+                .is_some_and(|c| c.principal_identifier == principal_identifier);
+            if !matches {
+                continue;
+            }
+            if let Some(tx) = state.connection.as_mut().and_then(|link| link.kick.take()) {
+                if tx.send(kick).is_ok() {
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     /// Removes a session's subscriptions from the trie and its durable state.
@@ -1000,6 +1068,10 @@ impl Broker {
             if topic::validate_filter(parsed.filter, parsed.share_group.is_some(), profile).is_err()
             {
                 codes.push(fail(reason::TOPIC_FILTER_INVALID));
+                continue;
+            }
+            if profile.refused_subscriptions.iter().any(|f| f == raw) {
+                codes.push(reason::UNSPECIFIED_ERROR);
                 continue;
             }
             if !authorizer.subscribe(client, raw) {

@@ -51,6 +51,7 @@ pub mod reason {
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+    pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
     pub const SUBSCRIPTION_IDS_NOT_SUPPORTED: u8 = 0xA1;
     pub const WILDCARDS_NOT_SUPPORTED: u8 = 0xA2;
 }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::auth::{ClientInfo, ConnectRequest, Principal, Transport};
-use crate::broker::{self, Broker, Message, OpenRequest, Origin, Session};
+use crate::broker::{self, Broker, Kick, Message, OpenRequest, Origin, Session};
 use crate::codec::{
     self, reason, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, SubAck,
     UnsubAck, V5,
@@ -35,6 +35,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection closed for a protocol error keeps reading (and discarding) after
 /// its DISCONNECT, so the client sees the reason code.
 const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
+/// Smallest and largest read size; the read buffer adapts between them, so an idle
+/// connection holds a few hundred bytes and a busy one reads in large chunks.
+const READ_MIN: usize = 512;
+const READ_MAX: usize = 64 * 1024;
+/// An output buffer that grew beyond this during a burst is released after the flush.
+const OUT_KEEP: usize = 64 * 1024;
 /// Longest Message Expiry Interval AWS keeps (7 days).
 const AWS_MAX_MESSAGE_EXPIRY: u32 = 604_800;
 
@@ -82,7 +88,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let max_packet = broker.profile().max_packet_size;
-    let mut inbuf = BytesMut::with_capacity(4096);
+    let mut inbuf = BytesMut::with_capacity(READ_MIN);
     let connect = match tokio::time::timeout(
         CONNECT_TIMEOUT,
         read_connect(&mut stream, &mut inbuf, max_packet),
@@ -148,13 +154,17 @@ struct Connection<S> {
     connection_id: u64,
     expiry_secs: u32,
     out: BytesMut,
-    pending_acks: FuturesOrdered<BoxFuture<'static, Packet>>,
+    /// Acks in publish order; `None` means the message could not be made durable.
+    pending_acks: FuturesOrdered<BoxFuture<'static, Option<Packet>>>,
     /// QoS 1 publishes whose PUBACK waits in `pending_acks` (QoS 2 ones are in
     /// `inbound_qos2` until PUBREL).
     pending_qos1: usize,
     inbound_qos2: HashSet<u16>,
     aliases: HashMap<u16, String>,
     problem_information: bool,
+    /// Start of the current one-second window of the inbound publish rate limit.
+    rate_window: Instant,
+    rate_count: u32,
 }
 
 fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
@@ -262,7 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             broker.emit_connect_failed(&client);
             return Self::refuse(&mut stream, version, reason::NOT_AUTHORIZED, Some(5)).await;
         }
-        let keep_alive = profile.keep_alive(connect.keep_alive);
+        let keep_alive = profile.keep_alive(connect.keep_alive, version);
         let (opened, ops) = broker.open_session(OpenRequest {
             client: client.clone(),
             clean_start: connect.clean_start,
@@ -310,12 +320,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             session: opened.session.clone(),
             connection_id: opened.connection_id,
             expiry_secs,
-            out: BytesMut::with_capacity(4096),
+            out: BytesMut::new(),
             pending_acks: FuturesOrdered::new(),
             pending_qos1: 0,
             inbound_qos2: HashSet::new(),
             aliases: HashMap::new(),
             problem_information: connect.properties.request_problem_information != Some(0),
+            rate_window: Instant::now(),
+            rate_count: 0,
         };
         codec::encode(
             &connack(reason::SUCCESS, opened.session_present, properties),
@@ -334,7 +346,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 lifecycle::connected(&identity, broker.now(), &ip, opened.version_number);
             broker.publish_event(topic, payload);
         }
-        let exit = conn.main_loop(inbuf, keep_alive, opened.kicked).await;
+        let ttl = match peer.transport {
+            Transport::WebSocket => profile.websocket_ttl_secs.map(Duration::from_secs),
+            _ => None,
+        };
+        let exit = conn.main_loop(inbuf, keep_alive, ttl, opened.kicked).await;
         // Tell an MQTT 5 client why, then close.
         if v5 {
             if let Some(code) = exit.code {
@@ -413,6 +429,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         self.stream.write_all(&self.out).await?;
         self.stream.flush().await?;
         self.out.clear();
+        if self.out.capacity() > OUT_KEEP {
+            self.out = BytesMut::new();
+        }
         Ok(())
     }
 
@@ -420,8 +439,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         &mut self,
         mut inbuf: BytesMut,
         keep_alive: u16,
-        mut kicked: tokio::sync::oneshot::Receiver<DisconnectReason>,
+        ttl: Option<Duration>,
+        mut kicked: tokio::sync::oneshot::Receiver<Kick>,
     ) -> Exit {
+        let ttl_deadline = ttl.map(|t| Instant::now() + t);
         let max_packet = self.broker.profile().max_packet_size;
         let timeout = Duration::from_millis(keep_alive as u64 * 1500);
         let mut deadline = Instant::now() + timeout;
@@ -431,7 +452,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
             return exit;
         }
+        let mut read_size = READ_MIN;
         loop {
+            let spare = inbuf.capacity() - inbuf.len();
+            if spare < read_size / 2 {
+                inbuf.reserve(read_size);
+            }
+            let spare = inbuf.capacity() - inbuf.len();
             let ops = self.broker.fill_outgoing(
                 &self.session,
                 self.connection_id,
@@ -447,14 +474,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 r = &mut kicked, if kicked_open => {
                     kicked_open = false;
                     match r {
-                        Ok(reason) => return Exit::new(reason),
+                        Ok(kick) => {
+                            return Exit {
+                                send_will: kick.send_will,
+                                expiry_override: kick.end_session.then_some(0),
+                                ..Exit::new(kick.reason)
+                            }
+                        }
                         Err(_) => continue,
                     }
+                }
+                _ = tokio::time::sleep_until(ttl_deadline.unwrap_or_else(Instant::now)), if ttl_deadline.is_some() => {
+                    return Exit::new(DisconnectReason::WebsocketTtlExpiration);
                 }
                 _ = shutdown.triggered() => {
                     return Exit::new(DisconnectReason::ServerInitiatedDisconnect);
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
+                    let Some(ack) = ack else {
+                        return Exit::new(DisconnectReason::ServerError);
+                    };
                     if matches!(ack, Packet::PubAck(_)) {
                         self.pending_qos1 = self.pending_qos1.saturating_sub(1);
                     }
@@ -467,7 +506,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 read = self.stream.read_buf(&mut inbuf) => {
                     match read {
                         Ok(0) | Err(_) => return Exit::new(DisconnectReason::ConnectionLost),
-                        Ok(_) => {
+                        Ok(n) => {
+                            // Grow the read size while reads fill the buffer, shrink it
+                            // while they are small.
+                            if n >= spare {
+                                read_size = (read_size * 2).min(READ_MAX);
+                            } else if n < read_size / 8 {
+                                read_size = (read_size / 2).max(READ_MIN);
+                            }
                             deadline = Instant::now() + timeout;
                             if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
                                 return exit;
@@ -533,12 +579,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         .subscribe(&self.session, &s.filters, sub_id, &self.client);
                 if let Err(e) = self.broker.persist(ops).await {
                     tracing::error!(error = %e, "persisting subscriptions failed");
+                    return Err(Exit::new(DisconnectReason::ServerError));
                 }
                 // Acks owed for earlier publishes go first, then the SUBACK.
-                while let Some(ack) = self.pending_acks.next().await {
-                    codec::encode(&ack, self.version, &mut self.out);
-                }
-                self.pending_qos1 = 0;
+                self.drain_pending_acks().await?;
                 codec::encode(
                     &Packet::SubAck(SubAck {
                         packet_id: s.packet_id,
@@ -554,11 +598,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 let (codes, removed, ops) = self.broker.unsubscribe(&self.session, &u.filters);
                 if let Err(e) = self.broker.persist(ops).await {
                     tracing::error!(error = %e, "persisting subscriptions failed");
+                    return Err(Exit::new(DisconnectReason::ServerError));
                 }
-                while let Some(ack) = self.pending_acks.next().await {
-                    codec::encode(&ack, self.version, &mut self.out);
-                }
-                self.pending_qos1 = 0;
+                self.drain_pending_acks().await?;
                 codec::encode(
                     &Packet::UnsubAck(UnsubAck {
                         packet_id: u.packet_id,
@@ -604,6 +646,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Ok(())
     }
 
+    /// Waits for every owed publish ack and queues them (before a SUBACK or UNSUBACK).
+    async fn drain_pending_acks(&mut self) -> Result<(), Exit> {
+        while let Some(ack) = self.pending_acks.next().await {
+            let Some(ack) = ack else {
+                return Err(Exit::new(DisconnectReason::ServerError));
+            };
+            codec::encode(&ack, self.version, &mut self.out);
+        }
+        self.pending_qos1 = 0;
+        Ok(())
+    }
+
+    /// Counts an inbound PUBLISH against the per-connection rate limit; true when over it.
+    fn over_publish_rate(&mut self) -> bool {
+        let Some(limit) = self.broker.profile().publishes_per_second else {
+            return false;
+        };
+        let now = Instant::now();
+        if now.duration_since(self.rate_window) >= Duration::from_secs(1) {
+            self.rate_window = now;
+            self.rate_count = 0;
+        }
+        self.rate_count += 1;
+        self.rate_count > limit
+    }
+
     fn push_ack_ready(&mut self, ack: Packet) {
         if self.pending_acks.is_empty() {
             codec::encode(&ack, self.version, &mut self.out);
@@ -612,7 +680,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 self.pending_qos1 += 1;
             }
             self.pending_acks
-                .push_back(Box::pin(futures::future::ready(ack)));
+                .push_back(Box::pin(futures::future::ready(Some(ack))));
         }
     }
 
@@ -629,13 +697,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     }
 
     fn handle_publish(&mut self, p: codec::Publish) -> Result<(), Exit> {
-        let profile = self.broker.profile().clone();
+        let broker = self.broker.clone();
+        let profile = broker.profile();
         let v5 = self.version == V5;
         if p.qos > profile.maximum_qos {
             return Err(Exit::client_error(
                 reason::QOS_NOT_SUPPORTED,
                 "QoS 2 is not supported",
             ));
+        }
+        if self.over_publish_rate() {
+            if !v5 {
+                return Err(Exit::new(DisconnectReason::Throttled));
+            }
+            match p.qos {
+                1 => self.push_ack_ready(Packet::PubAck(Ack::new(
+                    p.packet_id,
+                    reason::QUOTA_EXCEEDED,
+                ))),
+                2 => self.push_ack_ready(Packet::PubRec(Ack::new(
+                    p.packet_id,
+                    reason::QUOTA_EXCEEDED,
+                ))),
+                _ => {}
+            }
+            return Ok(());
         }
         let mut topic_name = p.topic;
         if let Some(alias) = p.properties.topic_alias {
@@ -677,12 +763,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 _ => None,
             }
         };
-        if let Err(e) = topic::validate_publish_topic(&topic_name, p.retain, &profile) {
+        if let Err(e) = topic::validate_publish_topic(&topic_name, p.retain, profile) {
             if !v5 {
-                return Err(Exit::client_error(
-                    reason::TOPIC_NAME_INVALID,
-                    "invalid topic",
-                ));
+                // A 3.1.1 client cannot be told; AWS closes the connection.
+                return Err(match e {
+                    TopicError::Invalid(_) => {
+                        Exit::client_error(reason::TOPIC_NAME_INVALID, "invalid topic")
+                    }
+                    TopicError::Reserved(_) => Exit::new(DisconnectReason::ForbiddenAccess),
+                });
             }
             let code = match e {
                 TopicError::Invalid(_) => reason::TOPIC_NAME_INVALID,
@@ -734,7 +823,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             qos: p.qos,
             retain: p.retain,
             properties: message_properties(&p.properties),
-            expires_at_ms: message_expiry(&p.properties, &profile).map(|s| now + s as i64 * 1000),
+            expires_at_ms: message_expiry(&p.properties, profile).map(|s| now + s as i64 * 1000),
             origin: Origin {
                 client_id: Some(self.client.client_id.clone()),
                 principal: Some(self.client.principal_identifier.clone()),
@@ -765,10 +854,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     }
                     let durable = self.broker.persist_later(ops);
                     let v5 = self.version == V5;
+                    // An MQTT 5 client is told the publish failed; a 3.1.1 client cannot be,
+                    // so its connection closes (SERVER_ERROR) without the ack.
                     self.pending_acks.push_back(Box::pin(async move {
                         match durable.await {
-                            Ok(Ok(())) => make(reason::SUCCESS),
-                            _ => make(if v5 { reason::UNSPECIFIED_ERROR } else { 0 }),
+                            Ok(Ok(())) => Some(make(reason::SUCCESS)),
+                            _ if v5 => Some(make(reason::UNSPECIFIED_ERROR)),
+                            _ => None,
                         }
                     }));
                 }

@@ -27,7 +27,9 @@ pub mod websocket;
 use std::sync::Arc;
 
 pub use auth::{AllowAll, Authorizer, ClientInfo, Principal, Transport};
-pub use broker::{Broker, BrokerSettings, InternalSubscription, Message, Origin, PublishHook};
+pub use broker::{
+    Broker, BrokerSettings, InternalSubscription, Kick, Message, Origin, PublishHook,
+};
 pub use profile::Profile;
 pub use store::MessageProperties;
 
@@ -44,9 +46,11 @@ pub enum BrokerError {
 }
 
 /// Builds the broker from the service context: profile and anonymous access from `[mqtt]`,
+/// the profile's limits adjusted by `[broker]`,
 /// durable state in the metadata store. Registers it as core's broker handle.
 pub fn start(ctx: &ServiceContext) -> anyhow::Result<Broker> {
-    let profile = Profile::by_name(&ctx.config.mqtt.profile)?;
+    let tuning: profile::BrokerTuning = ctx.config.section("broker")?;
+    let profile = tuning.apply(Profile::by_name(&ctx.config.mqtt.profile)?);
     let store = Arc::new(store::SqliteBrokerStore::new(ctx.db.clone())?);
     let broker = Broker::new(
         BrokerSettings {

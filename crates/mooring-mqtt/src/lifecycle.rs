@@ -98,6 +98,7 @@ impl DisconnectReason {
             DisconnectReason::ServerInitiatedDisconnect => reason::SERVER_SHUTTING_DOWN,
             DisconnectReason::ApiInitiatedDisconnect => reason::ADMINISTRATIVE_ACTION,
             DisconnectReason::Throttled => reason::QUOTA_EXCEEDED,
+            DisconnectReason::WebsocketTtlExpiration => reason::MAXIMUM_CONNECT_TIME,
             DisconnectReason::ServerError => reason::UNSPECIFIED_ERROR,
             DisconnectReason::ClientError => reason::PROTOCOL_ERROR,
             _ => return None,

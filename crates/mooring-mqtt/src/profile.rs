@@ -40,6 +40,55 @@ pub struct Profile {
     pub max_session_expiry: u32,
     /// Session expiry used for MQTT 3.1.1 persistent sessions, seconds.
     pub default_session_expiry: u32,
+    /// Inbound PUBLISH packets one connection may send per second (AWS: 100); beyond it an
+    /// MQTT 5 publish is refused with 0x97 and an MQTT 3.1.1 connection is closed
+    /// (`THROTTLED`).
+    pub publishes_per_second: Option<u32>,
+    /// Longest keep-alive granted to MQTT 5 clients (announced as Server Keep Alive); 0 or
+    /// larger requests are lowered to it. MQTT 3.1.1 clients cannot be told, so they keep
+    /// theirs.
+    pub max_keep_alive: Option<u16>,
+    /// Longest life of a WebSocket connection (AWS: 24 h), then `WEBSOCKET_TTL_EXPIRATION`.
+    pub websocket_ttl_secs: Option<u64>,
+    /// Topic filters nobody may subscribe to (SUBACK 0x80), as a broker-wide block list.
+    pub refused_subscriptions: Vec<String>,
+}
+
+/// The `[broker]` configuration section: adjusts the chosen profile's limits. Absent keys
+/// keep the profile's value; 0 removes a limit.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerTuning {
+    pub publishes_per_second: Option<u32>,
+    pub max_keep_alive: Option<u16>,
+    pub websocket_ttl_secs: Option<u64>,
+    pub subscriptions_per_connection: Option<usize>,
+    pub refused_subscriptions: Vec<String>,
+}
+
+impl BrokerTuning {
+    /// The profile with these adjustments applied.
+    pub fn apply(&self, mut profile: Profile) -> Profile {
+        fn limit<T: PartialEq + Default>(value: Option<T>, current: Option<T>) -> Option<T> {
+            match value {
+                None => current,
+                Some(v) if v == T::default() => None,
+                Some(v) => Some(v),
+            }
+        }
+        profile.publishes_per_second =
+            limit(self.publishes_per_second, profile.publishes_per_second);
+        profile.max_keep_alive = limit(self.max_keep_alive, profile.max_keep_alive);
+        profile.websocket_ttl_secs = limit(self.websocket_ttl_secs, profile.websocket_ttl_secs);
+        profile.max_subscriptions_per_connection = limit(
+            self.subscriptions_per_connection,
+            profile.max_subscriptions_per_connection,
+        );
+        profile
+            .refused_subscriptions
+            .extend(self.refused_subscriptions.iter().cloned());
+        profile
+    }
 }
 
 impl Profile {
@@ -64,6 +113,10 @@ impl Profile {
             // AWS allows up to 7 days, but the default account maximum is 1 hour.
             max_session_expiry: 3600,
             default_session_expiry: 3600,
+            publishes_per_second: Some(100),
+            max_keep_alive: None,
+            websocket_ttl_secs: Some(24 * 3600),
+            refused_subscriptions: Vec::new(),
         }
     }
 
@@ -87,6 +140,10 @@ impl Profile {
             cross_version_sessions: true,
             max_session_expiry: u32::MAX,
             default_session_expiry: 3600,
+            publishes_per_second: None,
+            max_keep_alive: None,
+            websocket_ttl_secs: None,
+            refused_subscriptions: Vec::new(),
         }
     }
 
@@ -99,7 +156,12 @@ impl Profile {
     }
 
     /// The keep-alive actually applied for a requested value, seconds (0 = none).
-    pub fn keep_alive(&self, requested: u16) -> u16 {
+    pub fn keep_alive(&self, requested: u16, version: u8) -> u16 {
+        if let Some(max) = self.max_keep_alive {
+            if version == crate::codec::V5 && (requested == 0 || requested > max) {
+                return max;
+            }
+        }
         if !self.clamp_keep_alive {
             return requested;
         }

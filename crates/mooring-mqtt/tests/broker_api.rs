@@ -299,3 +299,304 @@ async fn takeover_closes_the_old_connection_with_0x8e() {
     }
     assert!(first.next().await.is_none());
 }
+
+#[tokio::test]
+async fn api_initiated_disconnect_and_principal_disconnect() {
+    use mooring_mqtt::lifecycle::DisconnectReason;
+    use mooring_mqtt::Kick;
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, addr, _ctx) = start(dir.path()).await;
+    let mut events = broker
+        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
+        .unwrap();
+    let mut receiver = events.receiver.take().unwrap();
+    let (mut victim, _) = TestClient::connect(addr, "victim", V5, false).await;
+    victim.subscribe("kept/or/not", 1).await;
+    assert!(!broker.disconnect_client(
+        "nobody",
+        Kick::new(DisconnectReason::ApiInitiatedDisconnect)
+    ));
+    // DeleteConnection with cleanSession=true and preventWillMessage=true.
+    assert!(broker.disconnect_client(
+        "victim",
+        Kick {
+            reason: DisconnectReason::ApiInitiatedDisconnect,
+            send_will: false,
+            end_session: true,
+        }
+    ));
+    match victim.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x98),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(victim.next().await.is_none());
+    let event = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(body["disconnectReason"], "API_INITIATED_DISCONNECT");
+    assert_eq!(body["clientInitiatedDisconnect"], false);
+    // The session ended with the connection.
+    let (_again, present) = TestClient::connect(addr, "victim", V5, false).await;
+    assert!(!present);
+
+    // Closing by principal (as a revoked certificate would): every anonymous connection.
+    let (mut other, _) = TestClient::connect(addr, "other", V311, true).await;
+    let closed = broker.disconnect_principal("anonymous", Kick::new(DisconnectReason::AuthError));
+    assert_eq!(closed, 2);
+    assert!(other.next().await.is_none());
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        reasons.push(body["disconnectReason"].as_str().unwrap().to_string());
+    }
+    assert_eq!(reasons, ["AUTH_ERROR", "AUTH_ERROR"]);
+}
+
+/// Starts a broker whose configuration is the defaults plus `--set`-style overrides.
+async fn start_with(
+    dir: &std::path::Path,
+    settings: &[(&str, &str)],
+) -> (Broker, std::net::SocketAddr, mooring_core::ServiceContext) {
+    let mut ctx = mooring_core::ServiceContext::for_tests(dir).unwrap();
+    let flags: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut config = mooring_core::Config::load(None, Vec::new(), &flags).unwrap();
+    config.data_dir = dir.to_path_buf();
+    ctx.config = Arc::new(config);
+    let broker = mooring_mqtt::start(&ctx).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mooring_mqtt::listener::serve_tcp(broker.clone(), listener));
+    (broker, addr, ctx)
+}
+
+/// Sends a CONNECT and returns the CONNACK (or `None` when the server just closed).
+async fn raw_connect(
+    addr: std::net::SocketAddr,
+    connect: Connect,
+) -> (TestClient, Option<codec::ConnAck>) {
+    let mut c = TestClient {
+        stream: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+        version: connect.protocol_version,
+    };
+    c.send(Packet::Connect(Box::new(connect))).await;
+    let ack = match c.next().await {
+        Some(Packet::ConnAck(a)) => Some(a),
+        _ => None,
+    };
+    (c, ack)
+}
+
+fn connect_packet(id: &str, version: u8, keep_alive: u16, properties: Properties) -> Connect {
+    Connect {
+        protocol_version: version,
+        clean_start: true,
+        keep_alive,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties,
+    }
+}
+
+fn publish_packet(topic: &str, qos: u8, packet_id: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id,
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"x"),
+    })
+}
+
+/// The `disconnectReason` of the next disconnected event on `receiver`.
+async fn next_disconnect_reason(
+    receiver: &mut tokio::sync::mpsc::Receiver<Arc<Message>>,
+) -> String {
+    let event = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+        .await
+        .expect("no disconnected event")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    body["disconnectReason"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn aws_limits_throttling_forbidden_topics_and_enhanced_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, addr, _ctx) = start(dir.path()).await;
+    let mut events = broker
+        .subscribe_channel("$aws/events/presence/disconnected/+", 64)
+        .unwrap();
+    let mut receiver = events.receiver.take().unwrap();
+
+    // MQTT 5: beyond 100 publishes within a second, QoS 1 gets PUBACK 0x97 Quota exceeded.
+    let (mut fast, _) = TestClient::connect(addr, "rate-v5", V5, true).await;
+    let mut burst = BytesMut::new();
+    for id in 1..=130u16 {
+        codec::encode(&publish_packet("rate/v5", 1, id), V5, &mut burst);
+    }
+    fast.stream.write_all(&burst).await.unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 130 {
+        match fast.next().await {
+            Some(Packet::PubAck(a)) => codes.push(a.code),
+            Some(_) => {}
+            None => panic!("connection closed after {} acks", codes.len()),
+        }
+    }
+    assert!(codes[..100].iter().all(|&c| c == 0), "{codes:?}");
+    assert!(codes[100..].iter().all(|&c| c == 0x97), "{codes:?}");
+
+    // MQTT 3.1.1 cannot be told: the connection closes as THROTTLED.
+    let (mut slow, _) = TestClient::connect(addr, "rate-v3", V311, true).await;
+    let mut burst = BytesMut::new();
+    for _ in 0..150 {
+        codec::encode(&publish_packet("rate/v3", 0, 0), V311, &mut burst);
+    }
+    slow.stream.write_all(&burst).await.unwrap();
+    assert!(slow.next().await.is_none());
+    assert_eq!(next_disconnect_reason(&mut receiver).await, "THROTTLED");
+
+    // MQTT 3.1.1 publishing to a reserved topic it may not use: FORBIDDEN_ACCESS.
+    let (mut nosy, _) = TestClient::connect(addr, "nosy-v3", V311, true).await;
+    nosy.send(publish_packet("$aws/events/presence/connected/x", 0, 0))
+        .await;
+    assert!(nosy.next().await.is_none());
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "FORBIDDEN_ACCESS"
+    );
+
+    // Enhanced authentication is not supported: an Authentication Method at CONNECT gets
+    // CONNACK 0x8C, an AUTH packet on a connection gets DISCONNECT 0x82.
+    let properties = Properties {
+        authentication_method: Some("SCRAM-SHA-1".into()),
+        ..Default::default()
+    };
+    let (_, ack) = raw_connect(addr, connect_packet("scram", V5, 60, properties)).await;
+    assert_eq!(ack.unwrap().code, 0x8C);
+    let (mut auth, _) = TestClient::connect(addr, "auth-v5", V5, true).await;
+    auth.send(Packet::Auth(codec::Auth {
+        code: 0x18,
+        properties: Properties::default(),
+    }))
+    .await;
+    match auth.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x82),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert_eq!(next_disconnect_reason(&mut receiver).await, "CLIENT_ERROR");
+
+    // Client ids over 128 bytes: CONNACK 0x85 (MQTT 5) / return code 2 (3.1.1).
+    let long = "i".repeat(129);
+    let (_, ack) = raw_connect(addr, connect_packet(&long, V5, 60, Properties::default())).await;
+    assert_eq!(ack.unwrap().code, 0x85);
+    let (_, ack) = raw_connect(addr, connect_packet(&long, V311, 60, Properties::default())).await;
+    assert_eq!(ack.unwrap().code, 2);
+    let (_c, ack) = raw_connect(
+        addr,
+        connect_packet(&long[..128], V5, 60, Properties::default()),
+    )
+    .await;
+    assert_eq!(ack.unwrap().code, 0);
+
+    // At most 8 filters per SUBSCRIBE.
+    let (mut many, _) = TestClient::connect(addr, "many-filters", V5, true).await;
+    many.send(Packet::Subscribe(Subscribe {
+        packet_id: 3,
+        properties: Properties::default(),
+        filters: (0..9)
+            .map(|i| {
+                (
+                    format!("lim/{i}"),
+                    codec::SubscriptionOptions {
+                        qos: 1,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect(),
+    }))
+    .await;
+    loop {
+        if let Some(Packet::SubAck(s)) = many.next().await {
+            assert_eq!(s.codes, [1, 1, 1, 1, 1, 1, 1, 1, 0x97]);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn broker_section_caps_keep_alive_refuses_filters_and_lifts_the_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, addr, _ctx) = start_with(
+        dir.path(),
+        &[
+            ("mqtt.profile", "\"strict\""),
+            ("broker.max_keep_alive", "60"),
+            ("broker.refused_subscriptions", "[\"test/nosubscribe\"]"),
+            ("broker.publishes_per_second", "0"),
+        ],
+    )
+    .await;
+    let (mut c, ack) =
+        raw_connect(addr, connect_packet("ka", V5, 120, Properties::default())).await;
+    let ack = ack.unwrap();
+    assert_eq!(ack.code, 0);
+    assert_eq!(ack.properties.server_keep_alive, Some(60));
+    c.send(Packet::Subscribe(Subscribe {
+        packet_id: 4,
+        properties: Properties::default(),
+        filters: ["test/nosubscribe", "test/ok"]
+            .iter()
+            .map(|f| {
+                (
+                    f.to_string(),
+                    codec::SubscriptionOptions {
+                        qos: 2,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect(),
+    }))
+    .await;
+    loop {
+        if let Some(Packet::SubAck(s)) = c.next().await {
+            assert_eq!(s.codes, [0x80, 2]);
+            break;
+        }
+    }
+    // MQTT 3.1.1 keeps its own keep-alive (it cannot be told otherwise).
+    let (_c3, ack) = raw_connect(
+        addr,
+        connect_packet("ka3", V311, 120, Properties::default()),
+    )
+    .await;
+    assert_eq!(ack.unwrap().code, 0);
+    // No rate limit: 300 QoS 0 publishes in one burst all arrive.
+    let (mut sub, _) = TestClient::connect(addr, "unlimited-sub", V311, true).await;
+    sub.subscribe("unlimited", 0).await;
+    let (mut fast, _) = TestClient::connect(addr, "unlimited-pub", V311, true).await;
+    let mut burst = BytesMut::new();
+    for _ in 0..300 {
+        codec::encode(&publish_packet("unlimited", 0, 0), V311, &mut burst);
+    }
+    fast.stream.write_all(&burst).await.unwrap();
+    for _ in 0..300 {
+        assert_eq!(sub.next_publish().await.topic, "unlimited");
+    }
+}
