@@ -848,3 +848,399 @@ def test_s3_export_tasks_against_moto(mooring_factory, moto, tmp_path):
     assert first.status_context.s3_export_task_definition.bucket == "export-bucket"
     assert first.timestamp_epoch_ms > 0
     c.close()
+
+
+# --- IoT Analytics and IoT SiteWise exports ---------------------------------------------
+# moto implements neither BatchPutMessage nor BatchPutAssetPropertyValue, so these exports
+# go to a capture server that records every request, checks it against botocore's service
+# model (method, path, SigV4 scope, body members) and answers what the test scripts.
+
+import base64
+import json
+
+import botocore.session
+from botocore.validate import ParamValidator
+from stream_manager import (
+    AssetPropertyValue,
+    IoTAnalyticsConfig,
+    IoTSiteWiseConfig,
+    PutAssetPropertyValueEntry,
+    Quality,
+    TimeInNanos,
+    Variant,
+)
+
+BOTOCORE = botocore.session.get_session()
+
+
+class AwsCapture(http.server.BaseHTTPRequestHandler):
+    """Records restJson requests; `server.respond(path, body)` gives (status, json)."""
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        server = self.server
+        parsed = json.loads(body)
+        with server.lock:
+            server.requests.append({"path": self.path, "headers": dict(self.headers), "body": parsed})
+            status, answer = server.respond(self.path, parsed)
+        if server.delay:
+            time.sleep(server.delay)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def aws_capture():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AwsCapture)
+    server.lock = threading.Lock()
+    server.requests = []
+    server.delay = 0
+    server.respond = lambda path, body: (200, {})
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield server
+    server.shutdown()
+
+
+def check_against_model(request, service, operation):
+    """The request is exactly what botocore would send for `operation`."""
+    model = BOTOCORE.get_service_model(service).operation_model(operation)
+    assert model.http["method"] == "POST"
+    assert request["path"] == model.http["requestUri"]
+    auth = request["headers"]["Authorization"]
+    signing_name = BOTOCORE.get_service_model(service).signing_name
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=testing/"), auth
+    assert f"/us-east-1/{signing_name}/aws4_request" in auth, auth
+    report = ParamValidator().validate(request["body"], model.input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def iot_args(capture):
+    url = f"http://127.0.0.1:{capture.server_address[1]}"
+    return export_args() + ["--set", f"streams.iotanalytics_endpoint={url}",
+                            "--set", f"streams.iotsitewise_endpoint={url}"]
+
+
+def test_iot_analytics_export_against_capture_server(mooring_factory, aws_capture):
+    failed_once = set()
+
+    def respond(path, body):
+        errors = []
+        for m in body["messages"]:
+            if m["messageId"] == "gw-2":  # rejected for good: skipped, never resent
+                errors.append({"messageId": "gw-2", "errorCode": "InvalidRequestException",
+                               "errorMessage": "payload is not valid"})
+            elif m["messageId"] == "gw-7" and "gw-7" not in failed_once:  # transient
+                failed_once.add("gw-7")
+                errors.append({"messageId": "gw-7", "errorCode": "ServiceUnavailableException",
+                               "errorMessage": "try again"})
+        return 200, {"batchPutMessageErrorEntries": errors}
+
+    aws_capture.respond = respond
+    m = mooring_factory(extra_args=iot_args(aws_capture))
+    c = client_for(m)
+    config = dict(identifier="ita", iot_channel="plant_channel", iot_msg_id_prefix="gw-", batch_size=10)
+    c.create_message_stream(definition("to-ita", export_definition=ExportDefinition(
+        iot_analytics=[IoTAnalyticsConfig(disabled=True, **config)])))
+    payloads = [json.dumps({"reading": i}).encode() for i in range(12)]
+    for p in payloads:
+        c.append_message("to-ita", p)
+    c.update_message_stream(definition("to-ita", export_definition=ExportDefinition(
+        iot_analytics=[IoTAnalyticsConfig(**config)])))
+
+    wait_for(lambda: c.describe_message_stream("to-ita").export_statuses[0]
+             .last_exported_sequence_number == 11, what="IoT Analytics export")
+    requests = list(aws_capture.requests)
+    for r in requests:
+        check_against_model(r, "iotanalytics", "BatchPutMessage")
+        assert r["body"]["channelName"] == "plant_channel"
+    # First call: messages 0-9 in order, ids are the prefix and the sequence number.
+    first = requests[0]["body"]["messages"]
+    assert [msg["messageId"] for msg in first] == [f"gw-{i}" for i in range(10)]
+    assert [base64.b64decode(msg["payload"]) for msg in first] == payloads[:10]
+    # The transient failure of 7 resends from 7 on; 2 is never resent.
+    second = requests[1]["body"]["messages"]
+    assert [msg["messageId"] for msg in second] == [f"gw-{i}" for i in range(7, 12)]
+    assert len(requests) == 2
+    status = c.describe_message_stream("to-ita").export_statuses[0]
+    # 12 messages, one rejected for good; 7, 8 and 9 count once (delivered by the retry).
+    assert status.exported_messages_count == 11
+    assert status.exported_bytes_from_stream == sum(len(p) for i, p in enumerate(payloads) if i != 2)
+    assert status.error_message is None  # cleared by the successful retry
+    c.close()
+
+
+def test_iot_analytics_permanent_rejection_is_reported(mooring_factory, aws_capture):
+    aws_capture.respond = lambda path, body: (200, {"batchPutMessageErrorEntries": [
+        {"messageId": m["messageId"], "errorCode": "InvalidRequestException", "errorMessage": "bad"}
+        for m in body["messages"] if m["messageId"] == "1"]})
+    m = mooring_factory(extra_args=iot_args(aws_capture))
+    c = client_for(m)
+    c.create_message_stream(definition("ita2", export_definition=ExportDefinition(
+        iot_analytics=[IoTAnalyticsConfig(identifier="x", iot_channel="ch", batch_size=2)])))
+    c.append_message("ita2", b"zero")
+    c.append_message("ita2", b"one")
+    status = wait_for(lambda: (s := c.describe_message_stream("ita2").export_statuses[0])
+                      .last_exported_sequence_number == 1 and s, what="export")
+    # Without a prefix the id is the sequence number alone.
+    assert [msg["messageId"] for msg in aws_capture.requests[0]["body"]["messages"]] == ["0", "1"]
+    assert status.exported_messages_count == 1 and status.exported_bytes_from_stream == 4
+    assert "message 1 skipped" in status.error_message
+    assert "InvalidRequestException" in status.error_message
+    c.close()
+
+
+def sitewise_entry(entry_id, alias, value, seconds):
+    return PutAssetPropertyValueEntry(
+        entry_id=entry_id, property_alias=alias,
+        property_values=[AssetPropertyValue(value=Variant(double_value=value),
+                                            timestamp=TimeInNanos(time_in_seconds=seconds, offset_in_nanos=250),
+                                            quality=Quality.GOOD)])
+
+
+def test_iot_sitewise_export_against_capture_server(mooring_factory, aws_capture):
+    def respond(path, body):
+        errors = [{"entryId": e["entryId"], "errors": [{
+            "errorCode": "TimestampOutOfRangeException", "errorMessage": "too old",
+            "timestamps": [e["propertyValues"][0]["timestamp"]]}]}
+            for e in body["entries"] if e["entryId"] == "late"]
+        return 200, {"errorEntries": errors}
+
+    aws_capture.respond = respond
+    m = mooring_factory(extra_args=iot_args(aws_capture))
+    c = client_for(m)
+    c.create_message_stream(definition("to-sw", export_definition=ExportDefinition(
+        iot_sitewise=[IoTSiteWiseConfig(identifier="sw", batch_size=10, disabled=True)])))
+    now = int(time.time())
+    messages = [
+        Util.validate_and_serialize_to_json_bytes(sitewise_entry("t1", "/plant/pump/temp", 21.5, now)),
+        b"this is not JSON",
+        Util.validate_and_serialize_to_json_bytes(sitewise_entry("late", "/plant/pump/temp", 1.0, 1000)),
+        # Valid JSON the SiteWise model refuses (two value types): skipped, not sent.
+        json.dumps({"entryId": "both", "propertyAlias": "/a", "propertyValues": [
+            {"value": {"doubleValue": 1.0, "integerValue": 1}, "timestamp": {"timeInSeconds": now}}]}).encode(),
+        json.dumps({"entryId": "ids", "assetId": "a1b2", "propertyId": "p3", "propertyValues": [
+            {"value": {"integerValue": 7}, "timestamp": {"timeInSeconds": now, "offsetInNanos": 0}},
+            {"value": {"booleanValue": True}, "timestamp": {"timeInSeconds": now + 1}, "quality": "UNCERTAIN"},
+            {"value": {"stringValue": "on"}, "timestamp": {"timeInSeconds": now + 2}}]}).encode(),
+        # A second entry "t1" cannot share a request with the first: it goes in the next one.
+        Util.validate_and_serialize_to_json_bytes(sitewise_entry("t1", "/plant/pump/temp", 22.0, now + 5)),
+    ]
+    for msg in messages:
+        c.append_message("to-sw", msg)
+    c.update_message_stream(definition("to-sw", export_definition=ExportDefinition(
+        iot_sitewise=[IoTSiteWiseConfig(identifier="sw", batch_size=10)])))
+    wait_for(lambda: c.describe_message_stream("to-sw").export_statuses[0]
+             .last_exported_sequence_number == 5, what="SiteWise export")
+    requests = list(aws_capture.requests)
+    assert len(requests) == 2
+    for r in requests:
+        check_against_model(r, "iotsitewise", "BatchPutAssetPropertyValue")
+        # Sent to the configured endpoint itself, without the model's "data." host prefix.
+        assert r["headers"]["Host"] == f"127.0.0.1:{aws_capture.server_address[1]}"
+    sent = [e for r in requests for e in r["body"]["entries"]]
+    assert [e["entryId"] for e in sent] == ["t1", "late", "ids", "t1"]
+    # Entries go out exactly as appended.
+    assert sent[0] == json.loads(messages[0])
+    assert sent[2] == json.loads(messages[4])
+    assert sent[3] == json.loads(messages[5])
+    status = c.describe_message_stream("to-sw").export_statuses[0]
+    assert status.exported_messages_count == 3
+    assert status.exported_bytes_from_stream == len(messages[0]) + len(messages[4]) + len(messages[5])
+    c.close()
+
+
+def test_sitewise_rejections_are_reported_not_retried(mooring_factory, aws_capture):
+    aws_capture.respond = lambda path, body: (200, {"errorEntries": [
+        {"entryId": "late", "errors": [{"errorCode": "TimestampOutOfRangeException", "errorMessage": "too old",
+                                        "timestamps": [{"timeInSeconds": 1000, "offsetInNanos": 250}]}]}]})
+    m = mooring_factory(extra_args=iot_args(aws_capture))
+    c = client_for(m)
+    c.create_message_stream(definition("sw2", export_definition=ExportDefinition(
+        iot_sitewise=[IoTSiteWiseConfig(identifier="sw", batch_size=3, disabled=True)])))
+    c.append_message("sw2", b"{broken")
+    c.append_message("sw2", Util.validate_and_serialize_to_json_bytes(sitewise_entry("late", "/p", 1.0, 1000)))
+    c.append_message("sw2", Util.validate_and_serialize_to_json_bytes(sitewise_entry("ok", "/p", 2.0, int(time.time()))))
+    c.update_message_stream(definition("sw2", export_definition=ExportDefinition(
+        iot_sitewise=[IoTSiteWiseConfig(identifier="sw", batch_size=3)])))
+    status = wait_for(lambda: (s := c.describe_message_stream("sw2").export_statuses[0])
+                      .last_exported_sequence_number == 2 and s, what="export")
+    assert len(aws_capture.requests) == 1
+    assert status.exported_messages_count == 1
+    assert "message 0 skipped: not a PutAssetPropertyValueEntry JSON" in status.error_message
+    assert "message 1 skipped: SiteWise rejected entry late: TimestampOutOfRangeException: too old" in status.error_message
+    time.sleep(1.5)
+    assert len(aws_capture.requests) == 1, "rejected entries must not be retried"
+    c.close()
+
+
+def test_iot_analytics_export_resumes_from_its_checkpoint_after_sigkill(mooring_factory, aws_capture):
+    aws_capture.respond = lambda path, body: (200, {"batchPutMessageErrorEntries": []})
+    aws_capture.delay = 0.3
+    m = mooring_factory(extra_args=iot_args(aws_capture))
+    c = client_for(m)
+    c.create_message_stream(definition("crash-ita", flush_on_write=True, export_definition=ExportDefinition(
+        iot_analytics=[IoTAnalyticsConfig(identifier="ita", iot_channel="ch", batch_size=5)])))
+    for i in range(60):
+        c.append_message("crash-ita", f"m{i}".encode())
+    wait_for(lambda: len(aws_capture.requests) >= 3, what="a few batches")
+    c.close()
+    m.kill()
+    before = len(aws_capture.requests)
+    assert before < 12, "the export finished before the kill; slow the capture server down"
+    aws_capture.delay = 0
+    m.start()
+    c = client_for(m)
+    wait_for(lambda: c.describe_message_stream("crash-ita").export_statuses[0]
+             .last_exported_sequence_number == 59, what="the export to finish after restart")
+    ids = [msg["messageId"] for r in aws_capture.requests for msg in r["body"]["messages"]]
+    # Nothing is missing; what was in flight at the kill may be sent twice, nothing more.
+    assert set(ids) == {str(i) for i in range(60)}
+    assert len(ids) - 60 <= 10, ids
+    after = [msg["messageId"] for r in aws_capture.requests[before:] for msg in r["body"]["messages"]]
+    assert int(after[0]) <= int(ids[before * 5 - 1]) + 1  # resumed at or before the first unsent message
+    c.close()
+
+
+def test_export_bandwidth_cap(mooring_factory, capture):
+    # 80 kbit/s = 10,000 bytes/s with one second of burst: 40 KB takes about 3 s.
+    m = mooring_factory(extra_args=export_args() + ["--set", "streams.max_bandwidth_kbps=80"])
+    c = client_for(m)
+    uri = f"http://127.0.0.1:{capture.server_address[1]}/in"
+    c.create_message_stream(definition("capped", export_definition=ExportDefinition(http=[
+        HTTPConfig(identifier="h", uri=uri, batch_size=5, disabled=True)])))
+    for i in range(40):
+        c.append_message("capped", bytes([i]) * 1000)
+    started = time.monotonic()
+    c.update_message_stream(definition("capped", export_definition=ExportDefinition(http=[
+        HTTPConfig(identifier="h", uri=uri, batch_size=5)])))
+    wait_for(lambda: c.describe_message_stream("capped").export_statuses[0]
+             .last_exported_sequence_number == 39, what="capped export")
+    elapsed = time.monotonic() - started
+    assert 2.4 <= elapsed <= 15, elapsed
+    assert [b for _, b in capture.bodies] == [bytes([i]) * 1000 for i in range(40)]
+    c.close()
+
+
+# --- the operator CLI ----------------------------------------------------------------
+
+
+def cli(m, *args, stdin=None, env=None, check=True):
+    from conftest import mooring_binary
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MOORING_")}
+    run_env.update(env or {})
+    p = subprocess.run([mooring_binary(), "streams", *args, "--data-dir", str(m.data_dir)],
+                       input=stdin, capture_output=True, env=run_env, timeout=30)
+    if check:
+        assert p.returncode == 0, p.stderr.decode()
+    return p
+
+
+def test_streams_cli_ls_show_read_append(mooring):
+    c = client_for(mooring)
+    c.create_message_stream(definition("beta"))
+    c.create_message_stream(definition("alpha", export_definition=ExportDefinition(
+        kinesis=[KinesisConfig(identifier="k", kinesis_stream_name="ks", disabled=True)])))
+    for i in range(5):
+        c.append_message("alpha", f"line {i}".encode())
+    assert cli(mooring, "ls").stdout.decode().splitlines() == ["alpha", "beta"]
+
+    info = json.loads(cli(mooring, "show", "alpha").stdout)
+    assert info["definition"]["name"] == "alpha"
+    assert info["definition"]["exportDefinition"]["kinesis"][0]["kinesisStreamName"] == "ks"
+    assert info["storageStatus"]["oldestSequenceNumber"] == 0
+    assert info["storageStatus"]["newestSequenceNumber"] == 4
+    assert info["exportStatuses"][0]["exportConfigIdentifier"] == "k"
+    assert json.loads(cli(mooring, "describe", "alpha").stdout) == info
+
+    lines = [json.loads(x) for x in cli(mooring, "read", "alpha").stdout.decode().splitlines()]
+    assert [x["sequenceNumber"] for x in lines] == [0, 1, 2, 3, 4]
+    assert [base64.b64decode(x["payload"]) for x in lines] == [f"line {i}".encode() for i in range(5)]
+    assert all(x["streamName"] == "alpha" and x["ingestTime"] > 0 for x in lines)
+    text = cli(mooring, "read", "alpha", "--from", "2", "--count", "2", "--format", "text").stdout
+    assert text == b"line 2\nline 3\n"
+    assert cli(mooring, "read", "alpha", "--from", "4", "--format", "raw").stdout == b"line 4"
+    assert cli(mooring, "read", "alpha", "--from", "5").stdout == b""
+
+    assert cli(mooring, "append", "alpha", "--data", "from the cli").stdout == b"5\n"
+    assert cli(mooring, "append", "alpha", stdin=b"\x00binary\xff").stdout == b"6\n"
+    tail = c.read_messages("alpha", ReadMessagesOptions(desired_start_sequence_number=5,
+                                                        min_message_count=2, max_message_count=2))
+    assert [x.payload for x in tail] == [b"from the cli", b"\x00binary\xff"]
+
+    missing = cli(mooring, "show", "nope", check=False)
+    assert missing.returncode != 0
+    assert b"ResourceNotFound" in missing.stderr and b"nope" in missing.stderr
+    bad = cli(mooring, "read", "alpha", "--count", "0", check=False)
+    assert bad.returncode != 0 and b"--count" in bad.stderr
+    c.close()
+
+
+def test_streams_cli_follow_and_auth(mooring_factory, monkeypatch):
+    m = mooring_factory(extra_args=["--set", "stream_manager.require_auth=true",
+                                    "--set", "stream_manager.auth_token=s3cret"])
+    monkeypatch.delenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", raising=False)
+    refused = cli(m, "ls", check=False)
+    assert refused.returncode != 0 and b"Unauthorized" in refused.stderr
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "s3cret")
+    c = client_for(m)
+    c.create_message_stream(definition("live"))
+    from conftest import mooring_binary
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MOORING_")}
+    follower = subprocess.Popen([mooring_binary(), "streams", "read", "live", "--follow", "--count", "3",
+                                 "--format", "text", "--data-dir", str(m.data_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env)
+    time.sleep(0.5)
+    for i in range(3):
+        c.append_message("live", f"event {i}".encode())
+        time.sleep(0.1)
+    out, err = follower.communicate(timeout=20)
+    assert follower.returncode == 0, err.decode()
+    assert out == b"event 0\nevent 1\nevent 2\n"
+    # --auth-token works as well as the SDK's environment variable.
+    monkeypatch.delenv("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+    assert cli(m, "ls", "--auth-token", "s3cret").stdout == b"live\n"
+    c.close()
+
+
+def test_s3_tasks_not_run_are_canceled_when_the_stream_is_deleted(mooring_factory, moto, tmp_path):
+    m = mooring_factory(extra_args=export_args(moto, s3=True))
+    c = client_for(m)
+    c.create_message_stream(definition("st", persistence=Persistence.Memory))
+    status_config = StatusConfig(status_level=StatusLevel.WARN, status_stream_name="st")
+    c.create_message_stream(definition("later", export_definition=ExportDefinition(
+        s3_task_executor=[S3ExportTaskExecutorConfig(identifier="s3", disabled=True,
+                                                     status_config=status_config)])))
+    f = tmp_path / "f.txt"
+    f.write_bytes(b"x")
+    tasks = [S3ExportTaskDefinition(input_url=f"file://{f}", bucket="b", key=f"k{i}") for i in range(3)]
+    for task in tasks:
+        c.append_message("later", Util.validate_and_serialize_to_json_bytes(task))
+    c.delete_message_stream("later")
+    wait_for(lambda: c.describe_message_stream("st").storage_status.newest_sequence_number == 2,
+             what="Canceled statuses")
+    messages = [Util.deserialize_json_bytes_to_obj(x.payload, StatusMessage) for x in read_all(c, "st")]
+    assert [x.status for x in messages] == [Status.Canceled] * 3
+    assert [x.status_level for x in messages] == [StatusLevel.WARN] * 3
+    assert [x.status_context.sequence_number for x in messages] == [0, 1, 2]
+    assert [x.status_context.s3_export_task_definition.key for x in messages] == ["k0", "k1", "k2"]
+    assert all(x.status_context.stream_name == "later" and "deleted" in x.message for x in messages)
+
+    # Removing the export definition cancels its pending tasks too.
+    c.create_message_stream(definition("again", export_definition=ExportDefinition(
+        s3_task_executor=[S3ExportTaskExecutorConfig(identifier="s3", disabled=True,
+                                                     status_config=status_config)])))
+    c.append_message("again", Util.validate_and_serialize_to_json_bytes(tasks[0]))
+    c.update_message_stream(definition("again"))
+    wait_for(lambda: c.describe_message_stream("st").storage_status.newest_sequence_number == 3,
+             what="a Canceled status")
+    last = Util.deserialize_json_bytes_to_obj(read_all(c, "st", start=3)[0].payload, StatusMessage)
+    assert last.status == Status.Canceled and "export s3 was removed" in last.message
+    c.close()

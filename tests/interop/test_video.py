@@ -985,3 +985,304 @@ def test_putmedia_signature_variants(mooring, variant):
         return
     _, acks = put_file(mooring, "signed", body, **{variant: True})
     assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED"]
+
+
+# ---------------------------------------------------------------- the producer/consumer CLI
+
+def video_cli(m, *args, stdin=None, check=True, timeout=60):
+    from conftest import mooring_binary
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith("MOORING_") and k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    p = subprocess.run([mooring_binary(), "video", *args, "--data-dir", str(m.data_dir)],
+                       input=stdin, capture_output=True, env=env, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stderr.decode()
+    return p
+
+
+def test_video_cli_put_file_and_get(mooring, ffmpeg_mkv, tmp_path):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "cli-cam", retention=1)
+    src = tmp_path / "in.mkv"
+    src.write_bytes(ffmpeg_mkv)
+    clusters = producer_clusters(ffmpeg_mkv)
+    out = video_cli(mooring, "put", "cli-cam", str(src)).stdout.decode()
+    acks = non_idle([json.loads(line) for line in out.splitlines()])
+    buffering = [a for a in acks if a["EventType"] == "BUFFERING"]
+    assert [a["FragmentTimecode"] for a in buffering] == [tc for tc, _ in clusters]
+    for a in buffering:
+        group = [x["EventType"] for x in acks if x["FragmentNumber"] == a["FragmentNumber"]]
+        assert group == ["BUFFERING", "RECEIVED", "PERSISTED"]
+
+    got = tmp_path / "got.mkv"
+    p = video_cli(mooring, "get", "cli-cam", "--out", str(got), "--start", "earliest")
+    assert p.stderr.decode().strip() == f"wrote {got.stat().st_size} bytes"
+    assert subprocess.run(["mkvinfo", str(got)], capture_output=True).returncode == 0
+    body = got.read_bytes()
+    docs = documents(body)
+    assert len(docs) == len(clusters)
+    for doc, cluster in zip(docs, clusters):
+        c = [(s, e) for i, s, e in doc if i == ID_CLUSTER]
+        assert cluster_frames(body, *c[0]) == cluster
+    # --stream and an after:N selector; "-" writes to standard output.
+    after = video_cli(mooring, "get", "--stream", "cli-cam", "--out", "-",
+                      "--start", f"after:{buffering[2]['FragmentNumber']}").stdout
+    assert len(documents(after)) == len(clusters) - 3
+    bad = video_cli(mooring, "get", "cli-cam", "--out", "-", "--start", "yesterday", check=False)
+    assert bad.returncode != 0 and b"unknown start" in bad.stderr
+    missing = video_cli(mooring, "put", "no-such-stream", str(src), check=False)
+    assert missing.returncode != 0 and b"404" in missing.stderr and b"ResourceNotFoundException" in missing.stderr
+
+
+def test_video_cli_put_from_a_live_ffmpeg_pipe(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "cli-live", retention=1)
+    from conftest import mooring_binary
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MOORING_")}
+    ff = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=duration=3:size=160x120:rate=25",
+         "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+         "-f", "matroska", "-live", "1", "-"], stdout=subprocess.PIPE)
+    put = subprocess.Popen([mooring_binary(), "video", "put", "--stream", "cli-live", "-",
+                            "--timecode-type", "RELATIVE", "--data-dir", str(mooring.data_dir)],
+                           stdin=ff.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ff.stdout.close()
+    first_ack_while_running = None
+    acks = []
+    for line in put.stdout:
+        ack = json.loads(line)
+        acks.append(ack)
+        if ack["EventType"] == "PERSISTED" and first_ack_while_running is None:
+            first_ack_while_running = ff.poll() is None
+    assert put.wait(30) == 0, put.stderr.read().decode()
+    ff.wait(10)
+    assert first_ack_while_running is True
+    persisted = [a for a in acks if a["EventType"] == "PERSISTED"]
+    assert len(persisted) == 3
+    listed = media_client(mooring, kv, "cli-live", "LIST_FRAGMENTS").list_fragments(
+        StreamName="cli-live", FragmentSelector={"FragmentSelectorType": "SERVER_TIMESTAMP", "TimestampRange": {
+            "StartTimestamp": time.time() - 120, "EndTimestamp": time.time() + 5}})["Fragments"]
+    assert sorted(f["FragmentNumber"] for f in listed) == sorted(a["FragmentNumber"] for a in persisted)
+
+
+# ---------------------------------------------------------------- 4005 and the KMS errors
+
+def test_one_track_rule_gives_4005(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "video.max_tracks=1"])
+    kv = m.client("kinesisvideo")
+    create(kv, "one-track", retention=1)
+    pm, acks = put_file(m, "one-track", mkv_header(tracks=(1, 2)) + mkv_cluster(5000, blocks=((1, 0), (2, 0))))
+    err = error_of(acks)
+    assert (err["ErrorId"], err["ErrorCode"], err["FragmentTimecode"]) == (4005, "MORE_THAN_ONE_TRACK_FOUND", 5000)
+    _, acks = put_file(m, "one-track", mkv_header() + mkv_cluster(6000))
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+
+
+KMS_STATES = {
+    "AccessDenied": (4500, "KMS_KEY_ACCESS_DENIED"),
+    "Disabled": (4501, "KMS_KEY_DISABLED"),
+    "ValidationError": (4502, "KMS_KEY_VALIDATION_ERROR"),
+    "Unavailable": (4503, "KMS_KEY_UNAVAILABLE"),
+    "InvalidUsage": (4504, "KMS_KEY_INVALID_USAGE"),
+    "PendingDeletion": (4505, "KMS_KEY_INVALID_STATE"),
+    "NotFound": (4506, "KMS_KEY_NOT_FOUND"),
+}
+
+
+def test_kms_key_states_give_the_45xx_acks(mooring_factory, tmp_path):
+    args = []
+    for state in KMS_STATES:
+        args += ["--set", f"video.kms_keys.key-{state.lower()}={state}"]
+    m = mooring_factory(extra_args=args)
+    kv = m.client("kinesisvideo")
+    for state, (error_id, code) in KMS_STATES.items():
+        name = f"kms-{state.lower()}"
+        create(kv, name, retention=1, KmsKeyId=f"arn:aws:kms:us-east-1:000000000000:key/key-{state.lower()}")
+        pm, acks = put_file(m, name, mkv_header() + mkv_cluster(7000))
+        assert pm.status == 200
+        assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "ERROR"], acks
+        err = error_of(acks)
+        assert (err["ErrorId"], err["ErrorCode"], err["FragmentTimecode"]) == (error_id, code, 7000)
+    # A key the configuration does not list is usable.
+    create(kv, "kms-fine", retention=1, KmsKeyId="alias/my-own-key")
+    _, acks = put_file(m, "kms-fine", mkv_header() + mkv_cluster(8000))
+    assert [a["EventType"] for a in non_idle(acks)] == ["BUFFERING", "RECEIVED", "PERSISTED"]
+    # The CLI reports the ERROR ack and exits 1.
+    src = tmp_path / "one.mkv"
+    src.write_bytes(mkv_header() + mkv_cluster(9000))
+    p = video_cli(m, "put", "kms-disabled", str(src), check=False)
+    assert p.returncode == 1
+    assert '"ErrorId":4501' in p.stdout.decode()
+
+
+def test_unknown_kms_state_refuses_to_start(mooring_factory):
+    with pytest.raises(RuntimeError) as e:
+        mooring_factory(extra_args=["--set", "video.kms_keys.k=Sleepy"])
+    assert "Sleepy" in str(e.value)
+
+
+def error_document_tags(body):
+    docs = documents(body)
+    assert len(docs) == 1, docs
+    tags = [simple_tags(body, s, e) for i, s, e in docs[0] if i == ID_TAGS]
+    assert not [1 for i, _, _ in docs[0] if i == ID_CLUSTER]
+    return dict(tags[0])
+
+
+def test_getmedia_error_tags_for_a_failing_kms_key(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "video.kms_keys.rotating=Enabled"])
+    kv = m.client("kinesisvideo")
+    create(kv, "kms-later", retention=1, KmsKeyId="arn:aws:kms:us-east-1:000000000000:alias/rotating")
+    _, acks = put_file(m, "kms-later", mkv_header() + mkv_cluster(1000) + mkv_cluster(2000))
+    first = [a for a in acks if a["EventType"] == "PERSISTED"][0]["FragmentNumber"]
+    m.stop()
+    m2 = mooring_factory(data_dir=m.data_dir, extra_args=["--set", "video.kms_keys.rotating=Disabled"])
+    kv = m2.client("kinesisvideo")
+    body = get_media(m2, kv, "kms-later", {"StartSelectorType": "EARLIEST"})
+    assert error_document_tags(body) == {
+        "AWS_KINESISVIDEO_FRAGMENT_NUMBER": first,
+        "AWS_KINESISVIDEO_ERROR_ID": "4501",
+        "AWS_KINESISVIDEO_ERROR_CODE": "KMS_KEY_DISABLED",
+    }
+
+
+def test_getmedia_error_tags_when_fragment_media_is_gone(mooring_factory):
+    m = mooring_factory()
+    kv = m.client("kinesisvideo")
+    create(kv, "lost", retention=1)
+    _, acks = put_file(m, "lost", mkv_header() + mkv_cluster(1000) + mkv_cluster(2000))
+    first = [a for a in acks if a["EventType"] == "PERSISTED"][0]["FragmentNumber"]
+    m.stop()
+    # Media removed behind Mooring's back; the index still lists the fragments.
+    segments = [p for p in (m.data_dir / "video").rglob("*") if p.is_file()]
+    assert segments
+    for p in segments:
+        p.write_bytes(b"")
+    m.start()
+    kv = m.client("kinesisvideo")
+    body = get_media(m, kv, "lost", {"StartSelectorType": "EARLIEST"})
+    assert error_document_tags(body) == {
+        "AWS_KINESISVIDEO_FRAGMENT_NUMBER": first,
+        "AWS_KINESISVIDEO_ERROR_ID": "4000",
+        "AWS_KINESISVIDEO_ERROR_CODE": "FRAGMENT_NOT_FOUND",
+    }
+    # The server keeps working.
+    _, acks = put_file(m, "lost", mkv_header() + mkv_cluster(int(time.time() * 1000)))
+    assert "PERSISTED" in [a["EventType"] for a in acks]
+
+
+# ---------------------------------------------------------------- quotas
+
+def test_tps_limits_and_point_budgets(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "video.rate_limits=true"])
+    kv = m.client("kinesisvideo")
+    create(kv, "busy", retention=0)
+    create(kv, "quiet", retention=0)
+
+    def throttled(call):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert e.value.response["Error"]["Code"] == "ClientLimitExceededException"
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        assert e.value.response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-errortype"].startswith(
+            "ClientLimitExceededException")
+
+    time.sleep(1.1)  # refill after the CreateStream calls above
+    for _ in range(5):
+        kv.describe_stream(StreamName="busy")
+    throttled(lambda: kv.describe_stream(StreamName="busy"))
+    # The budget is per stream (an ARN counts for its stream) and per operation.
+    arn = kv.describe_stream(StreamName="quiet")["StreamInfo"]["StreamARN"]
+    kv.describe_stream(StreamARN=arn)
+    kv.list_tags_for_stream(StreamName="busy")
+    time.sleep(1.1)
+    kv.describe_stream(StreamName="busy")
+
+    endpoint = kv.get_data_endpoint(StreamName="busy", APIName="LIST_FRAGMENTS")["DataEndpoint"]
+    archived = m.client("kinesis-video-archived-media")
+    assert endpoint == m.url
+    selector = {"FragmentSelectorType": "SERVER_TIMESTAMP",
+                "TimestampRange": {"StartTimestamp": 0, "EndTimestamp": time.time()}}
+    for _ in range(10):  # 10 x 1000 points = the 10,000 points/s metadata budget
+        archived.list_fragments(StreamName="busy", MaxResults=1000, FragmentSelector=selector)
+    throttled(lambda: archived.list_fragments(StreamName="busy", MaxResults=1000, FragmentSelector=selector))
+    archived.list_fragments(StreamName="quiet", MaxResults=1000, FragmentSelector=selector)
+
+    numbers = [f"{91343852333181432392682062607743920146 + i}" for i in range(500)]
+    archived.get_media_for_fragment_list(StreamName="busy", Fragments=numbers)["Payload"].read()
+    throttled(lambda: archived.get_media_for_fragment_list(StreamName="busy", Fragments=numbers[:1]))
+
+    # GetMedia: 5 calls per second per stream, counted before the request is even parsed
+    # (these five are refused for their selector, which takes no connection slot).
+    media = m.client("kinesis-video-media")
+    for _ in range(5):
+        with pytest.raises(ClientError) as e:
+            media.get_media(StreamName="quiet", StartSelector={"StartSelectorType": "FRAGMENT_NUMBER"})
+        assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+    throttled(lambda: media.get_media(StreamName="quiet", StartSelector={"StartSelectorType": "NOW"}))
+
+
+def test_tps_limits_are_off_by_default(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "free", retention=0)
+    for _ in range(20):
+        kv.describe_stream(StreamName="free")
+
+
+def test_putmedia_and_getmedia_bandwidth_caps(mooring_factory, ffmpeg_mkv):
+    rate = max(20_000, len(ffmpeg_mkv) // 3)
+    m = mooring_factory(extra_args=["--set", f"video.put_media_bytes_per_sec={rate}",
+                                    "--set", f"video.get_media_bytes_per_sec={rate}",
+                                    "--set", "video.get_media_idle_ms=300"])
+    kv = m.client("kinesisvideo")
+    create(kv, "paced", retention=1)
+    expected = (len(ffmpeg_mkv) - rate) / rate  # one second of burst, then the rate
+    started = time.monotonic()
+    pm, acks = put_file(m, "paced", ffmpeg_mkv)
+    elapsed = time.monotonic() - started
+    assert len([a for a in acks if a["EventType"] == "PERSISTED"]) == 5
+    assert elapsed >= expected * 0.8, (elapsed, expected)
+
+    started = time.monotonic()
+    body = get_media(m, kv, "paced", {"StartSelectorType": "EARLIEST"})
+    elapsed = time.monotonic() - started
+    assert len(documents(body)) == 5
+    # The last chunk goes out when its bytes fit; then the 0.3 s idle end.
+    assert elapsed >= ((len(body) - rate - len(body) // 5) / rate) * 0.8, (elapsed, len(body), rate)
+
+
+# ---------------------------------------------------------------- one PutMedia connection per stream
+
+def test_newer_putmedia_connection_takes_over(mooring):
+    kv = mooring.client("kinesisvideo")
+    create(kv, "rotate", retention=1)
+    base = int(time.time() * 1000) - 60_000
+    old = PutMedia(mooring, "rotate")
+    second = mkv_cluster(base + 2000)
+    old.send(mkv_header() + mkv_cluster(base) + second[:10])
+    old.wait_for(lambda a: a["EventType"] == "BUFFERING" and a["FragmentTimecode"] == base + 2000)
+
+    # The producer rotates its connection in the middle of a fragment.
+    new = PutMedia(mooring, "rotate")
+    new.send(mkv_header() + mkv_cluster(base + 4000))
+    new.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == base + 4000)
+
+    # The old connection finishes the fragment it was sending, then its response ends; the
+    # cluster it starts afterwards is not taken.
+    old.send(second[10:] + mkv_cluster(base + 6000))
+    rest = old.all_acks(timeout=20)
+    events = [(a["EventType"], a.get("FragmentTimecode")) for a in non_idle(rest)]
+    assert ("PERSISTED", base + 2000) in events
+    assert all(tc != base + 6000 for _, tc in events) and "ERROR" not in [e for e, _ in events]
+    old.close()
+
+    new.send(mkv_cluster(base + 8000))
+    new.end()
+    tail = new.all_acks()
+    assert ("PERSISTED", base + 8000) in [(a["EventType"], a.get("FragmentTimecode")) for a in tail]
+    new.close()
+    listed = media_client(mooring, kv, "rotate", "LIST_FRAGMENTS").list_fragments(
+        StreamName="rotate", FragmentSelector={"FragmentSelectorType": "PRODUCER_TIMESTAMP", "TimestampRange": {
+            "StartTimestamp": (base - 1000) / 1000, "EndTimestamp": (base + 10_000) / 1000}})["Fragments"]
+    assert sorted(int(f["ProducerTimestamp"].timestamp() * 1000) for f in listed) == [
+        base, base + 2000, base + 4000, base + 8000]

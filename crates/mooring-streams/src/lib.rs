@@ -6,13 +6,15 @@
 //! - [`definition`] and [`model`]: stream definitions, limits and the rules of every operation;
 //! - [`store`]: definitions and export checkpoints in the metadata store;
 //! - [`codec`], [`api`] and [`server`]: the SDK wire protocol on TCP;
-//! - [`export`]: the export engine and its destinations.
+//! - [`export`]: the export engine and its destinations;
+//! - [`client`]: a native protocol client for the `mooring streams` operator tools.
 //!
 //! [`StreamManagerService::start`] builds everything from a [`ServiceContext`]; `mooring
 //! serve` then hands the listener to [`StreamManagerService::serve`] and registers the
 //! [`StreamsHandle`] through which other services append.
 
 pub mod api;
+pub mod client;
 pub mod codec;
 pub mod definition;
 pub mod export;

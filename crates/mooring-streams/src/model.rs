@@ -304,7 +304,7 @@ impl StreamManager {
             .map_err(StreamError::internal)?
             .map_err(StreamError::internal)?;
         self.streams.write().unwrap().remove(name);
-        self.exports.remove_stream(name);
+        self.exports.remove_stream(&stream);
         stream.log.close_and_delete();
         Ok(())
     }

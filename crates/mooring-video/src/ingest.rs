@@ -8,6 +8,11 @@
 //! segment file, fsynced and indexed it (retention > 0 only). Each ack is its own HTTP chunk.
 //! While the body is quiet IDLE acks are sent; after `idle_timeout_secs` without data the
 //! response ends. A fatal error ends the response after its ERROR ack.
+//!
+//! A stream has one PutMedia connection: when a newer one opens, this one stops at the next
+//! cluster boundary (the fragment in flight is finished and acked) and ends its response.
+//! The body is read no faster than `put_media_bytes_per_sec`. A stream whose KMS key is
+//! configured in a failing state gets the matching 45xx ERROR on its first fragment.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +24,7 @@ use http_body_util::BodyExt;
 use mooring_aws::{AwsRequest, OperationName};
 use tokio::sync::mpsc;
 
+use crate::admission::Pacer;
 use crate::fragments::{LiveStream, StoredFragment};
 use crate::mkv::{self, Document, MkvError, MkvEvent, MkvParser, SimpleTag};
 use crate::model::{FragmentMeta, StreamRef, VideoError};
@@ -35,7 +41,6 @@ const RESERVED_TAGS: &[&str] = &[
 /// How long a complete cluster waits for Tags that belong to it.
 const TRAILING_TAGS_WAIT: Duration = Duration::from_millis(100);
 const MAX_FRAGMENT_DURATION_MS: i64 = 20_000;
-const MAX_TRACKS: usize = 3;
 
 /// An ERROR ack id and code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +68,10 @@ pub const MAX_CONNECTION_DURATION_REACHED: AckError = AckError {
 pub const FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS: AckError = AckError {
     id: 4004,
     code: "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS",
+};
+pub const MORE_THAN_ONE_TRACK_FOUND: AckError = AckError {
+    id: 4005,
+    code: "MORE_THAN_ONE_TRACK_FOUND",
 };
 pub const INVALID_MKV_DATA: AckError = AckError {
     id: 4006,
@@ -96,6 +105,70 @@ pub const MORE_THAN_ALLOWED_TRACKS_FOUND: AckError = AckError {
     id: 4012,
     code: "MORE_THAN_ALLOWED_TRACKS_FOUND",
 };
+pub const KMS_KEY_ACCESS_DENIED: AckError = AckError {
+    id: 4500,
+    code: "KMS_KEY_ACCESS_DENIED",
+};
+pub const KMS_KEY_DISABLED: AckError = AckError {
+    id: 4501,
+    code: "KMS_KEY_DISABLED",
+};
+pub const KMS_KEY_VALIDATION_ERROR: AckError = AckError {
+    id: 4502,
+    code: "KMS_KEY_VALIDATION_ERROR",
+};
+pub const KMS_KEY_UNAVAILABLE: AckError = AckError {
+    id: 4503,
+    code: "KMS_KEY_UNAVAILABLE",
+};
+pub const KMS_KEY_INVALID_USAGE: AckError = AckError {
+    id: 4504,
+    code: "KMS_KEY_INVALID_USAGE",
+};
+pub const KMS_KEY_INVALID_STATE: AckError = AckError {
+    id: 4505,
+    code: "KMS_KEY_INVALID_STATE",
+};
+pub const KMS_KEY_NOT_FOUND: AckError = AckError {
+    id: 4506,
+    code: "KMS_KEY_NOT_FOUND",
+};
+
+/// The error a KMS key state causes, `Ok(None)` for a usable key; unknown state names are
+/// configuration errors.
+pub fn kms_state_error(state: &str) -> Result<Option<AckError>, String> {
+    Ok(Some(match state {
+        "Enabled" => return Ok(None),
+        "AccessDenied" => KMS_KEY_ACCESS_DENIED,
+        "Disabled" => KMS_KEY_DISABLED,
+        "ValidationError" => KMS_KEY_VALIDATION_ERROR,
+        "Unavailable" => KMS_KEY_UNAVAILABLE,
+        "InvalidUsage" => KMS_KEY_INVALID_USAGE,
+        "PendingDeletion" | "InvalidState" => KMS_KEY_INVALID_STATE,
+        "NotFound" => KMS_KEY_NOT_FOUND,
+        other => {
+            return Err(format!(
+                "unknown KMS key state {other:?}: use Enabled, AccessDenied, Disabled, ValidationError, Unavailable, InvalidUsage, PendingDeletion, InvalidState or NotFound"
+            ))
+        }
+    }))
+}
+
+/// The error the stream's KMS key causes under the `[video] kms_keys` configuration: a
+/// configured key matches the stream's KmsKeyId exactly or as its last `:` or `/` part.
+pub fn kms_error(config: &crate::VideoConfig, kms_key_id: &str) -> Option<AckError> {
+    config.kms_keys.iter().find_map(|(key, state)| {
+        let matches = kms_key_id == key
+            || kms_key_id.ends_with(&format!(":{key}"))
+            || kms_key_id.ends_with(&format!("/{key}"));
+        if matches {
+            kms_state_error(state).ok().flatten()
+        } else {
+            None
+        }
+    })
+}
+
 pub const INTERNAL_ERROR: AckError = AckError {
     id: 5000,
     code: "INTERNAL_ERROR",
@@ -197,7 +270,13 @@ pub async fn put_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
     }
     let live = state.fragments.live(&stream.arn);
     let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let superseded = state.admission.take_over(&stream.arn);
     let session = Session {
+        superseded,
+        stopping: false,
+        stopped: false,
+        kms_error: kms_error(&state.config, &stream.kms_key_id),
+        pacer: Pacer::new(state.config.put_media_bytes_per_sec),
         state: state.clone(),
         live,
         retention_hours: stream.retention_hours,
@@ -255,6 +334,14 @@ struct Fatal {
 }
 
 struct Session {
+    /// Changes when a newer PutMedia connection takes the stream over.
+    superseded: tokio::sync::watch::Receiver<u64>,
+    /// Taken over: end at the next cluster boundary.
+    stopping: bool,
+    /// Reached that boundary.
+    stopped: bool,
+    kms_error: Option<AckError>,
+    pacer: Pacer,
     state: Arc<VideoState>,
     live: Arc<LiveStream>,
     retention_hours: i64,
@@ -292,8 +379,18 @@ impl Session {
             } else {
                 idle_interval
             };
+            if self.stopping && self.open.is_none() && !self.parser.in_cluster() {
+                break self.finish_pending().await;
+            }
             let frame = tokio::select! {
                 _ = shutdown.triggered() => break self.finish_pending().await,
+                changed = self.superseded.changed(), if !self.stopping => {
+                    if changed.is_ok() {
+                        tracing::debug!("a newer PutMedia connection took the stream over");
+                    }
+                    self.stopping = true;
+                    continue;
+                }
                 f = tokio::time::timeout(wait, body.frame()) => f,
             };
             match frame {
@@ -331,10 +428,14 @@ impl Session {
                         continue;
                     }
                     last_data = Instant::now();
+                    self.pacer.pace(data.len()).await;
                     let mut events = Vec::new();
                     let parsed = self.parser.push_into(&data, &mut events);
                     if let Err(f) = self.handle(Ok(events)).await {
                         break Err(f);
+                    }
+                    if self.stopped {
+                        break Ok(());
                     }
                     if let Err(e) = parsed {
                         break Err(self.parse_error(e));
@@ -407,6 +508,11 @@ impl Session {
             match event {
                 MkvEvent::ClusterStart { document } => {
                     self.finish_pending().await?;
+                    if self.stopping {
+                        // Taken over: the next fragment goes to the newer connection.
+                        self.stopped = true;
+                        return Ok(());
+                    }
                     if self.live.is_deleted() {
                         return Err(self.fatal(STREAM_NOT_ACTIVE));
                     }
@@ -484,8 +590,16 @@ impl Session {
             return Err(fail(STREAM_NOT_ACTIVE));
         }
         let doc = &p.open.document;
-        if doc.tracks.len() > MAX_TRACKS {
-            return Err(fail(MORE_THAN_ALLOWED_TRACKS_FOUND));
+        let max_tracks = self.state.config.max_tracks.max(1);
+        if doc.tracks.len() > max_tracks {
+            return Err(fail(if max_tracks == 1 {
+                MORE_THAN_ONE_TRACK_FOUND
+            } else {
+                MORE_THAN_ALLOWED_TRACKS_FOUND
+            }));
+        }
+        if let Some(error) = self.kms_error {
+            return Err(fail(error));
         }
         if p.cluster
             .blocks

@@ -8,6 +8,7 @@
 //! readers, [`store`] the metadata persistence, [`fragments`] the media persistence, and
 //! [`mkv`] / [`ebml`] the incremental Matroska parser.
 
+pub mod admission;
 pub mod api;
 pub mod ebml;
 pub mod fragments;
@@ -48,6 +49,22 @@ pub struct VideoConfig {
     pub get_media_idle_ms: u64,
     /// How often retention is enforced.
     pub retention_sweep_secs: u64,
+    /// Enforce KVS's TPS quotas and archived-media point budgets (400
+    /// ClientLimitExceededException), as AWS does. Off by default, as in other local
+    /// emulators, because scripts and test suites call faster than 5 TPS per stream.
+    pub rate_limits: bool,
+    /// PutMedia ingest rate per stream (bytes/s; 0 unlimited). KVS: 12.5 MB/s.
+    pub put_media_bytes_per_sec: u64,
+    /// GetMedia output rate per session (bytes/s; 0 unlimited). KVS: 25 MB/s.
+    pub get_media_bytes_per_sec: u64,
+    /// Tracks allowed per PutMedia document (KVS: 3, a soft limit). With 1, the legacy
+    /// one-track rule, more tracks get ERROR 4005; otherwise ERROR 4012.
+    pub max_tracks: usize,
+    /// KMS key states for streams' KmsKeyId (key id, ARN or alias → Enabled, Disabled,
+    /// PendingDeletion, AccessDenied, Unavailable, InvalidUsage, ValidationError,
+    /// NotFound). Mooring has no KMS; listed keys in a non-Enabled state make PutMedia
+    /// and GetMedia fail with the 45xx errors KVS reports. Unlisted keys are Enabled.
+    pub kms_keys: std::collections::HashMap<String, String>,
 }
 
 impl Default for VideoConfig {
@@ -59,6 +76,11 @@ impl Default for VideoConfig {
             max_producer_clock_skew_secs: 3_600,
             get_media_idle_ms: 3_000,
             retention_sweep_secs: 60,
+            rate_limits: false,
+            put_media_bytes_per_sec: 12_500_000,
+            get_media_bytes_per_sec: 25_000_000,
+            max_tracks: 3,
+            kms_keys: Default::default(),
         }
     }
 }
@@ -69,6 +91,7 @@ pub struct VideoState {
     pub config: VideoConfig,
     pub store: Arc<dyn VideoStore>,
     pub fragments: Arc<FragmentStore>,
+    pub admission: admission::Admission,
 }
 
 impl VideoState {
@@ -120,6 +143,10 @@ impl VideoService {
     /// Opens the store, cleans up after a crash and starts the retention sweep.
     pub fn new(ctx: &ServiceContext) -> anyhow::Result<Arc<VideoService>> {
         let config: VideoConfig = ctx.config.section("video")?;
+        for (key, kms_state) in &config.kms_keys {
+            ingest::kms_state_error(kms_state)
+                .map_err(|e| anyhow::anyhow!("video.kms_keys.{key}: {e}"))?;
+        }
         let store: Arc<dyn VideoStore> = Arc::new(SqliteVideoStore::open(ctx.db.clone())?);
         let fragments = Arc::new(
             FragmentStore::open(ctx.service_dir("video")?, store.clone())
@@ -127,6 +154,7 @@ impl VideoService {
         );
         let state = Arc::new(VideoState {
             ctx: ctx.clone(),
+            admission: admission::Admission::new(config.rate_limits),
             config,
             store,
             fragments,
@@ -237,6 +265,13 @@ impl AwsService for VideoService {
         Box::pin(async move {
             let path = request.request.uri().path().to_string();
             let request_id = request.context.request_id.clone();
+            if let Err(e) = state.admission.admit_request(&path, &request) {
+                let mut response = error_response(&e, admission::operation_name(&path));
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert("x-amz-RequestId", v);
+                }
+                return response;
+            }
             let mut response = match path.as_str() {
                 "/putMedia" => ingest::put_media(state, request).await,
                 "/getMedia" => media::get_media(state, request).await,

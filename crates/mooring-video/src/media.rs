@@ -5,6 +5,12 @@
 //! elements), a Tags element with the fragment number and the server and producer
 //! timestamps, the Cluster, the producer's Tags that followed it, and for GetMedia a trailing
 //! Tags element with MILLIS_BEHIND_NOW and the CONTINUATION_TOKEN.
+//!
+//! A GetMedia that cannot deliver a fragment ends with an error document instead: tags
+//! AWS_KINESISVIDEO_FRAGMENT_NUMBER, AWS_KINESISVIDEO_ERROR_ID and
+//! AWS_KINESISVIDEO_ERROR_CODE (4000 when the fragment's media is gone, 45xx when the
+//! stream's KMS key is failing, 5000 otherwise). Output is paced to
+//! `get_media_bytes_per_sec` per session.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,12 +173,13 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
             .blocking(move |s| {
                 let stream = find_stream(s, &stream_ref)?;
                 let after = start_after(s, &stream.arn, &selector)?;
-                Ok((stream.arn, after))
+                let kms = crate::ingest::kms_error(&s.config, &stream.kms_key_id);
+                Ok((stream.arn, after, kms))
             })
             .await
     }
     .await;
-    let (arn, mut after) = match prepared {
+    let (arn, mut after, kms) = match prepared {
         Ok(p) => p,
         Err(e) => return error_response(&e, OP),
     };
@@ -191,6 +198,7 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
         // A local of the task: released when it returns, before the captured `tx` drops
         // and the response ends.
         let _slot = slot;
+        let mut pacer = crate::admission::Pacer::new(task_state.config.get_media_bytes_per_sec);
         let mut changes = live.subscribe();
         loop {
             changes.borrow_and_update();
@@ -203,15 +211,25 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
                 .await;
             match next {
                 Ok(Some(fragment)) => {
-                    let behind = task_state.clock().now_millis() - fragment.meta.server_ms;
-                    after = fragment.meta.seq;
-                    if tx
-                        .send(Bytes::from(chunk(&fragment, Some(behind.max(0)))))
-                        .await
-                        .is_err()
-                    {
+                    if let Some(error) = kms {
+                        let number = fragment.meta.number();
+                        let _ = tx
+                            .send(Bytes::from(error_chunk(&[
+                                ("AWS_KINESISVIDEO_FRAGMENT_NUMBER", &number),
+                                ("AWS_KINESISVIDEO_ERROR_ID", &error.id.to_string()),
+                                ("AWS_KINESISVIDEO_ERROR_CODE", error.code),
+                            ])))
+                            .await;
                         return;
                     }
+                    let behind = task_state.clock().now_millis() - fragment.meta.server_ms;
+                    after = fragment.meta.seq;
+                    let bytes = Bytes::from(chunk(&fragment, Some(behind.max(0))));
+                    let size = bytes.len();
+                    if tx.send(bytes).await.is_err() {
+                        return;
+                    }
+                    pacer.pace(size).await;
                 }
                 Ok(None) => match tokio::time::timeout(idle, changes.changed()).await {
                     Ok(Ok(())) => continue,
@@ -219,12 +237,20 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "GetMedia read failed");
-                    let number = model::fragment_number(after + 1);
+                    // The index still lists the fragment: its media is gone (4000).
+                    let a = arn.clone();
+                    let indexed = task_state
+                        .blocking(move |s| Ok(s.store.fragment_after(&a, after)?))
+                        .await;
+                    let (number, id, code) = match indexed {
+                        Ok(Some((meta, _))) => (meta.number(), "4000", "FRAGMENT_NOT_FOUND"),
+                        _ => (model::fragment_number(after + 1), "5000", "INTERNAL_ERROR"),
+                    };
                     let _ = tx
                         .send(Bytes::from(error_chunk(&[
                             ("AWS_KINESISVIDEO_FRAGMENT_NUMBER", &number),
-                            ("AWS_KINESISVIDEO_ERROR_ID", "5000"),
-                            ("AWS_KINESISVIDEO_ERROR_CODE", "INTERNAL_ERROR"),
+                            ("AWS_KINESISVIDEO_ERROR_ID", id),
+                            ("AWS_KINESISVIDEO_ERROR_CODE", code),
                         ])))
                         .await;
                     return;

@@ -32,6 +32,12 @@ pub enum Command {
     /// Event bus tools.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Stream manager tools: ls, show, read, append (over the stream manager port).
+    #[command(subcommand)]
+    Streams(crate::streams_cli::StreamsCommand),
+    /// Kinesis Video Streams producer and consumer: put (PutMedia), get (GetMedia).
+    #[command(subcommand)]
+    Video(crate::video_cli::VideoCommand),
 }
 
 #[derive(Debug, Subcommand)]

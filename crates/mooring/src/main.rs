@@ -4,6 +4,8 @@
 mod banner;
 mod cli;
 mod serve;
+mod streams_cli;
+mod video_cli;
 
 use anyhow::Result;
 use clap::Parser;
@@ -37,5 +39,34 @@ fn main() -> Result<()> {
             &mut std::io::stdout().lock(),
             &|| false,
         ),
+        Command::Streams(command) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(streams_cli::run(command, &mut std::io::stdout().lock()))
+        }
+        Command::Video(command) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let result = match command {
+                video_cli::VideoCommand::Put(args) => runtime
+                    .block_on(video_cli::put(&args, &mut std::io::stdout()))
+                    .map(|clean| if clean { 0 } else { 1 }),
+                video_cli::VideoCommand::Get(args) => {
+                    runtime.block_on(video_cli::get(&args)).map(|written| {
+                        eprintln!("wrote {written} bytes");
+                        0
+                    })
+                }
+            };
+            // Do not wait for a blocked read of standard input.
+            runtime.shutdown_background();
+            match result? {
+                0 => Ok(()),
+                code => std::process::exit(code),
+            }
+        }
     }
 }

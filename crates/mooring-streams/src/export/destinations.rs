@@ -1,7 +1,8 @@
-//! Export destinations: Kinesis Data Streams and S3 through the official AWS SDKs, and the
-//! HTTP test target. AWS clients are built on first use from [`ExportSettings`] (region,
-//! endpoint override, static credentials or the standard chain) with a rustls/ring HTTPS
-//! client. Destinations Mooring does not implement yet report that as the export's error.
+//! Export destinations: Kinesis Data Streams, IoT Analytics, IoT SiteWise and S3 through the
+//! official AWS SDKs, and the HTTP test target. AWS clients are built on first use from
+//! [`ExportSettings`] (region, endpoint override, static credentials or the standard chain)
+//! with a rustls/ring HTTPS client. A build without the `aws` feature reports the AWS
+//! destinations as unavailable in the export's error.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::OnceCell;
 
+#[cfg(feature = "aws")]
+use super::iot::{ExactEndpoint, IotAnalyticsDestination, IotSiteWiseDestination};
 #[cfg(feature = "aws")]
 use super::s3::S3Destination;
 use super::{BatchOutcome, Destination, ExportSettings};
@@ -29,6 +32,8 @@ pub struct Destinations {
     aws: OnceCell<aws_config::SdkConfig>,
     kinesis: OnceCell<Arc<dyn Destination>>,
     s3: OnceCell<Arc<dyn Destination>>,
+    iot_analytics: OnceCell<Arc<dyn Destination>>,
+    iot_sitewise: OnceCell<Arc<dyn Destination>>,
     http: Arc<dyn Destination>,
     handles: Arc<mooring_core::handles::ServiceHandles>,
     clock: Arc<dyn mooring_core::Clock>,
@@ -49,6 +54,8 @@ impl Destinations {
             aws: OnceCell::new(),
             kinesis: OnceCell::new(),
             s3: OnceCell::new(),
+            iot_analytics: OnceCell::new(),
+            iot_sitewise: OnceCell::new(),
             http: Arc::new(HttpDestination::new()),
             handles,
             clock,
@@ -124,11 +131,52 @@ impl Destinations {
                 })
                 .await
                 .clone(),
+            #[cfg(feature = "aws")]
+            ExportKind::IotAnalytics => self
+                .iot_analytics
+                .get_or_init(|| async {
+                    let mut builder =
+                        aws_sdk_iotanalytics::config::Builder::from(self.aws_config().await);
+                    if !self.settings.iotanalytics_endpoint.is_empty() {
+                        builder = builder.endpoint_url(self.settings.iotanalytics_endpoint.clone());
+                    }
+                    Arc::new(IotAnalyticsDestination {
+                        client: aws_sdk_iotanalytics::Client::from_conf(builder.build()),
+                    }) as Arc<dyn Destination>
+                })
+                .await
+                .clone(),
+            #[cfg(feature = "aws")]
+            ExportKind::IotSiteWise => self
+                .iot_sitewise
+                .get_or_init(|| async {
+                    let mut builder =
+                        aws_sdk_iotsitewise::config::Builder::from(self.aws_config().await);
+                    let endpoint = &self.settings.iotsitewise_endpoint;
+                    if !endpoint.is_empty() {
+                        builder = builder.endpoint_url(endpoint.clone());
+                        if let Some(authority) = endpoint
+                            .parse::<http::Uri>()
+                            .ok()
+                            .and_then(|u| u.authority().map(|a| a.to_string()))
+                        {
+                            builder = builder.interceptor(ExactEndpoint { authority });
+                        }
+                    }
+                    Arc::new(IotSiteWiseDestination {
+                        client: aws_sdk_iotsitewise::Client::from_conf(builder.build()),
+                    }) as Arc<dyn Destination>
+                })
+                .await
+                .clone(),
+            #[allow(unreachable_patterns)]
             other => Arc::new(Unimplemented(other)),
         }
     }
 }
 
+/// An AWS destination in a build without the `aws` feature.
+#[cfg_attr(feature = "aws", allow(dead_code))]
 struct Unimplemented(ExportKind);
 
 impl Destination for Unimplemented {
@@ -141,7 +189,7 @@ impl Destination for Unimplemented {
         let kind = self.0.as_str();
         Box::pin(async move {
             Err(format!(
-                "exports to {kind} are not implemented by this Mooring build; messages are kept until they are"
+                "exports to {kind} need Mooring built with the `aws` feature; messages are kept until then"
             ))
         })
     }

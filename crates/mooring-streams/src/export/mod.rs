@@ -9,10 +9,14 @@
 //! `errorMessage` and retries the same messages after an exponential backoff with jitter,
 //! capped at five minutes, forever. `disabled` parks the worker with its checkpoint kept.
 //! Update diffs configurations by identifier: same identifier keeps the checkpoint unless
-//! `startSequenceNumber` changed; removed identifiers stop and forget theirs.
+//! `startSequenceNumber` changed; removed identifiers stop and forget theirs. A batch's bytes
+//! pass the shared bandwidth cap (`max_bandwidth_kbps`) before it is sent.
 
+mod bandwidth;
 mod destinations;
 mod gate;
+#[cfg(feature = "aws")]
+pub mod iot;
 #[cfg(feature = "aws")]
 pub mod s3;
 
@@ -27,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use bandwidth::BandwidthLimit;
 pub use destinations::Destinations;
 use gate::PriorityGate;
 
@@ -52,6 +57,12 @@ pub struct ExportSettings {
     /// Endpoint overrides (e.g. a local Kinesis); AWS's endpoints when empty.
     pub kinesis_endpoint: String,
     pub s3_endpoint: String,
+    pub iotanalytics_endpoint: String,
+    /// Used exactly as given: SiteWise's `data.` host prefix is not added to an override.
+    pub iotsitewise_endpoint: String,
+    /// Average export bandwidth across all exports in kilobits per second
+    /// (`STREAM_MANAGER_EXPORTER_MAX_BANDWIDTH`); 0 is unlimited.
+    pub max_bandwidth_kbps: u64,
     /// Multipart part size for S3 exports (at least 5 MiB).
     pub s3_min_part_size: i64,
     /// Exports that may send at the same time (`STREAM_MANAGER_EXPORTER_THREAD_POOL_SIZE`).
@@ -70,6 +81,9 @@ impl Default for ExportSettings {
             session_token: String::new(),
             kinesis_endpoint: String::new(),
             s3_endpoint: String::new(),
+            iotanalytics_endpoint: String::new(),
+            iotsitewise_endpoint: String::new(),
+            max_bandwidth_kbps: 0,
             s3_min_part_size: crate::definition::MIN_MULTIPART_THRESHOLD,
             thread_pool_size: 5,
             retry_initial_millis: 1000,
@@ -111,6 +125,18 @@ pub trait Destination: Send + Sync {
         config: &'a ExportConfig,
         batch: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<BatchOutcome, String>>;
+
+    /// Messages that will never be sent because the stream or the export was removed
+    /// (S3 reports them as Canceled); nothing by default.
+    fn cancel<'a>(
+        &'a self,
+        _stream: &'a str,
+        _config: &'a ExportConfig,
+        _pending: &'a [StoredMessage],
+        _why: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 struct Worker {
@@ -126,6 +152,7 @@ struct EngineInner {
     clock: Arc<dyn Clock>,
     settings: ExportSettings,
     gate: PriorityGate,
+    bandwidth: BandwidthLimit,
     metrics: StreamMetrics,
     workers: Mutex<HashMap<(String, String), Worker>>,
     shutdown: CancellationToken,
@@ -161,6 +188,7 @@ impl ExportEngine {
                 destinations,
                 clock,
                 gate: PriorityGate::new(settings.thread_pool_size.max(1)),
+                bandwidth: BandwidthLimit::new(settings.max_bandwidth_kbps),
                 settings,
                 metrics,
                 workers: Mutex::new(HashMap::new()),
@@ -197,6 +225,11 @@ impl ExportEngine {
         for key in stale {
             if let Some(worker) = workers.remove(&key) {
                 worker.cancel.cancel();
+                self.cancel_pending(
+                    stream,
+                    &worker,
+                    format!("export {} was removed before this task ran", key.1),
+                );
             }
             let catalog = self.inner.catalog.clone();
             if let Err(e) = catalog.delete_progress(&key.0, &key.1) {
@@ -247,16 +280,60 @@ impl ExportEngine {
         }
     }
 
-    /// Stops every worker of a deleted stream.
-    pub fn remove_stream(&self, name: &str) {
+    /// Stops every worker of a stream about to be deleted (call before its log goes).
+    pub fn remove_stream(&self, stream: &Arc<Stream>) {
+        let name = stream.definition().name;
         let mut workers = self.inner.workers.lock().unwrap();
-        workers.retain(|(stream, _), worker| {
-            if stream == name {
+        let keys: Vec<(String, String)> = workers
+            .keys()
+            .filter(|(s, _)| *s == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(worker) = workers.remove(&key) {
                 worker.cancel.cancel();
-                false
-            } else {
-                true
+                self.cancel_pending(
+                    stream,
+                    &worker,
+                    format!("stream {name} was deleted before this task ran"),
+                );
             }
+        }
+    }
+
+    /// Hands the messages a removed S3 worker will never process to its destination,
+    /// which reports them Canceled.
+    fn cancel_pending(&self, stream: &Arc<Stream>, worker: &Worker, why: String) {
+        if worker.kind != ExportKind::S3 {
+            return;
+        }
+        let config = worker.config.borrow().clone();
+        if config.status_config.is_none() {
+            return;
+        }
+        let mut next = worker
+            .progress
+            .lock()
+            .unwrap()
+            .last_exported_sequence_number
+            + 1;
+        next = next.max(stream.log.storage_status().oldest_sequence_number);
+        let mut pending = Vec::new();
+        while let Ok(ReadOutcome::Messages(batch)) = stream.log.read(next, 1, 500, BATCH_BYTE_CAP) {
+            let Some(last) = batch.last() else {
+                break;
+            };
+            next = last.sequence_number + 1;
+            pending.extend(batch);
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let destinations = self.inner.destinations.clone();
+        let name = stream.definition().name;
+        tokio::spawn(async move {
+            let destination = destinations.for_kind(ExportKind::S3).await;
+            destination.cancel(&name, &config, &pending, &why).await;
         });
     }
 
@@ -444,9 +521,13 @@ impl WorkerRun {
                 _ = self.cancel.cancelled() => return,
                 permit = self.engine.gate.acquire(config.priority) => permit,
             };
+            let batch_bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
             let result = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                result = destination.send(&self.stream, &config, &batch) => result,
+                result = async {
+                    self.engine.bandwidth.take(batch_bytes).await;
+                    destination.send(&self.stream, &config, &batch).await
+                } => result,
             };
             drop(permit);
             let now = self.engine.clock.now_millis();

@@ -8,7 +8,8 @@
 //! `userMetadata` becomes `x-amz-meta-*`. With a `statusConfig`, status messages (JSON
 //! `StatusMessage`, integer enums) are appended to the status stream at or below its
 //! `statusLevel`: InProgress when a task starts, then Success or Failure, Warning when a
-//! failed multipart upload could not be aborted. Malformed tasks, unreadable files and
+//! failed multipart upload could not be aborted, Canceled for every task not yet done when
+//! the stream or the export is removed. Malformed tasks, unreadable files and
 //! permanent S3 errors (missing bucket, access denied) fail the task and move on; other
 //! errors are retried by the engine with backoff, forever.
 
@@ -31,6 +32,7 @@ const SUCCESS: i64 = 0;
 const FAILURE: i64 = 1;
 const IN_PROGRESS: i64 = 2;
 const WARNING: i64 = 3;
+const CANCELED: i64 = 4;
 /// `StatusLevel` values.
 const ERROR_LEVEL: i64 = 0;
 const WARN_LEVEL: i64 = 1;
@@ -371,6 +373,30 @@ fn format_java_pattern(pattern: &str, now_millis: i64) -> String {
 }
 
 impl Destination for S3Destination {
+    fn cancel<'a>(
+        &'a self,
+        stream: &'a str,
+        config: &'a ExportConfig,
+        pending: &'a [StoredMessage],
+        why: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for message in pending {
+                let raw: Option<serde_json::Value> = serde_json::from_slice(&message.payload).ok();
+                self.status(
+                    stream,
+                    config,
+                    message,
+                    raw.as_ref(),
+                    CANCELED,
+                    WARN_LEVEL,
+                    why.to_string(),
+                )
+                .await;
+            }
+        })
+    }
+
     fn send<'a>(
         &'a self,
         stream: &'a str,

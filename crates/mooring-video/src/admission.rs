@@ -1,0 +1,354 @@
+//! KVS quotas: who may call, how often, and how fast.
+//!
+//! - **TPS** (spec 6.1 and 6.2): a token bucket per (operation, account) and per
+//!   (operation, stream), each holding one second's worth; an empty bucket answers 400
+//!   `ClientLimitExceededException`. ListFragments draws `MaxResults` points from the
+//!   stream's 10,000/s fragment-metadata budget, GetMediaForFragmentList one point per
+//!   fragment from its 500/s fragment-media budget.
+//! - **Bandwidth**: PutMedia reads at most `put_media_bytes_per_sec` per stream (12.5 MB/s)
+//!   and GetMedia writes at most `get_media_bytes_per_sec` per session (25 MB/s); both pace
+//!   the connection rather than fail it, which is what a producer or consumer over quota
+//!   sees from KVS (its throughput levels off).
+//! - **PutMedia ownership**: a stream has one PutMedia connection; the newest is accepted
+//!   and the older one is told to stop (it finishes the fragment it is receiving, then ends
+//!   its response), which keeps the producers' connection rotation working.
+//!
+//! The TPS limits apply with `rate_limits = true` in `[video]` (off by default); the
+//! bandwidth caps, connection limits and PutMedia ownership always apply.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::model::{ErrorKind, VideoError, VideoResult};
+
+/// Tokens per second and the bucket holding at most one second of them.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The TPS buckets of every scope.
+#[derive(Default)]
+pub struct RateLimits {
+    buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
+}
+
+impl RateLimits {
+    /// Takes `cost` tokens from `scope`'s bucket refilled at `rate` per second; false when
+    /// there are not enough.
+    pub fn take(
+        &self,
+        scope: &str,
+        kind: &'static str,
+        rate: f64,
+        cost: f64,
+        now: Instant,
+    ) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry((scope.to_string(), kind)).or_insert(Bucket {
+            tokens: rate,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
+        bucket.at = now;
+        if bucket.tokens + 1e-9 < cost {
+            return false;
+        }
+        bucket.tokens -= cost;
+        true
+    }
+}
+
+/// Account TPS and per-stream TPS of an operation (spec 6.1, 6.2); `None` is unlimited.
+pub fn tps_of(path: &str) -> (Option<f64>, Option<f64>) {
+    match path {
+        "/createStream" => (Some(50.0), None),
+        "/describeStream" | "/getDataEndpoint" => (Some(300.0), Some(5.0)),
+        "/deleteStream"
+        | "/listTagsForStream"
+        | "/tagStream"
+        | "/untagStream"
+        | "/updateDataRetention"
+        | "/updateStream" => (Some(50.0), Some(5.0)),
+        "/listStreams" => (Some(50.0), None),
+        "/putMedia" | "/getMedia" => (None, Some(5.0)),
+        _ => (None, None),
+    }
+}
+
+/// The stream a request names, by name (an ARN is reduced to its name part so both
+/// spellings share one budget).
+pub fn stream_scope(name: Option<&str>, arn: Option<&str>) -> Option<String> {
+    if let Some(n) = name.filter(|n| !n.is_empty()) {
+        return Some(n.to_string());
+    }
+    let arn = arn.filter(|a| !a.is_empty())?;
+    let resource = arn.split(':').nth(5).unwrap_or(arn);
+    Some(resource.split('/').nth(1).unwrap_or(resource).to_string())
+}
+
+fn throttled(what: &str) -> VideoError {
+    VideoError::new(
+        ErrorKind::ClientLimitExceeded,
+        format!("Rate exceeded for {what}; the request was throttled"),
+    )
+}
+
+/// The quota state of the service.
+pub struct Admission {
+    pub rate_limits_enabled: bool,
+    rates: RateLimits,
+    put_sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+/// Points per second of the archived-media budgets (spec 6.3).
+const METADATA_POINTS: f64 = 10_000.0;
+const MEDIA_POINTS: f64 = 500.0;
+
+impl Admission {
+    pub fn new(rate_limits_enabled: bool) -> Admission {
+        Admission {
+            rate_limits_enabled,
+            rates: RateLimits::default(),
+            put_sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks the TPS limits of one call to `path` on `stream` (if it names one).
+    pub fn admit(&self, path: &str, stream: Option<&str>) -> VideoResult<()> {
+        if !self.rate_limits_enabled {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let (account, per_stream) = tps_of(path);
+        if let Some(rate) = account {
+            if !self.rates.take("", kind_of(path), rate, 1.0, now) {
+                return Err(throttled(&format!("{path} on this account")));
+            }
+        }
+        if let (Some(rate), Some(stream)) = (per_stream, stream) {
+            if !self.rates.take(stream, kind_of(path), rate, 1.0, now) {
+                return Err(throttled(&format!("{path} on stream {stream}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every quota of one incoming request before it runs: the TPS of its
+    /// operation, and the point budgets of ListFragments and GetMediaForFragmentList.
+    pub fn admit_request(&self, path: &str, request: &mooring_aws::AwsRequest) -> VideoResult<()> {
+        if !self.rate_limits_enabled {
+            return Ok(());
+        }
+        let body: serde_json::Value = if path == "/putMedia" {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&request.body).unwrap_or_default()
+        };
+        let scope = if path == "/putMedia" {
+            stream_scope(
+                request.header("x-amzn-stream-name"),
+                request.header("x-amzn-stream-arn"),
+            )
+        } else {
+            stream_scope(body["StreamName"].as_str(), body["StreamARN"].as_str())
+        };
+        self.admit(path, scope.as_deref())?;
+        if let Some(stream) = scope.as_deref() {
+            match path {
+                "/listFragments" => {
+                    let cost = body["MaxResults"]
+                        .as_f64()
+                        .unwrap_or(100.0)
+                        .clamp(1.0, 1000.0);
+                    self.metadata_points(stream, cost)?;
+                }
+                "/getMediaForFragmentList" => {
+                    let cost = body["Fragments"].as_array().map_or(1, |f| f.len().max(1));
+                    self.media_points(stream, cost as f64)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws `points` from the stream's fragment-metadata (ListFragments) budget.
+    pub fn metadata_points(&self, stream: &str, points: f64) -> VideoResult<()> {
+        self.points(stream, "metadata-points", METADATA_POINTS, points)
+    }
+
+    /// Draws `points` from the stream's fragment-media (GetMediaForFragmentList) budget.
+    pub fn media_points(&self, stream: &str, points: f64) -> VideoResult<()> {
+        self.points(stream, "media-points", MEDIA_POINTS, points)
+    }
+
+    fn points(&self, stream: &str, kind: &'static str, rate: f64, points: f64) -> VideoResult<()> {
+        if !self.rate_limits_enabled {
+            return Ok(());
+        }
+        if self.rates.take(stream, kind, rate, points, Instant::now()) {
+            Ok(())
+        } else {
+            Err(throttled(&format!("the {kind} budget of stream {stream}")))
+        }
+    }
+
+    /// Registers a new PutMedia session on `arn`; earlier sessions' receivers change and
+    /// they stop. The returned receiver changes when a newer session takes over.
+    pub fn take_over(&self, arn: &str) -> watch::Receiver<u64> {
+        let mut sessions = self.put_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = sessions
+            .entry(arn.to_string())
+            .or_insert_with(|| watch::channel(0).0);
+        sender.send_modify(|generation| *generation += 1);
+        let mut receiver = sender.subscribe();
+        receiver.borrow_and_update();
+        receiver
+    }
+}
+
+/// The operation name of a path (the bucket kind; "other" for paths without quotas).
+pub fn operation_name(path: &str) -> &'static str {
+    kind_of(path)
+}
+
+fn kind_of(path: &str) -> &'static str {
+    match path {
+        "/createStream" => "CreateStream",
+        "/describeStream" => "DescribeStream",
+        "/getDataEndpoint" => "GetDataEndpoint",
+        "/deleteStream" => "DeleteStream",
+        "/listTagsForStream" => "ListTagsForStream",
+        "/tagStream" => "TagStream",
+        "/untagStream" => "UntagStream",
+        "/updateDataRetention" => "UpdateDataRetention",
+        "/updateStream" => "UpdateStream",
+        "/listStreams" => "ListStreams",
+        "/putMedia" => "PutMedia",
+        "/getMedia" => "GetMedia",
+        "/listFragments" => "ListFragments",
+        "/getMediaForFragmentList" => "GetMediaForFragmentList",
+        _ => "other",
+    }
+}
+
+/// Paces a byte stream to an average rate with one second of burst.
+pub struct Pacer {
+    rate: Option<f64>,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pacer {
+    /// `bytes_per_sec` 0 is unlimited.
+    pub fn new(bytes_per_sec: u64) -> Pacer {
+        let rate = (bytes_per_sec > 0).then_some(bytes_per_sec as f64);
+        Pacer {
+            rate,
+            tokens: rate.unwrap_or(0.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// How long to wait after moving `bytes` at `now`.
+    pub fn delay(&mut self, bytes: usize, now: Instant) -> Duration {
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate) - bytes as f64;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate)
+        }
+    }
+
+    /// Waits as long as moving `bytes` requires.
+    pub async fn pace(&mut self, bytes: usize) {
+        let wait = self.delay(bytes, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_per_second_per_stream_then_throttled() {
+        let admission = Admission::new(true);
+        for _ in 0..5 {
+            admission.admit("/describeStream", Some("cam")).unwrap();
+        }
+        let e = admission.admit("/describeStream", Some("cam")).unwrap_err();
+        assert_eq!(e.kind.code(), "ClientLimitExceededException");
+        assert_eq!(e.kind.status(), 400);
+        // Another stream has its own budget; an unlimited operation is never throttled.
+        admission.admit("/describeStream", Some("other")).unwrap();
+        for _ in 0..100 {
+            admission.admit("/listFragments", Some("cam")).unwrap();
+        }
+        let off = Admission::new(false);
+        for _ in 0..100 {
+            off.admit("/describeStream", Some("cam")).unwrap();
+        }
+    }
+
+    #[test]
+    fn buckets_refill_at_the_rate() {
+        let rates = RateLimits::default();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(rates.take("s", "x", 5.0, 1.0, t0));
+        }
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0));
+        assert!(rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
+        assert!(!rates.take("s", "y", 500.0, 501.0, t0));
+    }
+
+    #[test]
+    fn arns_and_names_share_a_scope() {
+        assert_eq!(stream_scope(Some("cam"), None).as_deref(), Some("cam"));
+        assert_eq!(
+            stream_scope(
+                None,
+                Some("arn:aws:kinesisvideo:us-east-1:000000000000:stream/cam/1700000000000")
+            )
+            .as_deref(),
+            Some("cam")
+        );
+        assert_eq!(stream_scope(None, None), None);
+    }
+
+    #[test]
+    fn a_new_put_session_supersedes_the_old_one() {
+        let admission = Admission::new(true);
+        let first = admission.take_over("arn1");
+        assert!(!first.has_changed().unwrap());
+        let second = admission.take_over("arn1");
+        assert!(first.has_changed().unwrap());
+        assert!(!second.has_changed().unwrap());
+        let _other = admission.take_over("arn2");
+        assert!(!second.has_changed().unwrap());
+    }
+
+    #[test]
+    fn pacer_allows_a_second_of_burst() {
+        let mut pacer = Pacer::new(1000);
+        let t0 = Instant::now();
+        pacer.at = t0;
+        assert_eq!(pacer.delay(1000, t0), Duration::ZERO);
+        assert_eq!(pacer.delay(500, t0), Duration::from_millis(500));
+        assert_eq!(Pacer::new(0).delay(usize::MAX, t0), Duration::ZERO);
+    }
+}
