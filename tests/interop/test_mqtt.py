@@ -709,6 +709,15 @@ def tls_context_with_client_cert(m, tmp_path):
     ctx.load_cert_chain(str(cert_path), str(key_path))
     ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
     cert_id = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    # Certificate clients must be registered, ACTIVE and carry a policy (see test_iot_security).
+    iot = m.client("iot")
+    registered = iot.register_certificate(
+        certificatePem=cert.public_bytes(serialization.Encoding.PEM).decode(), status="ACTIVE")
+    policy_name = f"allow-all-{uuid.uuid4().hex[:8]}"
+    iot.create_policy(policyName=policy_name, policyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}))
+    iot.attach_policy(policyName=policy_name, target=registered["certificateArn"])
     return ctx, cert_id
 
 

@@ -20,6 +20,8 @@ use crate::model::{parse_tagging, RuleError, StoredRule, TopicRulePayload, Topic
 pub struct IotState {
     pub rules: TopicRules,
     pub things: crate::registry::things::ThingRegistry,
+    pub security: crate::security::Security,
+    pub security_settings: std::sync::Arc<crate::security::SecuritySettings>,
 }
 
 /// Path parameters captured by a route (`{ruleName}` and friends), percent-decoded.
@@ -120,6 +122,7 @@ impl Router {
 pub fn routes() -> Router {
     let mut table = rule_routes();
     table.extend(crate::registry::api::routes());
+    table.extend(crate::security::api::routes());
     Router::new(table)
 }
 

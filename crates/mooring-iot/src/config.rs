@@ -26,6 +26,10 @@ pub struct IotConfig {
     /// Local functions by function name or ARN.
     pub functions: BTreeMap<String, LocalFunction>,
     pub engine: EngineSettings,
+    /// `[iot.security]`: DescribeEndpoint's address and the anonymous clients' policy.
+    pub security: crate::security::SecuritySettings,
+    /// `[iot.data]`: the iot-data HTTP API's publish rate limit.
+    pub data: crate::iot_data::IotDataSettings,
 }
 
 /// A rule declared in the configuration file; members mirror `TopicRulePayload`.

@@ -5,15 +5,19 @@
 //! database, [`api`] and [`service`] serve the `iot` REST API (CreateTopicRule and friends)
 //! behind the front door, [`engine`] runs rules against published messages, and [`actions`]
 //! carries out what the rules ask for (republish, HTTP, local functions, streams).
-//! [`registry`] holds things and the other registry resources.
+//! [`registry`] holds things and the other registry resources. [`security`] holds
+//! certificates, policies and principals and enforces policies on the broker; [`iot_data`]
+//! serves the `iot-data` HTTP API (publish, retained messages).
 
 pub mod actions;
 pub mod api;
 pub mod broker_bridge;
 pub mod config;
 pub mod engine;
+pub mod iot_data;
 pub mod model;
 pub mod registry;
+pub mod security;
 pub mod service;
 pub mod sql;
 pub mod store;

@@ -85,6 +85,7 @@ pub struct Iot {
     pub engine: Arc<RulesEngine>,
     pub rules: TopicRules,
     pub things: ThingRegistry,
+    pub security: crate::security::SecurityPlane,
 }
 
 impl Iot {
@@ -107,11 +108,16 @@ impl Iot {
         tracing::info!(rules = loaded, "rules engine started");
         let things = ThingRegistry::open(ctx.db.clone(), ctx.arns.clone())
             .context("opening the thing registry")?;
+        let security =
+            crate::security::SecurityPlane::start(ctx, config.security.clone(), things.clone())
+                .context("opening the security registry")?;
         let service = Arc::new(IotService {
             router: api::routes(),
             state: Arc::new(IotState {
                 rules: rules.clone(),
                 things: things.clone(),
+                security: security.registry.clone(),
+                security_settings: security.settings.clone(),
             }),
         });
         Ok(Iot {
@@ -119,6 +125,7 @@ impl Iot {
             engine,
             rules,
             things,
+            security,
         })
     }
 }

@@ -1422,6 +1422,37 @@ impl Broker {
             .cloned()
     }
 
+    /// Closes every live connection whose client matches `predicate`, telling each
+    /// `reason` (as a takeover does); returns how many were told. The IoT control plane uses
+    /// it when a certificate stops being ACTIVE.
+    pub fn disconnect_clients(
+        &self,
+        predicate: impl Fn(&ClientInfo) -> bool,
+        reason: DisconnectReason,
+    ) -> usize {
+        let sessions: Vec<Arc<Session>> = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for session in sessions {
+            let mut state = session.lock();
+            if !state.client.as_deref().is_some_and(&predicate) {
+                continue;
+            }
+            if let Some(kick) = state.connection.as_mut().and_then(|c| c.kick.take()) {
+                if kick.send(reason).is_ok() {
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
     /// Every retained message, sorted by topic (for iot-data ListRetainedMessages).
     pub fn retained_messages(&self) -> Vec<Arc<Message>> {
         let mut all: Vec<_> = self

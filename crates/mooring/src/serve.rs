@@ -90,10 +90,12 @@ pub async fn serve(config: Config) -> Result<()> {
         .context("starting the stream manager")?;
     let iot = mooring_iot::Iot::start(&ctx).context("starting the IoT rules engine")?;
     mooring_iot::broker_bridge::connect(&broker, iot.engine.clone());
+    iot.security.install(&broker);
     let services: Vec<Arc<dyn AwsService>> = vec![
         iot.service.clone(),
         mooring_video::VideoService::new(&ctx)?,
         mooring_events::EventsService::start(&ctx).context("starting the event bus")?,
+        mooring_iot::iot_data::IotDataService::new(&ctx, broker.clone())?,
         Arc::new(mooring_mqtt::websocket::MqttOverWebSocket::new(
             broker.clone(),
         )),
