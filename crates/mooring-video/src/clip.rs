@@ -89,14 +89,21 @@ fn clip_blocking(s: &VideoState, req: &JsonRequest) -> VideoResult<Vec<u8>> {
     let mut bytes = 0usize;
     for meta in &fragments {
         let media = open_fragment(s, &stream.arn, meta.seq)?;
-        if !media.video().is_some_and(|v| v.number == media.tracks[0].number) {
+        if !media
+            .video()
+            .is_some_and(|v| v.number == media.tracks[0].number)
+        {
             return Err(VideoError::new(
                 ErrorKind::UnsupportedStreamMediaType,
                 "GetClip needs H.264 or H.265 video on track 1",
             ));
         }
         if tracks.is_empty() {
-            tracks = media.tracks.iter().map(|t| (t.clone(), Vec::new())).collect();
+            tracks = media
+                .tracks
+                .iter()
+                .map(|t| (t.clone(), Vec::new()))
+                .collect();
         } else if media.tracks.len() != tracks.len()
             || media
                 .tracks

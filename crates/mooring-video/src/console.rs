@@ -90,11 +90,7 @@ pub async fn player_page(state: Arc<VideoState>, request: AwsRequest) -> Respons
         .await;
     match result {
         Ok(url) => {
-            let mut response = Response::new(Body::from(page(
-                &stream,
-                &url,
-                &hls_js,
-            )));
+            let mut response = Response::new(Body::from(page(&stream, &url, &hls_js)));
             *response.status_mut() = StatusCode::OK;
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -80,7 +80,11 @@ pub fn manifest(
         );
         if track.codec.is_video() {
             if track.width > 0 {
-                let _ = write!(rep, " width=\"{}\" height=\"{}\"", track.width, track.height);
+                let _ = write!(
+                    rep,
+                    " width=\"{}\" height=\"{}\"",
+                    track.width, track.height
+                );
             }
             if let Some(rate) = track.frame_rate {
                 let _ = write!(rep, " frameRate=\"{}\"", rate.round() as i64);

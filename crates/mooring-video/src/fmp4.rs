@@ -21,7 +21,13 @@ fn boxed(out: &mut Vec<u8>, kind: &[u8; 4], body: impl FnOnce(&mut Vec<u8>)) {
 }
 
 /// A full box: version and flags first.
-fn full(out: &mut Vec<u8>, kind: &[u8; 4], version: u8, flags: u32, body: impl FnOnce(&mut Vec<u8>)) {
+fn full(
+    out: &mut Vec<u8>,
+    kind: &[u8; 4],
+    version: u8,
+    flags: u32,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
     boxed(out, kind, |b| {
         b.push(version);
         b.extend_from_slice(&flags.to_be_bytes()[1..]);
@@ -324,7 +330,14 @@ pub fn media_segment(track: &MediaTrack, sequence: u32, samples: &[Sample]) -> V
                 for s in samples {
                     u32be(r, s.duration);
                     u32be(r, s.data.len() as u32);
-                    u32be(r, if s.keyframe { SYNC_FLAGS } else { NON_SYNC_FLAGS });
+                    u32be(
+                        r,
+                        if s.keyframe {
+                            SYNC_FLAGS
+                        } else {
+                            NON_SYNC_FLAGS
+                        },
+                    );
                     u32be(r, (s.pts - s.dts) as i32 as u32);
                 }
             });
@@ -380,7 +393,11 @@ pub fn progressive_file(tracks: &[(MediaTrack, Vec<Sample>)]) -> Vec<u8> {
         .iter()
         .map(|(_, s)| s.iter().map(|x| x.data.len()).sum::<usize>())
         .sum();
-    let mdat_header = if payload + 8 > u32::MAX as usize { 16 } else { 8 };
+    let mdat_header = if payload + 8 > u32::MAX as usize {
+        16
+    } else {
+        8
+    };
     let mut at = (head.len() + moov_len + mdat_header) as u64;
     let mut offsets = Vec::new();
     for (_, samples) in tracks {
@@ -440,7 +457,10 @@ mod tests {
         let mut at = 0;
         while at + 8 <= data.len() {
             let size = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-            out.push((String::from_utf8_lossy(&data[at + 4..at + 8]).into_owned(), size));
+            out.push((
+                String::from_utf8_lossy(&data[at + 4..at + 8]).into_owned(),
+                size,
+            ));
             assert!(size >= 8);
             at += size;
         }

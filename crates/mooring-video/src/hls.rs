@@ -108,10 +108,9 @@ pub fn media_playlist(session: &Session, token: &str, track: u64, window: &Windo
         .unwrap_or(1)
         .max(1);
     let _ = writeln!(out, "#EXT-X-TARGETDURATION:{target}");
-    let (first_sequence, first_disc) = window
-        .fragments
-        .first()
-        .map_or((0, 0), |(_, n)| (n.media_sequence, n.discontinuities_before));
+    let (first_sequence, first_disc) = window.fragments.first().map_or((0, 0), |(_, n)| {
+        (n.media_sequence, n.discontinuities_before)
+    });
     let _ = writeln!(out, "#EXT-X-MEDIA-SEQUENCE:{first_sequence}");
     if first_disc > 0 {
         let _ = writeln!(out, "#EXT-X-DISCONTINUITY-SEQUENCE:{first_disc}");

@@ -81,7 +81,11 @@ impl Writer {
                     ]);
                 }
             }
-            let header_len = 4 + if adaptation.is_empty() { 0 } else { 1 + adaptation.len() };
+            let header_len = 4 + if adaptation.is_empty() {
+                0
+            } else {
+                1 + adaptation.len()
+            };
             let room = PACKET - header_len;
             let remaining = payload.len() - at;
             let take = remaining.min(room);
@@ -164,7 +168,11 @@ fn pes(stream_id: u8, pts: u64, dts: Option<u64>, data: &[u8], bounded: bool) ->
     }
     let len = header.len() + data.len();
     let mut out = vec![0, 0, 1, stream_id];
-    let field = if bounded && len <= 0xFFFF { len as u16 } else { 0 };
+    let field = if bounded && len <= 0xFFFF {
+        len as u16
+    } else {
+        0
+    };
     out.extend_from_slice(&field.to_be_bytes());
     out.extend_from_slice(&header);
     out.extend_from_slice(data);
@@ -179,7 +187,9 @@ fn annex_b_access_unit(track: &MediaTrack, sample: &Sample) -> Vec<u8> {
     let mut out = Vec::with_capacity(sample.data.len() + 64);
     out.extend_from_slice(&[0, 0, 0, 1, 0x09, 0xF0]);
     let nals = nal_units(&sample.data, 4).unwrap_or_default();
-    let has_sps = nals.iter().any(|n| n.first().is_some_and(|b| b & 0x1F == 7));
+    let has_sps = nals
+        .iter()
+        .any(|n| n.first().is_some_and(|b| b & 0x1F == 7));
     if sample.keyframe && !has_sps {
         for set in &track.parameter_sets {
             out.extend_from_slice(&[0, 0, 0, 1]);

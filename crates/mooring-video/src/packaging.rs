@@ -384,8 +384,8 @@ impl MediaFragment {
                 "The fragment has no tracks",
             ));
         }
-        let unsupported_layout = raw.len() > 2
-            || (raw.len() == 2 && (raw[0].track_type != 1 || raw[1].track_type != 2));
+        let unsupported_layout =
+            raw.len() > 2 || (raw.len() == 2 && (raw[0].track_type != 1 || raw[1].track_type != 2));
         if unsupported_layout {
             return Err(codec_error(
                 ErrorKind::UnsupportedStreamMediaType,

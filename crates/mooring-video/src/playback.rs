@@ -111,7 +111,10 @@ pub fn fragments_between(
     limit: usize,
 ) -> VideoResult<Vec<FragmentMeta>> {
     let mut all: BTreeMap<i64, FragmentMeta> = BTreeMap::new();
-    for m in s.store.fragments_in_range(arn, clock, start, end, 0, limit)? {
+    for m in s
+        .store
+        .fragments_in_range(arn, clock, start, end, 0, limit)?
+    {
         all.insert(m.seq, m);
     }
     for m in s.fragments.memory_fragments(arn) {
@@ -143,8 +146,14 @@ fn selected(s: &VideoState, session: &Session, now: i64) -> VideoResult<(Vec<Fra
     let clock = session.clock();
     match session.mode {
         PlaybackMode::Live => {
-            let mut recent =
-                fragments_between(s, arn, TimeClock::Server, now - LIVE_LOOKBACK_MS, i64::MAX, 100_000)?;
+            let mut recent = fragments_between(
+                s,
+                arn,
+                TimeClock::Server,
+                now - LIVE_LOOKBACK_MS,
+                i64::MAX,
+                100_000,
+            )?;
             if session.producer_clock {
                 let mut deduped = dedupe_producer(recent);
                 deduped.sort_by_key(|m| m.seq);
@@ -228,35 +237,36 @@ pub fn window(s: &VideoState, session: &Session, now: i64) -> VideoResult<Window
     numbers.touched_ms = now;
     let mut out = Vec::with_capacity(fragments.len());
     for m in fragments {
-        let numbered = match numbers.assigned.get(&m.seq) {
-            Some(n) => *n,
-            None => {
-                // Late fragments older than the last numbered one are not back-filled.
-                if numbers.last.as_ref().is_some_and(|(last, _)| {
-                    session.mode == PlaybackMode::Live && m.seq < last.seq
-                }) {
-                    continue;
-                }
-                let n = match &numbers.last {
-                    None => Numbered {
-                        media_sequence: 0,
-                        discontinuities_before: 0,
-                        discontinuity: false,
-                    },
-                    Some((prev, pn)) => {
-                        let d = is_discontinuity(session, prev, &m);
-                        Numbered {
-                            media_sequence: pn.media_sequence + 1,
-                            discontinuities_before: pn.discontinuities_before + u64::from(d),
-                            discontinuity: d,
-                        }
+        let numbered =
+            match numbers.assigned.get(&m.seq) {
+                Some(n) => *n,
+                None => {
+                    // Late fragments older than the last numbered one are not back-filled.
+                    if numbers.last.as_ref().is_some_and(|(last, _)| {
+                        session.mode == PlaybackMode::Live && m.seq < last.seq
+                    }) {
+                        continue;
                     }
-                };
-                numbers.assigned.insert(m.seq, n);
-                numbers.last = Some((m.clone(), n));
-                n
-            }
-        };
+                    let n = match &numbers.last {
+                        None => Numbered {
+                            media_sequence: 0,
+                            discontinuities_before: 0,
+                            discontinuity: false,
+                        },
+                        Some((prev, pn)) => {
+                            let d = is_discontinuity(session, prev, &m);
+                            Numbered {
+                                media_sequence: pn.media_sequence + 1,
+                                discontinuities_before: pn.discontinuities_before + u64::from(d),
+                                discontinuity: d,
+                            }
+                        }
+                    };
+                    numbers.assigned.insert(m.seq, n);
+                    numbers.last = Some((m.clone(), n));
+                    n
+                }
+            };
         out.push((m, numbered));
     }
     if let Some((first, _)) = out.first() {
@@ -408,7 +418,11 @@ fn session_request(
     } else {
         "MaxMediaPlaylistFragmentResults"
     };
-    let default_max = if mode == PlaybackMode::OnDemand { 1000 } else { 5 };
+    let default_max = if mode == PlaybackMode::OnDemand {
+        1000
+    } else {
+        5
+    };
     let max_fragments = req.integer(max_field)?.unwrap_or(default_max);
     if !(1..=5000).contains(&max_fragments) {
         return Err(range_error(max_field, 1, 5000));
@@ -463,7 +477,12 @@ pub fn open_fragment(s: &VideoState, arn: &str, seq: i64) -> VideoResult<MediaFr
     MediaFragment::open(fragment)
 }
 
-fn create_session(s: &VideoState, req: &JsonRequest, dash: bool, host: Option<&str>) -> VideoResult<serde_json::Value> {
+fn create_session(
+    s: &VideoState,
+    req: &JsonRequest,
+    dash: bool,
+    host: Option<&str>,
+) -> VideoResult<serde_json::Value> {
     let now = s.clock().now_millis();
     let (session, _stream) = session_request(s, req, dash, now)?;
     if session.mode == PlaybackMode::Live {
@@ -511,7 +530,11 @@ pub fn session_url_for_console(
 }
 
 /// Handles `POST /getHLSStreamingSessionURL` and `POST /getDASHStreamingSessionURL`.
-pub async fn get_session_url(state: Arc<VideoState>, request: AwsRequest, dash: bool) -> Response<Body> {
+pub async fn get_session_url(
+    state: Arc<VideoState>,
+    request: AwsRequest,
+    dash: bool,
+) -> Response<Body> {
     let op = if dash {
         "GetDASHStreamingSessionURL"
     } else {
@@ -576,7 +599,12 @@ fn init_fragment(s: &VideoState, session: &Session, track: u64, now: i64) -> Vid
 }
 
 /// A media fragment of one session track.
-pub fn media_fragment(s: &VideoState, session: &Session, seq: i64, track: u64) -> VideoResult<Resource> {
+pub fn media_fragment(
+    s: &VideoState,
+    session: &Session,
+    seq: i64,
+    track: u64,
+) -> VideoResult<Resource> {
     let media = open_fragment(s, &session.stream_arn, seq)?;
     let t = media
         .track(track)
@@ -611,7 +639,11 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
         .map(|(_, v)| v.as_str())
         .ok_or_else(|| VideoError::new(ErrorKind::NotAuthorized, "SessionToken is required"))?;
     let session = s.playback.keys.verify(token, now)?;
-    let expected_kind = if path.starts_with("/hls/") { "hls" } else { "dash" };
+    let expected_kind = if path.starts_with("/hls/") {
+        "hls"
+    } else {
+        "dash"
+    };
     if session.kind != expected_kind {
         return Err(VideoError::new(
             ErrorKind::NotAuthorized,
@@ -619,7 +651,9 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
         ));
     }
     if s.store.stream_by_arn(&session.stream_arn)?.is_none() {
-        return Err(VideoError::not_found("The session's stream no longer exists"));
+        return Err(VideoError::not_found(
+            "The session's stream no longer exists",
+        ));
     }
     let track = query_number(query, "TrackNumber")?.unwrap_or(1);
     let resource = path.rsplit('/').next().unwrap_or("");
@@ -640,10 +674,14 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
                 body: hls::media_playlist(&session, token, track, &window).into_bytes(),
             })
         }
-        ("hls" | "dash", "getMP4InitFragment.mp4") if session.container == Container::FragmentedMp4 => {
+        ("hls" | "dash", "getMP4InitFragment.mp4")
+            if session.container == Container::FragmentedMp4 =>
+        {
             init_fragment(s, &session, track, now)
         }
-        ("hls" | "dash", "getMP4MediaFragment.mp4") if session.container == Container::FragmentedMp4 => {
+        ("hls" | "dash", "getMP4MediaFragment.mp4")
+            if session.container == Container::FragmentedMp4 =>
+        {
             media_fragment(s, &session, fragment_param(query)?, track)
         }
         ("hls", "getTSFragment.ts") if session.container == Container::MpegTs => {
@@ -700,9 +738,14 @@ pub fn resource_response(resource: Resource, op: &str) -> Response<Body> {
     let mut response = Response::new(Body::from(resource.body));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(resource.content_type));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(resource.content_type),
+    );
     headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response.extensions_mut().insert(OperationName(op.to_string()));
+    response
+        .extensions_mut()
+        .insert(OperationName(op.to_string()));
     response
 }
