@@ -116,10 +116,8 @@ fn clip_blocking(s: &VideoState, req: &JsonRequest) -> VideoResult<Vec<u8>> {
                 "The track layout changes within the clip",
             ));
         }
-        let start_ms = match clock {
-            TimeClock::Server => meta.server_ms,
-            TimeClock::Producer => meta.producer_ms,
-        };
+        // Media is timed on the producer's clock, the one that is continuous.
+        let start_ms = meta.producer_ms;
         let mut fragment_samples = Vec::new();
         let mut fragment_bytes = 0;
         for track in &media.tracks {

@@ -1,8 +1,8 @@
 //! The MPEG-DASH manifest of a session: one AdaptationSet per track, each a SegmentList
 //! with a SegmentTimeline (one `S` per fragment, with `kvs:fn` / `kvs:ts` when the session
 //! asked for DisplayFragmentNumber / DisplayFragmentTimestamp) and a SegmentURL per fragment
-//! pointing at `getMP4MediaFragment.mp4`, plus the init segment. Times are on the session's
-//! clock since the epoch, so a live (`dynamic`) manifest's availabilityStartTime is the epoch
+//! pointing at `getMP4MediaFragment.mp4`, plus the init segment. Media times are producer
+//! time since the epoch (as in the fragments themselves), so a live (`dynamic`) manifest's availabilityStartTime is the epoch
 //! and an ON_DEMAND (`static`) one uses presentationTimeOffset to start at zero.
 
 use std::fmt::Write;
@@ -107,7 +107,7 @@ pub fn manifest(
             window
                 .fragments
                 .first()
-                .map_or(0, |(m, _)| to_ticks(session.start_of(m)))
+                .map_or(0, |(m, _)| to_ticks(m.producer_ms))
         };
         let _ = writeln!(
             out,
@@ -124,7 +124,7 @@ pub fn manifest(
             let _ = write!(
                 out,
                 "            <S t=\"{}\" d=\"{}\"",
-                to_ticks(start),
+                to_ticks(m.producer_ms),
                 to_ticks(m.duration_ms.max(1))
             );
             if session.display_fragment_number {

@@ -7,8 +7,8 @@
 //! AVCDecoderConfigurationRecord, H.265 an HEVCDecoderConfigurationRecord, AAC an
 //! AudioSpecificConfig. Video samples come out length-prefixed (4-byte lengths), converting
 //! Annex-B frames that some producers send. Sample times are in the track's timescale on an
-//! absolute clock (milliseconds since the epoch of the fragment's server or producer
-//! timestamp, plus the frame's offset in the cluster), so fragments of one stream line up.
+//! absolute clock (the fragment's producer timestamp plus the frame's offset in the cluster),
+//! so fragments of one stream line up even when they arrived faster than real time.
 
 use bytes::Bytes;
 
@@ -497,49 +497,62 @@ fn is_annex_b(payload: &[u8]) -> bool {
     payload.starts_with(&[0, 0, 0, 1]) || payload.starts_with(&[0, 0, 1])
 }
 
-/// The NAL units of a frame (length-prefixed or Annex-B).
+/// The NAL units of a frame: length-prefixed when that parse consumes the frame exactly,
+/// else Annex-B (a 4-byte length below 512 also starts with `00 00 01`, so the start code
+/// alone does not decide).
 pub fn nal_units(payload: &[u8], length_size: usize) -> VideoResult<Vec<&[u8]>> {
-    let bad = || VideoError::new(ErrorKind::InvalidMediaFrame, "malformed video frame");
-    let mut out = Vec::new();
-    if is_annex_b(payload) {
-        let mut starts = Vec::new();
-        let mut i = 0;
-        while i + 3 <= payload.len() {
-            if payload[i] == 0 && payload[i + 1] == 0 && payload[i + 2] == 1 {
-                starts.push((i, i + 3));
-                i += 3;
-            } else {
-                i += 1;
-            }
-        }
-        for (k, &(_, data_start)) in starts.iter().enumerate() {
-            let mut end = starts.get(k + 1).map_or(payload.len(), |s| s.0);
-            while end > data_start && payload[end - 1] == 0 {
-                end -= 1;
-            }
-            if end > data_start {
-                out.push(&payload[data_start..end]);
-            }
-        }
-        return Ok(out);
+    if let Some(nals) = length_prefixed_units(payload, length_size) {
+        return Ok(nals);
     }
+    if is_annex_b(payload) {
+        return Ok(annex_b_units(payload));
+    }
+    Err(VideoError::new(
+        ErrorKind::InvalidMediaFrame,
+        "malformed video frame",
+    ))
+}
+
+fn length_prefixed_units(payload: &[u8], length_size: usize) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
     let mut at = 0;
     while at < payload.len() {
-        if at + length_size > payload.len() {
-            return Err(bad());
-        }
         let mut len = 0usize;
-        for b in &payload[at..at + length_size] {
+        for b in payload.get(at..at + length_size)? {
             len = (len << 8) | usize::from(*b);
         }
         at += length_size;
-        if at + len > payload.len() {
-            return Err(bad());
+        if len == 0 || at + len > payload.len() {
+            return None;
         }
         out.push(&payload[at..at + len]);
         at += len;
     }
-    Ok(out)
+    Some(out)
+}
+
+fn annex_b_units(payload: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= payload.len() {
+        if payload[i] == 0 && payload[i + 1] == 0 && payload[i + 2] == 1 {
+            starts.push((i, i + 3));
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    for (k, &(_, data_start)) in starts.iter().enumerate() {
+        let mut end = starts.get(k + 1).map_or(payload.len(), |s| s.0);
+        while end > data_start && payload[end - 1] == 0 {
+            end -= 1;
+        }
+        if end > data_start {
+            out.push(&payload[data_start..end]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -567,6 +580,10 @@ mod tests {
         let annex_b = [0, 0, 0, 1, 0x65, 1, 2, 0, 0, 1, 0x41, 3];
         let out = length_prefixed(&annex_b, 4).unwrap();
         assert_eq!(&out[..], &[0, 0, 0, 3, 0x65, 1, 2, 0, 0, 0, 2, 0x41, 3]);
+        // A 4-byte length of 0x1xx begins like a start code; it is still length-prefixed.
+        let mut long = vec![0, 0, 1, 0];
+        long.extend(std::iter::repeat_n(0x41u8, 256));
+        assert_eq!(length_prefixed(&long, 4).unwrap().len(), 260);
         let two_byte = [0, 2, 0x65, 9];
         assert_eq!(
             &length_prefixed(&two_byte, 2).unwrap()[..],

@@ -609,7 +609,7 @@ pub fn media_fragment(
     let t = media
         .track(track)
         .ok_or_else(|| VideoError::not_found(format!("Track {track} does not exist")))?;
-    let samples = media.samples(t, session.start_of(&media.fragment.meta))?;
+    let samples = media.samples(t, media.fragment.meta.producer_ms)?;
     Ok(Resource {
         content_type: "video/mp4",
         body: fmp4::media_segment(t, seq as u32, &samples),
@@ -618,7 +618,7 @@ pub fn media_fragment(
 
 fn ts_fragment(s: &VideoState, session: &Session, seq: i64) -> VideoResult<Resource> {
     let media = open_fragment(s, &session.stream_arn, seq)?;
-    let start = session.start_of(&media.fragment.meta);
+    let start = media.fragment.meta.producer_ms;
     let tracks = media
         .tracks
         .iter()
