@@ -89,9 +89,9 @@ fn clip_blocking(s: &VideoState, req: &JsonRequest) -> VideoResult<Vec<u8>> {
     let mut bytes = 0usize;
     for meta in &fragments {
         let media = open_fragment(s, &stream.arn, meta.seq)?;
-        if !media
+        if media
             .video()
-            .is_some_and(|v| v.number == media.tracks[0].number)
+            .is_none_or(|v| v.number != media.tracks[0].number)
         {
             return Err(VideoError::new(
                 ErrorKind::UnsupportedStreamMediaType,

@@ -45,9 +45,9 @@ pub fn manifest(
         duration_text(max_ms)
     );
     if dynamic {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            " type=\"dynamic\" availabilityStartTime=\"1970-01-01T00:00:00Z\" publishTime=\"{}\" minimumUpdatePeriod=\"PT1S\" timeShiftBufferDepth=\"{}\" suggestedPresentationDelay=\"{}\">\n",
+            " type=\"dynamic\" availabilityStartTime=\"1970-01-01T00:00:00Z\" publishTime=\"{}\" minimumUpdatePeriod=\"PT1S\" timeShiftBufferDepth=\"{}\" suggestedPresentationDelay=\"{}\">",
             iso_millis(now_ms),
             duration_text((total_ms + 1000).max(max_ms * 2)),
             duration_text(max_ms * 2)
