@@ -265,3 +265,16 @@ def test_get_clip_is_a_progressive_mp4_of_the_range(mooring, av_mkv, tmp_path):
         with pytest.raises(ClientError) as e:
             am.get_clip(StreamName="clip", ClipFragmentSelector=selector)
         assert e.value.response["Error"]["Code"] == code
+
+
+def test_console_player_page_embeds_a_working_live_session(mooring, av_mkv):
+    ingest(mooring, "page", av_mkv)
+    ctype, html = fetch_text(mooring.url + "/console/video/page?hls_js=/static/hls.min.js")
+    assert ctype == "text/html; charset=utf-8"
+    assert '<script src="/static/hls.min.js"></script>' in html and "new Hls(" in html
+    session = re.search(r'const sessionUrl = "([^"]+)";', html).group(1).replace("&amp;", "&")
+    assert session.startswith(mooring.url + "/hls/v1/getHLSMasterPlaylist.m3u8?SessionToken=")
+    assert "#EXT-X-STREAM-INF" in fetch_text(session)[1]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        fetch(mooring.url + "/console/video/nosuchstream")
+    assert e.value.code == 404
