@@ -278,3 +278,16 @@ def test_console_player_page_embeds_a_working_live_session(mooring, av_mkv):
     with pytest.raises(urllib.error.HTTPError) as e:
         fetch(mooring.url + "/console/video/nosuchstream")
     assert e.value.code == 404
+
+
+def test_session_tokens_and_archived_media_survive_sigkill(mooring, av_mkv):
+    _, start, end = ingest(mooring, "crash", av_mkv)
+    url = hls_url(mooring, "crash", PlaybackMode="ON_DEMAND", HLSFragmentSelector=on_demand(start, end))
+    old_base = mooring.url
+    mooring.kill()
+    mooring.start()
+    url = url.replace(old_base, mooring.url)
+    _, master = fetch_text(url)
+    _, playlist = fetch_text(media_playlist_url(url, master))
+    assert playlist.count("#EXTINF") == DURATION
+    assert decode(url) == DURATION * 25

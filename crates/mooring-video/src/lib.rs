@@ -1,6 +1,8 @@
 //! Kinesis Video Streams for Mooring: the control plane (streams, tags, retention, data
-//! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, and the
-//! GetMedia / ListFragments / GetMediaForFragmentList readers.
+//! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, the
+//! GetMedia / ListFragments / GetMediaForFragmentList readers, and playback: HLS and DASH
+//! sessions ([`playback`], [`hls`], [`dash`], [`session`]) packaged as fMP4 ([`fmp4`]) or
+//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]) and the [`console`] player.
 //!
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
