@@ -1,6 +1,8 @@
 //! Kinesis Video Streams for Mooring: the control plane (streams, tags, retention, data
-//! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, and the
-//! GetMedia / ListFragments / GetMediaForFragmentList readers.
+//! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, the
+//! GetMedia / ListFragments / GetMediaForFragmentList readers, and playback: HLS and DASH
+//! sessions ([`playback`], [`hls`], [`dash`], [`session`]) packaged as fMP4 ([`fmp4`]) or
+//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]) and the [`console`] player.
 //!
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
@@ -10,12 +12,21 @@
 
 pub mod admission;
 pub mod api;
+pub mod clip;
+pub mod console;
+pub mod dash;
 pub mod ebml;
+pub mod fmp4;
 pub mod fragments;
+pub mod hls;
 pub mod ingest;
 pub mod media;
 pub mod mkv;
 pub mod model;
+pub mod mpegts;
+pub mod packaging;
+pub mod playback;
+pub mod session;
 pub mod store;
 
 use std::sync::Arc;
@@ -25,7 +36,9 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, StatusCode};
 use futures::future::BoxFuture;
 use mooring_aws::sigv4::AuthFailure;
-use mooring_aws::{AwsError, AwsRequest, AwsService, BodyMode, OperationName, Protocol, Route};
+use mooring_aws::{
+    Authentication, AwsError, AwsRequest, AwsService, BodyMode, OperationName, Protocol, Route,
+};
 use mooring_core::{Clock, ServiceContext};
 use serde::Deserialize;
 
@@ -92,6 +105,8 @@ pub struct VideoState {
     pub store: Arc<dyn VideoStore>,
     pub fragments: Arc<FragmentStore>,
     pub admission: admission::Admission,
+    /// Playback session keys and live-session numbering (HLS, DASH).
+    pub playback: playback::PlaybackState,
 }
 
 impl VideoState {
@@ -138,6 +153,21 @@ const MEDIA_PATHS: &[&str] = &[
     "/listFragments",
     "/getMediaForFragmentList",
 ];
+/// Archived-media playback operations (POST, SigV4).
+const PLAYBACK_PATHS: &[&str] = &[
+    "/getHLSStreamingSessionURL",
+    "/getDASHStreamingSessionURL",
+    "/getClip",
+];
+
+/// Unsigned GET resources: HLS/DASH session resources (authorized by their session token)
+/// and the console's player page.
+fn is_unsigned_resource(route: &Route<'_>) -> bool {
+    route.method == Method::GET
+        && (route.path.starts_with("/hls/v1/")
+            || route.path.starts_with("/dash/v1/")
+            || route.path.starts_with(console::PLAYER_PREFIX))
+}
 
 impl VideoService {
     /// Opens the store, cleans up after a crash and starts the retention sweep.
@@ -152,12 +182,15 @@ impl VideoService {
             FragmentStore::open(ctx.service_dir("video")?, store.clone())
                 .map_err(|e| anyhow::anyhow!("opening the video fragment store: {e}"))?,
         );
+        let keys = session::SessionKeys::load_or_create(&ctx.service_dir("video-sessions")?)
+            .map_err(|e| anyhow::anyhow!("loading the video session key: {e}"))?;
         let state = Arc::new(VideoState {
             ctx: ctx.clone(),
             admission: admission::Admission::new(config.rate_limits),
             config,
             store,
             fragments,
+            playback: playback::PlaybackState::new(keys),
         });
         let sweeper = state.clone();
         ctx.shutdown.spawn(async move {
@@ -223,8 +256,19 @@ impl AwsService for VideoService {
     }
 
     fn matches(&self, route: &Route<'_>) -> bool {
-        route.method == Method::POST
-            && (CONTROL_PATHS.contains(&route.path) || MEDIA_PATHS.contains(&route.path))
+        (route.method == Method::POST
+            && (CONTROL_PATHS.contains(&route.path)
+                || MEDIA_PATHS.contains(&route.path)
+                || PLAYBACK_PATHS.contains(&route.path)))
+            || is_unsigned_resource(route)
+    }
+
+    fn authentication(&self, route: &Route<'_>) -> Authentication {
+        if is_unsigned_resource(route) {
+            Authentication::Service
+        } else {
+            Authentication::SigV4
+        }
     }
 
     fn body_mode(&self, route: &Route<'_>) -> BodyMode {
@@ -278,6 +322,19 @@ impl AwsService for VideoService {
                 "/listFragments" => media::list_fragments(state, request).await,
                 "/getMediaForFragmentList" => {
                     media::get_media_for_fragment_list(state, request).await
+                }
+                "/getHLSStreamingSessionURL" => {
+                    playback::get_session_url(state, request, false).await
+                }
+                "/getDASHStreamingSessionURL" => {
+                    playback::get_session_url(state, request, true).await
+                }
+                "/getClip" => clip::get_clip(state, request).await,
+                p if p.starts_with(console::PLAYER_PREFIX) => {
+                    console::player_page(state, request).await
+                }
+                p if p.starts_with("/hls/v1/") || p.starts_with("/dash/v1/") => {
+                    playback::session_resource(state, request).await
                 }
                 _ => api::dispatch(state, &path, request).await,
             };

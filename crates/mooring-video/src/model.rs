@@ -23,6 +23,11 @@ pub enum ErrorKind {
     NoDataRetention,
     ConnectionLimitExceeded,
     Internal,
+    NotAuthorized,
+    UnsupportedStreamMediaType,
+    MissingCodecPrivateData,
+    InvalidCodecPrivateData,
+    InvalidMediaFrame,
 }
 
 impl ErrorKind {
@@ -38,6 +43,11 @@ impl ErrorKind {
             ErrorKind::NoDataRetention => "NoDataRetentionException",
             ErrorKind::ConnectionLimitExceeded => "ConnectionLimitExceededException",
             ErrorKind::Internal => "InternalFailure",
+            ErrorKind::NotAuthorized => "NotAuthorizedException",
+            ErrorKind::UnsupportedStreamMediaType => "UnsupportedStreamMediaTypeException",
+            ErrorKind::MissingCodecPrivateData => "MissingCodecPrivateDataException",
+            ErrorKind::InvalidCodecPrivateData => "InvalidCodecPrivateDataException",
+            ErrorKind::InvalidMediaFrame => "InvalidMediaFrameException",
         }
     }
 
@@ -45,6 +55,7 @@ impl ErrorKind {
         match self {
             ErrorKind::ResourceNotFound => 404,
             ErrorKind::Internal => 500,
+            ErrorKind::NotAuthorized => 401,
             _ => 400,
         }
     }

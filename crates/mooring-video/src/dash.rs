@@ -1,0 +1,151 @@
+//! The MPEG-DASH manifest of a session: one AdaptationSet per track, each a SegmentList
+//! with a SegmentTimeline (one `S` per fragment, with `kvs:fn` / `kvs:ts` when the session
+//! asked for DisplayFragmentNumber / DisplayFragmentTimestamp) and a SegmentURL per fragment
+//! pointing at `getMP4MediaFragment.mp4`, plus the init segment. Media times are producer
+//! time since the epoch (as in the fragments themselves), so a live (`dynamic`) manifest's availabilityStartTime is the epoch
+//! and an ON_DEMAND (`static`) one uses presentationTimeOffset to start at zero.
+
+use std::fmt::Write;
+
+use crate::hls::{bandwidth, iso_millis};
+use crate::model::seconds_text;
+use crate::packaging::MediaFragment;
+use crate::playback::Window;
+use crate::session::Session;
+
+/// The namespace of the `kvs:` attributes.
+pub const KVS_NAMESPACE: &str = "https://kinesisvideo.amazonaws.com/dash";
+
+fn duration_text(ms: i64) -> String {
+    format!("PT{}.{:03}S", ms / 1000, ms % 1000)
+}
+
+/// The manifest.
+pub fn manifest(
+    session: &Session,
+    token: &str,
+    media: &MediaFragment,
+    window: &Window,
+    now_ms: i64,
+) -> String {
+    let dynamic = !window.complete;
+    let total_ms: i64 = window.fragments.iter().map(|(m, _)| m.duration_ms).sum();
+    let max_ms = window
+        .fragments
+        .iter()
+        .map(|(m, _)| m.duration_ms)
+        .max()
+        .unwrap_or(1000)
+        .max(1);
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = write!(
+        out,
+        "<MPD xmlns=\"urn:mpeg:dash:schema:mpd:2011\" xmlns:kvs=\"{KVS_NAMESPACE}\" profiles=\"urn:mpeg:dash:profile:isoff-live:2011\" minBufferTime=\"{}\" maxSegmentDuration=\"{}\"",
+        duration_text(max_ms.max(2000)),
+        duration_text(max_ms)
+    );
+    if dynamic {
+        let _ = writeln!(
+            out,
+            " type=\"dynamic\" availabilityStartTime=\"1970-01-01T00:00:00Z\" publishTime=\"{}\" minimumUpdatePeriod=\"PT1S\" timeShiftBufferDepth=\"{}\" suggestedPresentationDelay=\"{}\">",
+            iso_millis(now_ms),
+            duration_text((total_ms + 1000).max(max_ms * 2)),
+            duration_text(max_ms * 2)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            " type=\"static\" mediaPresentationDuration=\"{}\">",
+            duration_text(total_ms.max(1))
+        );
+    }
+    out.push_str("  <Period id=\"0\" start=\"PT0S\">\n");
+    let bandwidth = bandwidth(window);
+    for track in &media.tracks {
+        let ts = i64::from(track.timescale);
+        let to_ticks = |ms: i64| (i128::from(ms) * i128::from(ts) / 1000) as i64;
+        let (kind, mime) = if track.codec.is_video() {
+            ("video", "video/mp4")
+        } else {
+            ("audio", "audio/mp4")
+        };
+        let _ = writeln!(
+            out,
+            "    <AdaptationSet id=\"{}\" contentType=\"{kind}\" mimeType=\"{mime}\" segmentAlignment=\"true\" startWithSAP=\"1\">",
+            track.number
+        );
+        let mut rep = format!(
+            "      <Representation id=\"{}\" codecs=\"{}\" bandwidth=\"{}\"",
+            track.number, track.codec_string, bandwidth
+        );
+        if track.codec.is_video() {
+            if track.width > 0 {
+                let _ = write!(
+                    rep,
+                    " width=\"{}\" height=\"{}\"",
+                    track.width, track.height
+                );
+            }
+            if let Some(rate) = track.frame_rate {
+                let _ = write!(rep, " frameRate=\"{}\"", rate.round() as i64);
+            }
+        } else {
+            let _ = write!(rep, " audioSamplingRate=\"{}\"", track.sample_rate);
+        }
+        rep.push_str(">\n");
+        out.push_str(&rep);
+        if !track.codec.is_video() {
+            let _ = writeln!(
+                out,
+                "        <AudioChannelConfiguration schemeIdUri=\"urn:mpeg:dash:23003:3:audio_channel_configuration:2011\" value=\"{}\"/>",
+                track.channels
+            );
+        }
+        let offset = if dynamic {
+            0
+        } else {
+            window
+                .fragments
+                .first()
+                .map_or(0, |(m, _)| to_ticks(m.producer_ms))
+        };
+        let _ = writeln!(
+            out,
+            "        <SegmentList timescale=\"{ts}\" presentationTimeOffset=\"{offset}\">"
+        );
+        let _ = writeln!(
+            out,
+            "          <Initialization sourceURL=\"getMP4InitFragment.mp4?SessionToken={token}&amp;TrackNumber={}\"/>",
+            track.number
+        );
+        out.push_str("          <SegmentTimeline>\n");
+        for (m, _) in &window.fragments {
+            let start = session.start_of(m);
+            let _ = write!(
+                out,
+                "            <S t=\"{}\" d=\"{}\"",
+                to_ticks(m.producer_ms),
+                to_ticks(m.duration_ms.max(1))
+            );
+            if session.display_fragment_number {
+                let _ = write!(out, " kvs:fn=\"{}\"", m.number());
+            }
+            if session.display_timestamp {
+                let _ = write!(out, " kvs:ts=\"{}\"", seconds_text(start));
+            }
+            out.push_str("/>\n");
+        }
+        out.push_str("          </SegmentTimeline>\n");
+        for (m, _) in &window.fragments {
+            let _ = writeln!(
+                out,
+                "          <SegmentURL media=\"getMP4MediaFragment.mp4?FragmentNumber={}&amp;SessionToken={token}&amp;TrackNumber={}\"/>",
+                m.number(),
+                track.number
+            );
+        }
+        out.push_str("        </SegmentList>\n      </Representation>\n    </AdaptationSet>\n");
+    }
+    out.push_str("  </Period>\n</MPD>\n");
+    out
+}
