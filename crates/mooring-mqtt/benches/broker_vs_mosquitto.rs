@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use mooring_mqtt::codec::{self, Ack, Connect, Packet, Properties, Publish, Subscribe, V311};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -514,9 +514,11 @@ fn serve_broker(dir: &str, settings: &[String]) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap());
         tokio::spawn(mooring_mqtt::listener::serve_tcp(broker, listener));
-        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
-        let mut line = String::new();
-        let _ = stdin.read_line(&mut line).await;
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)
+        })
+        .await;
     });
 }
 

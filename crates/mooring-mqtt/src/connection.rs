@@ -449,7 +449,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let shutdown = self.broker.shutdown().clone();
         let mut kicked_open = true;
         // Packets that arrived together with CONNECT.
-        if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
+        if let Err(exit) = Box::pin(self.decode_all(&mut inbuf, max_packet)).await {
             return exit;
         }
         let mut read_size = READ_MIN;
@@ -515,7 +515,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                                 read_size = (read_size / 2).max(READ_MIN);
                             }
                             deadline = Instant::now() + timeout;
-                            if let Err(exit) = self.decode_all(&mut inbuf, max_packet).await {
+                            if let Err(exit) = Box::pin(self.decode_all(&mut inbuf, max_packet)).await {
                                 return exit;
                             }
                         }
