@@ -232,9 +232,16 @@ fn user_properties(header: &str) -> Result<Vec<(String, String)>, AwsError> {
     let bytes = B64
         .decode(header.trim())
         .map_err(|_| invalid("x-amz-mqtt5-user-properties must be base64-encoded JSON"))?;
-    let items: Vec<UserProperty> = serde_json::from_slice(&bytes).map_err(|_| {
+    let bad = || {
         invalid("x-amz-mqtt5-user-properties must be a JSON array of objects with string values")
-    })?;
+    };
+    // botocore JSON-encodes the (string) member before base64, so the array may arrive
+    // wrapped in a JSON string.
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    if let serde_json::Value::String(inner) = &value {
+        value = serde_json::from_str(inner).map_err(|_| bad())?;
+    }
+    let items: Vec<UserProperty> = serde_json::from_value(value).map_err(|_| bad())?;
     let mut out = Vec::new();
     for item in items {
         let mut pairs: Vec<(String, String)> = item.0.into_iter().collect();
@@ -462,6 +469,11 @@ mod tests {
                 ("a".to_string(), "1".to_string()),
                 ("b".to_string(), "2".to_string())
             ]
+        );
+        let wrapped = B64.encode(r#""[{\"a\":\"1\"}]""#);
+        assert_eq!(
+            user_properties(&wrapped).unwrap(),
+            vec![("a".to_string(), "1".to_string())]
         );
         assert!(user_properties("not base64!").is_err());
         assert!(user_properties(&B64.encode("{}")).is_err());

@@ -24,6 +24,9 @@ use super::policy::{decide, Context, PolicyDocument, Request};
 /// Cached contexts beyond which the cache is cleared (bounded memory with many client ids).
 const MAX_CACHED_CONTEXTS: usize = 100_000;
 
+/// Principal identifier and client id.
+type ClientKey = (String, String);
+
 /// What applies to one client.
 struct ClientPolicies {
     /// Unknown or inactive certificate: everything is refused.
@@ -38,7 +41,7 @@ pub struct PolicyAuthorizer {
     security: Security,
     anonymous: Arc<PolicyDocument>,
     anonymous_allows_all: bool,
-    cache: Mutex<HashMap<(String, String), (u64, Arc<ClientPolicies>)>>,
+    cache: Mutex<HashMap<ClientKey, (u64, Arc<ClientPolicies>)>>,
 }
 
 impl PolicyAuthorizer {

@@ -117,6 +117,9 @@ struct State {
     things: HashMap<String, Thing>,
 }
 
+/// Called with a certificate id when it stops being ACTIVE.
+type RevokedHook = Box<dyn Fn(&str) + Send + Sync>;
+
 struct Inner {
     store: Arc<dyn SecurityStore>,
     arns: Arns,
@@ -126,7 +129,7 @@ struct Inner {
     /// Bumped on every change that can alter an authorization decision.
     generation: AtomicU64,
     /// Called with a certificate id when it stops being ACTIVE or is deleted.
-    on_revoked: OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_revoked: OnceLock<RevokedHook>,
 }
 
 /// The security registry; cheap to clone.
