@@ -1445,7 +1445,7 @@ impl Broker {
                 continue;
             }
             if let Some(kick) = state.connection.as_mut().and_then(|c| c.kick.take()) {
-                if kick.send(reason).is_ok() {
+                if kick.send(Kick::new(reason)).is_ok() {
                     closed += 1;
                 }
             }
