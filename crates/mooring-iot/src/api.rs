@@ -20,6 +20,8 @@ use crate::model::{parse_tagging, RuleError, StoredRule, TopicRulePayload, Topic
 pub struct IotState {
     pub rules: TopicRules,
     pub things: crate::registry::things::ThingRegistry,
+    pub groups: crate::registry::groups::ThingGroupRegistry,
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Path parameters captured by a route (`{ruleName}` and friends), percent-decoded.
@@ -120,6 +122,8 @@ impl Router {
 pub fn routes() -> Router {
     let mut table = rule_routes();
     table.extend(crate::registry::api::routes());
+    table.extend(crate::registry::group_api::routes());
+    table.extend(crate::jobs::api::routes());
     Router::new(table)
 }
 

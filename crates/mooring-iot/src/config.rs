@@ -26,6 +26,8 @@ pub struct IotConfig {
     /// Local functions by function name or ARN.
     pub functions: BTreeMap<String, LocalFunction>,
     pub engine: EngineSettings,
+    /// `[iot.jobs]`: timer and rollout tuning.
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// A rule declared in the configuration file; members mirror `TopicRulePayload`.

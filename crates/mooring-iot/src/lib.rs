@@ -12,6 +12,7 @@ pub mod api;
 pub mod broker_bridge;
 pub mod config;
 pub mod engine;
+pub mod jobs;
 pub mod model;
 pub mod registry;
 pub mod service;

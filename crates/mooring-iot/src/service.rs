@@ -17,6 +17,9 @@ use crate::api::{self, IotState, Router};
 use crate::config::IotConfig;
 use crate::engine::RulesEngine;
 use crate::model::TopicRules;
+use crate::jobs::data_api::JobsDataService;
+use crate::jobs::Jobs;
+use crate::registry::groups::ThingGroupRegistry;
 use crate::registry::things::ThingRegistry;
 use crate::store::SqliteRuleStore;
 
@@ -85,6 +88,11 @@ pub struct Iot {
     pub engine: Arc<RulesEngine>,
     pub rules: TopicRules,
     pub things: ThingRegistry,
+    pub groups: ThingGroupRegistry,
+    /// IoT Jobs; attach the broker with [`Jobs::attach_broker`].
+    pub jobs: Arc<Jobs>,
+    /// The `iot-jobs-data` HTTP device API.
+    pub jobs_data: Arc<JobsDataService>,
 }
 
 impl Iot {
@@ -107,18 +115,30 @@ impl Iot {
         tracing::info!(rules = loaded, "rules engine started");
         let things = ThingRegistry::open(ctx.db.clone(), ctx.arns.clone())
             .context("opening the thing registry")?;
+        let groups = ThingGroupRegistry::open(ctx.db.clone(), ctx.arns.clone(), things.clone())
+            .context("opening the thing group registry")?;
+        let jobs = Jobs::open(ctx, things.clone(), groups.clone(), config.jobs.clone())
+            .context("opening the jobs store")?;
+        jobs.run(&ctx.shutdown);
+        let state = Arc::new(IotState {
+            rules: rules.clone(),
+            things: things.clone(),
+            groups: groups.clone(),
+            jobs: jobs.clone(),
+        });
+        let jobs_data = Arc::new(JobsDataService::new(state.clone()));
         let service = Arc::new(IotService {
             router: api::routes(),
-            state: Arc::new(IotState {
-                rules: rules.clone(),
-                things: things.clone(),
-            }),
+            state,
         });
         Ok(Iot {
             service,
             engine,
             rules,
             things,
+            groups,
+            jobs,
+            jobs_data,
         })
     }
 }
