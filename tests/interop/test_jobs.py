@@ -366,11 +366,16 @@ def test_every_rejected_code(mooring_factory):
     kind, r = dev.request(f"{job_id}/get", {})
     assert r["code"] == "TerminalStateReached"
     # An execution that is terminal while its job still runs is still describable.
-    assert dev.request(f"{other}/update", {"status": "FAILED"})[0] == "accepted"
-    iot.create_thing(thingName=thing + "-b")
+    _, second_arn = new_thing(iot)
+    running = create_job(iot, [arn, second_arn])
+    assert dev.request(f"{running}/update", {"status": "FAILED"})[0] == "accepted"
+    kind, r = dev.request(f"{running}/get", {})
+    assert kind == "accepted" and r["execution"]["status"] == "FAILED"
+    assert dev.request(f"{other}/update", {"status": "REJECTED"})[0] == "accepted"
     kind, r = dev.request(f"{other}/get", {})
-    assert r["code"] == "TerminalStateReached"  # `other` has no other target: COMPLETED too
+    assert r["code"] == "TerminalStateReached"
 
+    time.sleep(1.1)  # a fresh throttling second
     results = []
     for _ in range(40):
         dev.client.pub(dev.topic("get"), b"{}", 0, wait=False)
@@ -491,8 +496,12 @@ def test_exponential_rollout_grows_with_notified_things(mooring_factory):
         "rateIncreaseCriteria": {"numberOfNotifiedThings": 1}}})
     queued = lambda: process(iot, job_id)["numberOfQueuedThings"]  # noqa: E731
     assert queued() == 1
-    # After one notified thing the rate is 2, then 4 (after 2 notified)...
+    time.sleep(0.8)
+    assert queued() == 1, "the rate holds for the whole minute"
+    # One notified thing: the next minute's rate is 2; three notified: 8.
     wait_until(lambda: queued() >= 2, 5)
+    time.sleep(0.3)
+    assert queued() == 3
     wait_until(lambda: queued() == 6, 8)
 
 

@@ -3,12 +3,13 @@
 
 mod banner;
 mod cli;
+mod jobs_cli;
 mod serve;
 
 use anyhow::Result;
 use clap::Parser;
 
-use cli::{Cli, Command, EventsCommand};
+use cli::{Cli, Command, EventsCommand, JobsCommand};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -37,5 +38,7 @@ fn main() -> Result<()> {
             &mut std::io::stdout().lock(),
             &|| false,
         ),
+        Command::Jobs(JobsCommand::Ls(args)) => jobs_cli::ls(&args.data_dir),
+        Command::Jobs(JobsCommand::Show(args)) => jobs_cli::show(&args.data.data_dir, &args.job_id),
     }
 }

@@ -376,20 +376,22 @@ pub fn render_rejected(rejection: &Rejection, now: i64) -> Value {
 }
 
 /// One request as it arrived from the broker.
-struct Incoming {
-    client_id: String,
-    topic: String,
-    payload: Bytes,
-    qos: u8,
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub client_id: String,
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
 }
 
 /// One reply to send to one client.
-struct Reply {
-    client_id: String,
-    topic: String,
-    payload: Value,
-    qos: u8,
-    accepted: bool,
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub client_id: String,
+    pub topic: String,
+    pub payload: Value,
+    pub qos: u8,
+    pub accepted: bool,
 }
 
 /// Subscribes in-process to `$aws/things/+/jobs/#` and answers device requests.
@@ -452,7 +454,8 @@ async fn serve(jobs: Arc<Jobs>, broker: Broker, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
-async fn answer_batch(jobs: &Jobs, batch: Vec<Incoming>) -> Vec<Reply> {
+/// Answers a batch of requests under one lock and one store write.
+pub async fn answer_batch(jobs: &Jobs, batch: Vec<Incoming>) -> Vec<Reply> {
     let mut state = jobs.lock().await;
     let now = jobs.now();
     let mut replies = Vec::with_capacity(batch.len());

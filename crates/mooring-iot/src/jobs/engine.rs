@@ -473,6 +473,7 @@ impl Jobs {
             backlog: things.into_iter().collect::<VecDeque<_>>(),
             window_start_ms: now,
             released_in_window: 0,
+            window_rate: 0,
             notified: 0,
         };
         state.jobs.insert(job_id.to_string(), job);

@@ -13,6 +13,7 @@ pub mod data_api;
 pub mod device;
 pub mod engine;
 pub mod model;
+pub mod report;
 pub mod state;
 pub mod store;
 

@@ -563,6 +563,9 @@ pub struct Job {
     /// Start of the current rollout minute and executions released in it.
     pub window_start_ms: i64,
     pub released_in_window: u32,
+    /// The rate fixed at the start of the current rollout minute (0: not fixed yet).
+    #[serde(default)]
+    pub window_rate: u32,
     /// Executions queued so far (rollout's "notified things").
     pub notified: u64,
 }
@@ -584,11 +587,16 @@ impl Job {
         else {
             return self.backlog.len();
         };
+        // The rate in force is fixed for a whole minute, so an exponential rollout speeds up
+        // minute by minute, not within one.
         if now_ms - self.window_start_ms >= minute_ms {
             self.window_start_ms = now_ms;
             self.released_in_window = 0;
+            self.window_rate = rate;
+        } else if self.window_rate == 0 {
+            self.window_rate = rate;
         }
-        rate.saturating_sub(self.released_in_window) as usize
+        self.window_rate.saturating_sub(self.released_in_window) as usize
     }
 }
 

@@ -294,7 +294,7 @@ impl JobsState {
         if job.status != JobStatus::InProgress {
             return;
         }
-        let Some(abort) = &job.abort else {
+        let Some(abort) = job.abort.clone() else {
             return;
         };
         let counts = self.counts.get(job_id).cloned().unwrap_or_default();
@@ -865,6 +865,7 @@ mod tests {
             backlog: things.iter().map(|s| s.to_string()).collect::<VecDeque<_>>(),
             window_start_ms: 0,
             released_in_window: 0,
+            window_rate: 0,
             notified: 0,
         }
     }
