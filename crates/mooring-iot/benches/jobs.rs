@@ -25,7 +25,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Sends one request per thing, all at once, in batches of `batch`; returns each latency.
-async fn burst(jobs: &Jobs, things: &[String], suffix: &str, payload: &str, batch: usize) -> Vec<Duration> {
+async fn burst(
+    jobs: &Jobs,
+    things: &[String],
+    suffix: &str,
+    payload: &str,
+    batch: usize,
+) -> Vec<Duration> {
     let start = Instant::now();
     let mut latencies = Vec::with_capacity(things.len());
     for chunk in things.chunks(batch) {
@@ -39,7 +45,11 @@ async fn burst(jobs: &Jobs, things: &[String], suffix: &str, payload: &str, batc
             })
             .collect();
         let replies = answer_batch(jobs, requests).await;
-        assert!(replies.iter().all(|r| r.accepted), "{:?}", replies.iter().find(|r| !r.accepted));
+        assert!(
+            replies.iter().all(|r| r.accepted),
+            "{:?}",
+            replies.iter().find(|r| !r.accepted)
+        );
         let done = start.elapsed();
         latencies.extend(std::iter::repeat_n(done, chunk.len()));
     }

@@ -20,6 +20,9 @@ pub fn ls(data_dir: &Path) -> Result<()> {
 
 /// Prints one job and its executions.
 pub fn show(data_dir: &Path, job_id: &str) -> Result<()> {
-    print!("{}", mooring_iot::jobs::report::show(&open(data_dir)?, job_id)?);
+    print!(
+        "{}",
+        mooring_iot::jobs::report::show(&open(data_dir)?, job_id)?
+    );
     Ok(())
 }

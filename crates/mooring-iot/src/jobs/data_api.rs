@@ -10,7 +10,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Method, Response, StatusCode};
 use futures::future::BoxFuture;
-use mooring_aws::{json_response, AwsError, AwsRequest, AwsService, OperationName, Protocol, Route};
+use mooring_aws::{
+    json_response, AwsError, AwsRequest, AwsService, OperationName, Protocol, Route,
+};
 use serde_json::{json, Map, Value};
 
 use super::device::{
@@ -91,7 +93,11 @@ impl AwsService for JobsDataService {
         let state = self.state.clone();
         Box::pin(async move {
             let Some((handler, operation, params)) = found else {
-                let what = format!("{} {}", request.request.method(), request.request.uri().path());
+                let what = format!(
+                    "{} {}",
+                    request.request.method(),
+                    request.request.uri().path()
+                );
                 return AwsError::unknown_operation(&what).into_response(Protocol::RestJson1);
             };
             let mut response = match handler(state, request, params).await {
@@ -114,7 +120,10 @@ fn rejection_error(r: Rejection) -> AwsError {
         "VersionMismatch" => (StatusCode::CONFLICT, "VersionConflictException"),
         "TerminalStateReached" => (StatusCode::GONE, "TerminalStateException"),
         "RequestThrottled" => (StatusCode::TOO_MANY_REQUESTS, "ThrottlingException"),
-        "InternalError" => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException"),
+        "InternalError" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+        ),
         _ => (StatusCode::BAD_REQUEST, "InvalidRequestException"),
     };
     let mut e = AwsError::new(status, name, r.message);
@@ -155,9 +164,12 @@ async fn run(
     let now = jobs.now();
     let mut s = jobs.lock().await;
     let answer = execute(&mut s, thing, request, now).map_err(rejection_error)?;
-    jobs.commit(&mut s)
-        .await
-        .map_err(|_| rejection_error(Rejection::new("InternalError", "The change could not be stored")))?;
+    jobs.commit(&mut s).await.map_err(|_| {
+        rejection_error(Rejection::new(
+            "InternalError",
+            "The change could not be stored",
+        ))
+    })?;
     let body = match &answer {
         DeviceAnswer::Pending {
             in_progress,
@@ -183,7 +195,11 @@ async fn run(
                 out["executionState"] = execution_state(execution);
             }
             if *include_document {
-                if let Some(doc) = s.jobs.get(&execution.job_id).and_then(|j| j.document.clone()) {
+                if let Some(doc) = s
+                    .jobs
+                    .get(&execution.job_id)
+                    .and_then(|j| j.document.clone())
+                {
                     out["jobDocument"] = json!(doc);
                 }
             }

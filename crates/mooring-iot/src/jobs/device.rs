@@ -175,9 +175,7 @@ fn field_bool(body: &Map<String, Value>, name: &str, default: bool) -> Result<bo
     }
 }
 
-fn field_details(
-    body: &Map<String, Value>,
-) -> Result<Option<BTreeMap<String, String>>, Rejection> {
+fn field_details(body: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>, Rejection> {
     match body.get("statusDetails") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(map)) => {
@@ -188,8 +186,7 @@ fn field_details(
                 };
                 out.insert(k.clone(), s.clone());
             }
-            validate_status_details(&out)
-                .map_err(|e| Rejection::from_execution_error(e, None))?;
+            validate_status_details(&out).map_err(|e| Rejection::from_execution_error(e, None))?;
             Ok(Some(out))
         }
         Some(_) => Err(invalid("statusDetails must be a map of strings")),
@@ -509,7 +506,11 @@ pub async fn answer_batch(jobs: &Jobs, batch: Vec<Incoming>) -> Vec<Reply> {
             payload["clientToken"] = token;
         }
         replies.push(Reply {
-            topic: format!("{}/{}", m.topic, if accepted { "accepted" } else { "rejected" }),
+            topic: format!(
+                "{}/{}",
+                m.topic,
+                if accepted { "accepted" } else { "rejected" }
+            ),
             client_id: m.client_id,
             payload,
             qos,
@@ -561,9 +562,18 @@ mod tests {
         assert_eq!(op("$aws/things/t1/jobs/get/accepted"), None);
         assert_eq!(op("$aws/things/t1/jobs/j/update/rejected"), None);
         assert_eq!(op("$aws/things/t1/shadow/update"), None);
-        assert_eq!(op("$aws/things/t1/jobs/notify"), Some(("t1".into(), Err(()))));
-        assert_eq!(op("$aws/things/t1/jobs/$next/update"), Some(("t1".into(), Err(()))));
-        assert_eq!(op("$aws/things/t1/jobs/a/b/c"), Some(("t1".into(), Err(()))));
+        assert_eq!(
+            op("$aws/things/t1/jobs/notify"),
+            Some(("t1".into(), Err(())))
+        );
+        assert_eq!(
+            op("$aws/things/t1/jobs/$next/update"),
+            Some(("t1".into(), Err(())))
+        );
+        assert_eq!(
+            op("$aws/things/t1/jobs/a/b/c"),
+            Some(("t1".into(), Err(())))
+        );
     }
 
     #[test]

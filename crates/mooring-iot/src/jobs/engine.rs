@@ -125,7 +125,10 @@ fn validate_configs(
     if let Some(r) = retry {
         r.validate().map_err(JobsError::InvalidRequest)?;
     }
-    if let Some(m) = timeout.as_ref().and_then(|t| t.in_progress_timeout_in_minutes) {
+    if let Some(m) = timeout
+        .as_ref()
+        .and_then(|t| t.in_progress_timeout_in_minutes)
+    {
         if !(1..=MAX_TIMEOUT_MINUTES).contains(&m) {
             return Err(JobsError::InvalidRequest(format!(
                 "inProgressTimeoutInMinutes must be between 1 and {MAX_TIMEOUT_MINUTES}"
@@ -498,7 +501,12 @@ impl Jobs {
 
     /// UpdateJob.
     pub async fn update_job(&self, job_id: &str, update: JobUpdate) -> Result<(), JobsError> {
-        validate_configs(&update.rollout, &update.abort, &update.timeout, &update.retry)?;
+        validate_configs(
+            &update.rollout,
+            &update.abort,
+            &update.timeout,
+            &update.retry,
+        )?;
         let now = self.now();
         let mut state = self.lock().await;
         let started = state

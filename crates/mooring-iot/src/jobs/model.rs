@@ -252,7 +252,9 @@ impl RetryConfig {
                 return Err(format!("Invalid retry failureType {}", c.failure_type));
             }
             if c.number_of_retries > MAX_RETRIES {
-                return Err(format!("numberOfRetries must be between 0 and {MAX_RETRIES}"));
+                return Err(format!(
+                    "numberOfRetries must be between 0 and {MAX_RETRIES}"
+                ));
             }
             total += c.number_of_retries;
         }
@@ -389,7 +391,8 @@ impl Execution {
 
     /// Seconds left before the execution times out (0 when none is set).
     pub fn approximate_seconds_before_timed_out(&self, now_ms: i64) -> Option<i64> {
-        self.deadline_ms().map(|d| ((d - now_ms).max(0) + 999) / 1000)
+        self.deadline_ms()
+            .map(|d| ((d - now_ms).max(0) + 999) / 1000)
     }
 
     fn set_step_timer(&mut self, minutes: i64, now_ms: i64, minute_ms: i64) {
@@ -715,7 +718,8 @@ mod tests {
             ExecutionStatus::Rejected,
         ] {
             let mut e = Execution::queued("j", "t", 1, 0, 0);
-            e.apply_device_update(&update(end), None, 1, MINUTE).unwrap();
+            e.apply_device_update(&update(end), None, 1, MINUTE)
+                .unwrap();
             for next in [
                 ExecutionStatus::InProgress,
                 ExecutionStatus::Succeeded,

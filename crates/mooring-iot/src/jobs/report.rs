@@ -30,14 +30,22 @@ fn counts_line(state: &JobsState, job: &str) -> String {
 pub fn list(db: &Db) -> anyhow::Result<String> {
     let state = load(db)?;
     let mut out = String::new();
-    writeln!(out, "{:<40} {:<12} {:<10} {:>7}  EXECUTIONS", "JOB", "STATUS", "TARGETS", "BACKLOG")?;
+    writeln!(
+        out,
+        "{:<40} {:<12} {:<10} {:>7}  EXECUTIONS",
+        "JOB", "STATUS", "TARGETS", "BACKLOG"
+    )?;
     for job in state.jobs.values() {
         writeln!(
             out,
             "{:<40} {:<12} {:<10} {:>7}  {}",
             job.job_id,
             job.status.as_str(),
-            if job.continuous { "CONTINUOUS" } else { "SNAPSHOT" },
+            if job.continuous {
+                "CONTINUOUS"
+            } else {
+                "SNAPSHOT"
+            },
             job.backlog.len(),
             counts_line(&state, &job.job_id)
         )?;
@@ -57,7 +65,11 @@ pub fn show(db: &Db, job_id: &str) -> anyhow::Result<String> {
     writeln!(
         out,
         "selection:  {}",
-        if job.continuous { "CONTINUOUS" } else { "SNAPSHOT" }
+        if job.continuous {
+            "CONTINUOUS"
+        } else {
+            "SNAPSHOT"
+        }
     )?;
     if let Some(d) = &job.description {
         writeln!(out, "description: {d}")?;
@@ -66,7 +78,11 @@ pub fn show(db: &Db, job_id: &str) -> anyhow::Result<String> {
     writeln!(out, "backlog:    {}", job.backlog.len())?;
     writeln!(out, "counts:     {}", counts_line(&state, job_id))?;
     writeln!(out, "document:   {}", job.document.as_deref().unwrap_or(""))?;
-    writeln!(out, "{:<40} {:>4} {:<12} {:>7}", "THING", "EXEC", "STATUS", "VERSION")?;
+    writeln!(
+        out,
+        "{:<40} {:>4} {:<12} {:>7}",
+        "THING", "EXEC", "STATUS", "VERSION"
+    )?;
     for thing in state.things_of_job.get(job_id).into_iter().flatten() {
         if let Some(e) = state.latest(thing, job_id) {
             writeln!(

@@ -111,7 +111,10 @@ impl JobsState {
     }
 
     fn events_enabled(&self, kind: &str) -> bool {
-        self.event_configurations.get(kind).copied().unwrap_or(false)
+        self.event_configurations
+            .get(kind)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The latest execution of `job` on `thing`.
@@ -142,7 +145,7 @@ impl JobsState {
     }
 
     /// The pending (QUEUED or IN_PROGRESS) executions of `thing`, in the order devices see.
-    pub fn pending(&self, thing: &str) -> Vec<&Execution> {
+    pub fn pending<'a>(&'a self, thing: &'a str) -> Vec<&'a Execution> {
         let mut out: Vec<&Execution> = self
             .histories_of_thing(thing)
             .filter_map(|(_, h)| h.last())
@@ -480,7 +483,9 @@ impl JobsState {
                 e.status.as_str()
             )));
         }
-        self.with_history(thing, job_id, |h| h.retain(|x| x.execution_number != number));
+        self.with_history(thing, job_id, |h| {
+            h.retain(|x| x.execution_number != number)
+        });
         self.execution_event_named(&e, "deleted", now);
         self.check_completion(job_id, now);
         Ok(())
@@ -517,7 +522,9 @@ impl JobsState {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
-        if job.status != JobStatus::InProgress || has_pending || job.backlog.iter().any(|t| t == thing)
+        if job.status != JobStatus::InProgress
+            || has_pending
+            || job.backlog.iter().any(|t| t == thing)
         {
             return;
         }
@@ -835,7 +842,9 @@ impl JobsState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::{AbortConfig, AbortCriterion, RetryConfig, RetryCriterion, RolloutConfig};
+    use crate::jobs::model::{
+        AbortConfig, AbortCriterion, RetryConfig, RetryCriterion, RolloutConfig,
+    };
     use std::collections::VecDeque;
 
     const MINUTE: i64 = 60_000;
@@ -862,7 +871,10 @@ mod tests {
             retry: None,
             presigned_url_config: None,
             tags: vec![],
-            backlog: things.iter().map(|s| s.to_string()).collect::<VecDeque<_>>(),
+            backlog: things
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<VecDeque<_>>(),
             window_start_ms: 0,
             released_in_window: 0,
             window_rate: 0,
@@ -901,7 +913,10 @@ mod tests {
         let (_, out) = s.flush(1000);
         assert_eq!(
             topics(&out),
-            vec!["$aws/things/t/jobs/notify", "$aws/things/t/jobs/notify-next"]
+            vec![
+                "$aws/things/t/jobs/notify",
+                "$aws/things/t/jobs/notify-next"
+            ]
         );
         add(&mut s, job("j2", &["t"]), 2000);
         let (_, out) = s.flush(2000);
@@ -946,7 +961,10 @@ mod tests {
         let (_, out) = s.flush(7000);
         let notify = out.iter().find(|o| o.topic.ends_with("/notify")).unwrap();
         assert_eq!(notify.payload["jobs"], json!({}));
-        let next = out.iter().find(|o| o.topic.ends_with("/notify-next")).unwrap();
+        let next = out
+            .iter()
+            .find(|o| o.topic.ends_with("/notify-next"))
+            .unwrap();
         assert!(next.payload.get("execution").is_none());
     }
 
@@ -1002,7 +1020,10 @@ mod tests {
             .unwrap();
         // 2 of 2 executed things failed: the job is canceled, the queued retry too.
         assert_eq!(s.jobs["j"].status, JobStatus::Canceled);
-        assert_eq!(s.latest("a", "j").unwrap().status, ExecutionStatus::Canceled);
+        assert_eq!(
+            s.latest("a", "j").unwrap().status,
+            ExecutionStatus::Canceled
+        );
     }
 
     #[test]

@@ -138,7 +138,8 @@ impl JobStore for SqliteJobStore {
                     }
                 }
             }
-            let mut stmt = conn.prepare("SELECT event_type, enabled FROM iot_event_configurations")?;
+            let mut stmt =
+                conn.prepare("SELECT event_type, enabled FROM iot_event_configurations")?;
             for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
                 let (k, v) = row?;
                 loaded.event_configurations.insert(k, v != 0);

@@ -18,7 +18,12 @@ use crate::api::{empty_ok, IotState, OperationResult, PathParams, RouteRow};
 /// The thing group operations' rows of the `iot` routing table.
 pub fn routes() -> Vec<RouteRow> {
     vec![
-        (Method::GET, "/thing-groups", "ListThingGroups", list_thing_groups),
+        (
+            Method::GET,
+            "/thing-groups",
+            "ListThingGroups",
+            list_thing_groups,
+        ),
         (
             Method::POST,
             "/thing-groups/{thingGroupName}",

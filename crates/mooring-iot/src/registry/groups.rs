@@ -277,9 +277,8 @@ impl ThingGroupRegistry {
         Ok(self
             .db
             .read(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT name FROM iot_thing_groups WHERE parent = ?1 ORDER BY name",
-                )?;
+                let mut stmt = conn
+                    .prepare("SELECT name FROM iot_thing_groups WHERE parent = ?1 ORDER BY name")?;
                 let rows = stmt
                     .query_map([&name], |r| r.get(0))?
                     .collect::<rusqlite::Result<Vec<String>>>()?;
@@ -348,11 +347,7 @@ impl ThingGroupRegistry {
         Ok(all
             .into_iter()
             .filter(|g| allowed.as_ref().is_none_or(|a| a.contains(&g.name)))
-            .filter(|g| {
-                prefix
-                    .as_deref()
-                    .is_none_or(|p| g.name.starts_with(p))
-            })
+            .filter(|g| prefix.as_deref().is_none_or(|p| g.name.starts_with(p)))
             .collect())
     }
 
@@ -489,11 +484,7 @@ impl ThingGroupRegistry {
         if mine.is_empty() || self.get(group).await?.is_none() {
             return Ok(false);
         }
-        Ok(self
-            .subtree(group)
-            .await?
-            .iter()
-            .any(|g| mine.contains(g)))
+        Ok(self.subtree(group).await?.iter().any(|g| mine.contains(g)))
     }
 }
 
@@ -523,7 +514,10 @@ mod tests {
         for t in ["a", "b", "c"] {
             things.create(t, NewThing::default()).await.unwrap();
         }
-        groups.create("root", NewThingGroup::default()).await.unwrap();
+        groups
+            .create("root", NewThingGroup::default())
+            .await
+            .unwrap();
         groups
             .create(
                 "child",
