@@ -680,6 +680,16 @@ def test_anonymous_refused_emits_connect_failed(mooring_factory, tmp_path):
 def tls_context_with_client_cert(m, tmp_path):
     """Issues a client certificate from the data directory's CA (as CreateKeysAndCertificate
     will) and returns an SSL context presenting it, plus its certificate id."""
+    cert_path, key_path, cert_id = issue_client_certificate(m, tmp_path)
+    ctx = ssl.create_default_context(cafile=str(m.data_dir / "ca" / "ca.pem"))
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
+    return ctx, cert_id
+
+
+def issue_client_certificate(m, tmp_path):
+    """Issues a client certificate from the data directory's CA; returns the certificate and
+    key file paths and the certificate id."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -705,9 +715,6 @@ def tls_context_with_client_cert(m, tmp_path):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    ctx = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
-    ctx.load_cert_chain(str(cert_path), str(key_path))
-    ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
     cert_id = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     # Certificate clients must be registered, ACTIVE and carry a policy (see test_iot_security).
     iot = m.client("iot")
@@ -718,7 +725,7 @@ def tls_context_with_client_cert(m, tmp_path):
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}))
     iot.attach_policy(policyName=policy_name, target=registered["certificateArn"])
-    return ctx, cert_id
+    return cert_path, key_path, cert_id
 
 
 def test_tls_with_client_certificate(mooring, tmp_path):

@@ -22,6 +22,8 @@ pub struct IotState {
     pub things: crate::registry::things::ThingRegistry,
     pub security: crate::security::Security,
     pub security_settings: std::sync::Arc<crate::security::SecuritySettings>,
+    pub groups: crate::registry::groups::ThingGroupRegistry,
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Path parameters captured by a route (`{ruleName}` and friends), percent-decoded.
@@ -123,6 +125,8 @@ pub fn routes() -> Router {
     let mut table = rule_routes();
     table.extend(crate::registry::api::routes());
     table.extend(crate::security::api::routes());
+    table.extend(crate::registry::group_api::routes());
+    table.extend(crate::jobs::api::routes());
     Router::new(table)
 }
 

@@ -30,6 +30,8 @@ pub struct IotConfig {
     pub security: crate::security::SecuritySettings,
     /// `[iot.data]`: the iot-data HTTP API's publish rate limit.
     pub data: crate::iot_data::IotDataSettings,
+    /// `[iot.jobs]`: timer and rollout tuning.
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// A rule declared in the configuration file; members mirror `TopicRulePayload`.

@@ -15,6 +15,7 @@ pub mod broker_bridge;
 pub mod config;
 pub mod engine;
 pub mod iot_data;
+pub mod jobs;
 pub mod model;
 pub mod registry;
 pub mod security;

@@ -16,7 +16,10 @@ use mooring_core::ServiceContext;
 use crate::api::{self, IotState, Router};
 use crate::config::IotConfig;
 use crate::engine::RulesEngine;
+use crate::jobs::data_api::JobsDataService;
+use crate::jobs::Jobs;
 use crate::model::TopicRules;
+use crate::registry::groups::ThingGroupRegistry;
 use crate::registry::things::ThingRegistry;
 use crate::store::SqliteRuleStore;
 
@@ -86,6 +89,11 @@ pub struct Iot {
     pub rules: TopicRules,
     pub things: ThingRegistry,
     pub security: crate::security::SecurityPlane,
+    pub groups: ThingGroupRegistry,
+    /// IoT Jobs; attach the broker with [`Jobs::attach_broker`].
+    pub jobs: Arc<Jobs>,
+    /// The `iot-jobs-data` HTTP device API.
+    pub jobs_data: Arc<JobsDataService>,
 }
 
 impl Iot {
@@ -111,14 +119,23 @@ impl Iot {
         let security =
             crate::security::SecurityPlane::start(ctx, config.security.clone(), things.clone())
                 .context("opening the security registry")?;
+        let groups = ThingGroupRegistry::open(ctx.db.clone(), ctx.arns.clone(), things.clone())
+            .context("opening the thing group registry")?;
+        let jobs = Jobs::open(ctx, things.clone(), groups.clone(), config.jobs.clone())
+            .context("opening the jobs store")?;
+        jobs.run(&ctx.shutdown);
+        let state = Arc::new(IotState {
+            rules: rules.clone(),
+            things: things.clone(),
+            security: security.registry.clone(),
+            security_settings: security.settings.clone(),
+            groups: groups.clone(),
+            jobs: jobs.clone(),
+        });
+        let jobs_data = Arc::new(JobsDataService::new(state.clone()));
         let service = Arc::new(IotService {
             router: api::routes(),
-            state: Arc::new(IotState {
-                rules: rules.clone(),
-                things: things.clone(),
-                security: security.registry.clone(),
-                security_settings: security.settings.clone(),
-            }),
+            state,
         });
         Ok(Iot {
             service,
@@ -126,6 +143,9 @@ impl Iot {
             rules,
             things,
             security,
+            groups,
+            jobs,
+            jobs_data,
         })
     }
 }

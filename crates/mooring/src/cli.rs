@@ -38,6 +38,37 @@ pub enum Command {
     /// Kinesis Video Streams producer and consumer: put (PutMedia), get (GetMedia).
     #[command(subcommand)]
     Video(crate::video_cli::VideoCommand),
+    /// IoT Jobs: list jobs or show one, with per-status execution counts.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// One line per job with its status and per-status execution counts.
+    Ls(JobsArgs),
+    /// One job, its counts and every thing's execution.
+    Show(JobsShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// The server's data directory.
+    #[arg(
+        long,
+        default_value = "./mooring-data",
+        value_name = "DIR",
+        env = "MOORING_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsShowArgs {
+    /// The job id.
+    pub job_id: String,
+    #[command(flatten)]
+    pub data: JobsArgs,
 }
 
 #[derive(Debug, Subcommand)]

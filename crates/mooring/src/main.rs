@@ -3,6 +3,7 @@
 
 mod banner;
 mod cli;
+mod jobs_cli;
 mod serve;
 mod streams_cli;
 mod video_cli;
@@ -10,7 +11,7 @@ mod video_cli;
 use anyhow::Result;
 use clap::Parser;
 
-use cli::{Cli, Command, EventsCommand};
+use cli::{Cli, Command, EventsCommand, JobsCommand};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -68,5 +69,7 @@ fn main() -> Result<()> {
                 code => std::process::exit(code),
             }
         }
+        Command::Jobs(JobsCommand::Ls(args)) => jobs_cli::ls(&args.data_dir),
+        Command::Jobs(JobsCommand::Show(args)) => jobs_cli::show(&args.data.data_dir, &args.job_id),
     }
 }

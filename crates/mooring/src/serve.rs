@@ -91,8 +91,10 @@ pub async fn serve(config: Config) -> Result<()> {
     let iot = mooring_iot::Iot::start(&ctx).context("starting the IoT rules engine")?;
     mooring_iot::broker_bridge::connect(&broker, iot.engine.clone());
     iot.security.install(&broker);
+    iot.jobs.attach_broker(&broker)?;
     let services: Vec<Arc<dyn AwsService>> = vec![
         iot.service.clone(),
+        iot.jobs_data.clone(),
         mooring_video::VideoService::new(&ctx)?,
         mooring_events::EventsService::start(&ctx).context("starting the event bus")?,
         mooring_iot::iot_data::IotDataService::new(&ctx, broker.clone())?,

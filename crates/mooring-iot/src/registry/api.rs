@@ -95,7 +95,7 @@ struct UpdateThingRequest {
     remove_thing_type: bool,
 }
 
-fn body_or_default<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn body_or_default<T: serde::de::DeserializeOwned + Default>(
     request: &AwsRequest,
 ) -> Result<T, AwsError> {
     if request.body.iter().all(u8::is_ascii_whitespace) {

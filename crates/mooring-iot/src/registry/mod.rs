@@ -5,4 +5,6 @@
 //! [`things::ThingRegistry`], never through its tables.
 
 pub mod api;
+pub mod group_api;
+pub mod groups;
 pub mod things;
