@@ -16,6 +16,7 @@ use mooring_core::ServiceContext;
 use crate::api::{self, IotState, Router};
 use crate::config::IotConfig;
 use crate::engine::RulesEngine;
+use crate::external::MooringFunctions;
 use crate::model::TopicRules;
 use crate::registry::things::ThingRegistry;
 use crate::store::SqliteRuleStore;
@@ -107,6 +108,11 @@ impl Iot {
         tracing::info!(rules = loaded, "rules engine started");
         let things = ThingRegistry::open(ctx.db.clone(), ctx.arns.clone())
             .context("opening the thing registry")?;
+        engine.set_external_functions(Arc::new(MooringFunctions::new(
+            things.clone(),
+            config.functions.clone(),
+        )));
+        engine.replay_pending();
         let service = Arc::new(IotService {
             router: api::routes(),
             state: Arc::new(IotState {

@@ -742,7 +742,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 protocol_version: Some(self.version),
             },
         };
-        let ops = self.broker.route(Arc::new(message));
+        let (ops, barriers) = match p.qos {
+            0 => (self.broker.route(Arc::new(message)), Vec::new()),
+            _ => self.broker.route_durable(Arc::new(message)),
+        };
         match p.qos {
             0 => self.broker.persist_background(ops),
             qos => {
@@ -757,18 +760,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         Packet::PubRec(Ack::new(pid, code))
                     }
                 };
-                if ops.is_empty() {
+                if ops.is_empty() && barriers.is_empty() {
                     self.push_ack_ready(make(reason::SUCCESS));
                 } else {
                     if qos == 1 {
                         self.pending_qos1 += 1;
                     }
-                    let durable = self.broker.persist_later(ops);
+                    let durable = (!ops.is_empty()).then(|| self.broker.persist_later(ops));
                     let v5 = self.version == V5;
                     self.pending_acks.push_back(Box::pin(async move {
-                        match durable.await {
-                            Ok(Ok(())) => make(reason::SUCCESS),
-                            _ => make(if v5 { reason::UNSPECIFIED_ERROR } else { 0 }),
+                        let mut stored = true;
+                        for receiver in durable.into_iter().chain(barriers) {
+                            stored &= matches!(receiver.await, Ok(Ok(())));
+                        }
+                        if stored {
+                            make(reason::SUCCESS)
+                        } else {
+                            make(if v5 { reason::UNSPECIFIED_ERROR } else { 0 })
                         }
                     }));
                 }

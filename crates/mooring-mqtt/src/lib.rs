@@ -27,7 +27,9 @@ pub mod websocket;
 use std::sync::Arc;
 
 pub use auth::{AllowAll, Authorizer, ClientInfo, Principal, Transport};
-pub use broker::{Broker, BrokerSettings, InternalSubscription, Message, Origin, PublishHook};
+pub use broker::{
+    Broker, BrokerSettings, DurableReceiver, InternalSubscription, Message, Origin, PublishHook,
+};
 pub use profile::Profile;
 pub use store::MessageProperties;
 
