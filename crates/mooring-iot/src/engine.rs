@@ -194,6 +194,7 @@ impl RulesEngine {
                 tx.clone(),
                 metrics.clone(),
                 in_flight.clone(),
+                ctx.shutdown.clone(),
             ));
             ctx.shutdown.spawn(remove_finished(
                 journal.clone(),
@@ -512,9 +513,17 @@ async fn write_journal(
     dispatch: mpsc::Sender<Job>,
     metrics: EngineMetrics,
     in_flight: Arc<AtomicUsize>,
+    shutdown: mooring_core::Shutdown,
 ) {
     const MAX_BATCHES_PER_COMMIT: usize = 1024;
-    while let Some(first) = batches.recv().await {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.triggered() => return,
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
         let mut group = vec![first];
         while group.len() < MAX_BATCHES_PER_COMMIT {
             match batches.try_recv() {

@@ -128,10 +128,14 @@ impl ExternalFunctions for MooringFunctions {
         };
         let name = function_arn.rsplit(':').next().unwrap_or(function_arn);
         let input = input.to_payload().to_vec();
-        let call = tokio::time::timeout(
-            AWS_LAMBDA_TIMEOUT,
-            call_function(&self.http, function, name, input),
-        );
+        // The timer is created inside the runtime, when the call is first polled.
+        let call = async {
+            tokio::time::timeout(
+                AWS_LAMBDA_TIMEOUT,
+                call_function(&self.http, function, name, input),
+            )
+            .await
+        };
         match block_on(call) {
             Some(Ok(Ok(output))) => result_value(&output),
             Some(Ok(Err(e))) => {

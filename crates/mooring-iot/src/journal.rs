@@ -108,7 +108,7 @@ impl Journal {
     pub fn append(&self, executions: &[(&str, &MessageFacts)]) -> StoreResult<Vec<i64>> {
         let rows = executions
             .iter()
-            .map(|(rule, facts)| {
+            .map(|(rule, facts)| -> StoreResult<(String, String, Bytes)> {
                 Ok((
                     rule.to_string(),
                     serde_json::to_string(&StoredFacts::from_facts(facts))?,

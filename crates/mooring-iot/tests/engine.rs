@@ -319,7 +319,10 @@ async fn http_action_substitutes_url_and_headers_and_retries_server_errors() {
 
 #[tokio::test]
 async fn failed_actions_fire_the_error_action_once_with_every_failure() {
-    let h = harness("[engine]\nhttp_backoff_ms = 1\nhttp_attempts = 2\n");
+    // Outbound Kinesis (for the stream that is not local) goes to a closed port.
+    let h = harness(
+        "[engine]\nhttp_backoff_ms = 1\nhttp_attempts = 2\n[outbound]\nendpoint_url = \"http://127.0.0.1:9\"\naccess_key_id = \"a\"\nsecret_access_key = \"b\"\n",
+    );
     let (base, server) = http_server(u32::MAX).await;
     h.rule(
         "failing",

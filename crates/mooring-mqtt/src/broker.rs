@@ -580,7 +580,7 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for hook in hooks.iter() {
-            match barriers.as_deref_mut() {
+            match &mut barriers {
                 Some(barriers) => barriers.extend(hook.on_publish_durable(&message)),
                 None => hook.on_publish(&message),
             }
