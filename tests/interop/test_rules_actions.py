@@ -219,7 +219,7 @@ def test_http_action_sigv4_signature_verifies_with_botocore(mooring_factory):
                                       "roleArn": ROLE}}}}]))
     with pytest.raises(iot.exceptions.InvalidRequestException):
         iot.create_topic_rule(ruleName="bad_auth", topicRulePayload=rule(
-            "SELECT * FROM 'x'", [{"http": {"url": "https://example.com", "auth": {"sigv4": {"roleArn": ROLE}}}}]))
+            "SELECT * FROM 'x'", [{"http": {"url": "https://example.com", "auth": {"sigv4": {"roleArn": ROLE, "signingRegion": "", "serviceName": "execute-api"}}}}]))
     device = Client(m, client_id="signer-1")
     device.pub("signed/door", b'{"open":true}', 1)
     path, headers, body = eventually(lambda: Recorder.requests and Recorder.requests[-1])
