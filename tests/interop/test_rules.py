@@ -165,11 +165,11 @@ def test_invalid_requests(mooring):
             ruleName="r2",
             topicRulePayload=payload(
                 "SELECT * FROM 'a'",
-                actions=[{"s3": {"roleArn": ROLE, "bucketName": "b", "key": "k"}}],
+                actions=[{"dynamoDB": {"roleArn": ROLE, "tableName": "t", "hashKeyField": "k", "hashKeyValue": "v"}}],
             ),
         )
     assert error_code(unsupported) == "InvalidRequestException"
-    assert "'s3' is not supported by Mooring" in unsupported.value.response["Error"]["Message"]
+    assert "'dynamoDB' is not supported by Mooring" in unsupported.value.response["Error"]["Message"]
 
     with pytest.raises(botocore.exceptions.ClientError) as no_role:
         iot.create_topic_rule(

@@ -1,12 +1,14 @@
 //! Rules-engine throughput: messages per second through `RulesEngine::evaluate` (topic
-//! matching, JSON parse, WHERE and SELECT; actions excluded) with 1, 100 and 1,000 rules of
-//! distinct topic filters, of which one matches, plus the bare SQL evaluation rate of a
-//! simple `SELECT ... WHERE` on an already parsed payload.
+//! matching, JSON parse, WHERE and SELECT; actions excluded) and through the MQTT broker's
+//! router with the engine hooked in (`Broker::route`, no subscribers), with 1, 100 and
+//! 1,000 rules of distinct topic filters, of which one matches, plus the bare SQL
+//! evaluation rate of a simple `SELECT ... WHERE` on an already parsed payload.
 //!
-//! The peers run in the same process: a linear scan that tests every rule's filter against
-//! the topic (what an engine without a filter index does) and `serde_json` parsing the same
-//! payload (the floor any JSON rules engine pays per message). Run with
-//! `cargo bench -p mooring-iot --bench rules_engine`.
+//! The peers run in the same process: a naive engine that scans every rule, tests its
+//! filter and, for the matching ones, parses the payload and evaluates the SQL on its own
+//! (no filter index, no shared parse), a linear scan of the filters alone, and
+//! `serde_json` parsing the same payload (the floor any JSON rules engine pays per
+//! message). Run with `cargo bench -p mooring-iot --bench rules_engine`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -16,10 +18,13 @@ use mooring_core::ServiceContext;
 use mooring_iot::model::{StoredRule, TopicRulePayload};
 use mooring_iot::sql::{self, MessageFacts, NoExternalFunctions, SqlVersion};
 use mooring_iot::topic;
-use mooring_iot::{InboundMessage, RulesEngine};
+use mooring_iot::{broker_bridge, InboundMessage, RulesEngine};
 
 const PAYLOAD: &[u8] =
     br#"{"deviceId":"dev-42","temp":72.5,"humidity":40,"status":"ok","readings":[1,2,3]}"#;
+/// The same reading below the matching rule's threshold.
+const COLD_PAYLOAD: &[u8] =
+    br#"{"deviceId":"dev-42","temp":12.5,"humidity":40,"status":"ok","readings":[1,2,3]}"#;
 
 fn rate(label: &str, mut op: impl FnMut() -> usize) -> f64 {
     // Warm up, then run for about a second.
@@ -67,6 +72,8 @@ fn main() {
     let _guard = runtime.enter();
     let ctx = ServiceContext::for_tests(dir.path()).unwrap();
     let engine = RulesEngine::start(&ctx, &Default::default());
+    let broker = mooring_mqtt::start(&ctx).unwrap();
+    broker_bridge::connect(&broker, engine.clone());
 
     println!("IoT rules engine (one core; actions excluded)");
     let statement = sql::parse(
@@ -115,6 +122,52 @@ fn main() {
         let per_sec = rate(
             &format!("engine: {count:>4} rules (1 matching), parse+WHERE+SELECT"),
             || engine.evaluate(&message).len(),
+        );
+        // Through the broker: the same message routed with the engine hooked in; the
+        // matching rule's WHERE is false here so no action is queued (queues would fill).
+        let routed = mooring_mqtt::Message {
+            topic: message.topic.clone(),
+            payload: Bytes::from_static(COLD_PAYLOAD),
+            qos: 0,
+            retain: false,
+            properties: Default::default(),
+            expires_at_ms: None,
+            origin: Default::default(),
+        };
+        let routed = std::sync::Arc::new(routed);
+        rate(
+            &format!("broker: route() with {count:>4} rules hooked in (WHERE false)"),
+            || broker.route(routed.clone()).len() + 1,
+        );
+        let compiled: Vec<(String, sql::Statement)> = rules
+            .iter()
+            .map(|r| {
+                let sql_text = r.payload.sql.as_deref().unwrap();
+                let statement = sql::parse(sql_text, SqlVersion::V2016_03_23).unwrap();
+                (statement.from.clone().unwrap(), statement)
+            })
+            .collect();
+        let naive = rate(
+            &format!("peer: naive per-rule scan, {count:>4} rules, parse per rule"),
+            || {
+                let mut matched = 0;
+                for (filter, statement) in &compiled {
+                    if topic::matches(filter, &message.topic) {
+                        let facts =
+                            MessageFacts::new(message.topic.clone(), message.payload.clone());
+                        if let sql::EvalOutcome::Matched { .. } =
+                            sql::evaluate(statement, &facts, &NoExternalFunctions)
+                        {
+                            matched += 1;
+                        }
+                    }
+                }
+                matched
+            },
+        );
+        println!(
+            "    ratio engine / naive per-rule scan: {:.2}",
+            per_sec / naive
         );
         let scan = rate(
             &format!("peer: linear filter scan over {count:>4} rules (matching only)"),

@@ -21,9 +21,10 @@ use mooring_core::{ServiceContext, Shutdown};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::config::{EngineSettings, IotConfig, LocalFunction};
+use crate::config::{EngineSettings, IotConfig, LocalFunction, OutboundSettings};
 use crate::engine::{ActionLabels, EngineMetrics, Job};
-use crate::model::{CompiledAction, CompiledHeaders};
+use crate::model::{CompiledAction, CompiledHeaders, SigV4Signing};
+use crate::outbound::OutboundClients;
 use crate::sql::NoExternalFunctions;
 
 /// Why an action failed, as the error action reports it.
@@ -41,17 +42,20 @@ pub struct ActionRuntime {
     settings: EngineSettings,
     http: reqwest::Client,
     metrics: EngineMetrics,
+    outbound: OutboundClients,
+    outbound_settings: OutboundSettings,
 }
 
 impl ActionRuntime {
     pub fn new(ctx: &ServiceContext, config: &IotConfig, metrics: EngineMetrics) -> ActionRuntime {
-        ActionRuntime::with_handles(ctx.handles.clone(), config, metrics)
+        ActionRuntime::with_handles(ctx.handles.clone(), config, metrics, &ctx.config.region)
     }
 
     pub fn with_handles(
         handles: Arc<ServiceHandles>,
         config: &IotConfig,
         metrics: EngineMetrics,
+        region: &str,
     ) -> ActionRuntime {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.engine.http_timeout_ms.max(1)))
@@ -63,6 +67,8 @@ impl ActionRuntime {
             settings: config.engine.clone(),
             http,
             metrics,
+            outbound: OutboundClients::new(config.outbound.clone(), region.to_string()),
+            outbound_settings: config.outbound.clone(),
         }
     }
 }
@@ -73,6 +79,7 @@ pub async fn dispatch(
     mut queue: mpsc::Receiver<Job>,
     in_flight: Arc<AtomicUsize>,
     concurrency: usize,
+    finished: mpsc::UnboundedSender<i64>,
     shutdown: Shutdown,
 ) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
@@ -89,8 +96,12 @@ pub async fn dispatch(
         };
         let runtime = runtime.clone();
         let in_flight = in_flight.clone();
+        let finished = finished.clone();
         shutdown.spawn(async move {
             run_job(&runtime, &job).await;
+            if let Some(id) = job.journal_id {
+                let _ = finished.send(id);
+            }
             in_flight.fetch_sub(1, Ordering::SeqCst);
             drop(permit);
         });
@@ -202,13 +213,17 @@ async fn execute(
                 .await
                 .map_err(|e| fail(topic, e.to_string()))
         }
-        CompiledAction::Http { url, headers } => {
+        CompiledAction::Http {
+            url,
+            headers,
+            sigv4,
+        } => {
             let url = render(url, job);
             let headers: Vec<(String, String)> = headers
                 .iter()
                 .map(|(k, v)| (k.clone(), render(v, job)))
                 .collect();
-            post_with_retries(runtime, &url, &headers, payload)
+            post_with_retries(runtime, &url, &headers, payload, sigv4.as_ref())
                 .await
                 .map_err(|e| fail(url, e))
         }
@@ -219,20 +234,56 @@ async fn execute(
         }
         CompiledAction::Kinesis {
             stream_name,
-            partition_key: _,
+            partition_key,
         } => {
-            let streams = runtime
-                .handles
-                .streams()
-                .map_err(|e| fail(stream_name.clone(), e.to_string()))?;
-            match streams.append(stream_name, payload).await {
-                Ok(_) => Ok(()),
-                Err(HandleError::NotFound(what)) => Err(fail(
-                    stream_name.clone(),
-                    format!("no local stream-manager stream {what}; outbound Kinesis is not implemented"),
-                )),
-                Err(e) => Err(fail(stream_name.clone(), e.to_string())),
+            // A local stream-manager stream of that name takes the record; otherwise it
+            // goes to Kinesis Data Streams through the outbound client.
+            if let Ok(streams) = runtime.handles.streams() {
+                match streams.append(stream_name, payload.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(HandleError::NotFound(_)) => {}
+                    Err(e) => return Err(fail(stream_name.clone(), e.to_string())),
+                }
             }
+            let key = partition_key
+                .as_ref()
+                .map(|t| render(t, job))
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            runtime
+                .outbound
+                .put_record(stream_name, &key, payload)
+                .await
+                .map_err(|e| fail(stream_name.clone(), e))
+        }
+        CompiledAction::S3 {
+            bucket_name,
+            key,
+            canned_acl,
+        } => {
+            let bucket = render(bucket_name, job);
+            let key = render(key, job);
+            runtime
+                .outbound
+                .put_object(&bucket, &key, canned_acl.as_deref(), payload)
+                .await
+                .map_err(|e| fail(bucket.clone(), e))
+        }
+        CompiledAction::Sqs {
+            queue_url,
+            use_base64,
+        } => {
+            let url = render(queue_url, job);
+            let body = if *use_base64 {
+                base64::engine::general_purpose::STANDARD.encode(&payload)
+            } else {
+                String::from_utf8_lossy(&payload).into_owned()
+            };
+            runtime
+                .outbound
+                .send_message(&url, body)
+                .await
+                .map_err(|e| fail(url.clone(), e))
         }
     }
 }
@@ -276,20 +327,27 @@ async fn post_with_retries(
     url: &str,
     headers: &[(String, String)],
     body: Bytes,
+    sigv4: Option<&SigV4Signing>,
 ) -> Result<(), String> {
     let attempts = runtime.settings.http_attempts.max(1);
     let mut backoff = Duration::from_millis(runtime.settings.http_backoff_ms);
     let mut last_error = String::new();
+    let mut headers = headers.to_vec();
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type".into(), "application/json".into()));
+    }
     for attempt in 1..=attempts {
         let mut request = runtime.http.post(url).body(body.clone());
-        let has_content_type = headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-        if !has_content_type {
-            request = request.header("content-type", "application/json");
-        }
-        for (k, v) in headers {
+        for (k, v) in &headers {
             request = request.header(k.as_str(), v.as_str());
+        }
+        if let Some(signing) = sigv4 {
+            for (k, v) in sign_request(&runtime.outbound_settings, signing, url, &headers, &body)? {
+                request = request.header(k, v);
+            }
         }
         match request.send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
@@ -308,6 +366,63 @@ async fn post_with_retries(
         }
     }
     Err(format!("{last_error} (after {attempts} attempts)"))
+}
+
+/// The headers that sign a POST of `body` to `url` with SigV4 (`auth.sigv4` of an `http`
+/// action), using the `[iot.outbound]` credentials.
+pub fn sign_request(
+    outbound: &OutboundSettings,
+    signing: &SigV4Signing,
+    url: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Vec<(String, String)>, String> {
+    #[cfg(not(feature = "aws"))]
+    {
+        let _ = (outbound, signing, url, headers, body);
+        Err("auth.sigv4 needs Mooring built with the aws feature".into())
+    }
+    #[cfg(feature = "aws")]
+    {
+        use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+        if outbound.access_key_id.is_empty() {
+            return Err(
+            "auth.sigv4 needs credentials: set [iot.outbound] access_key_id and secret_access_key"
+                .into(),
+        );
+        }
+        let identity = aws_credential_types::Credentials::new(
+            outbound.access_key_id.clone(),
+            outbound.secret_access_key.clone(),
+            (!outbound.session_token.is_empty()).then(|| outbound.session_token.clone()),
+            None,
+            "mooring-iot-outbound",
+        )
+        .into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&signing.signing_region)
+            .name(&signing.service_name)
+            .time(std::time::SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| format!("SigV4 signing parameters: {e}"))?
+            .into();
+        let signable = SignableRequest::new(
+            "POST",
+            url,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            SignableBody::Bytes(body),
+        )
+        .map_err(|e| format!("SigV4 signing {url}: {e}"))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| format!("SigV4 signing {url}: {e}"))?
+            .into_parts();
+        Ok(instructions
+            .headers()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
 }
 
 /// Finds the local function configured for `function_arn`: by the full ARN, by the ARN
@@ -339,7 +454,7 @@ async fn invoke_local_function(
     })?;
     let timeout = Duration::from_millis(function.timeout_ms.unwrap_or(30_000));
     if let Some(url) = &function.url {
-        return post_with_retries(runtime, url, &[], event).await;
+        return post_with_retries(runtime, url, &[], event, None).await;
     }
     let Some(command) = function.command.as_ref().filter(|c| !c.is_empty()) else {
         return Err(format!(

@@ -5,22 +5,38 @@
 //! `$aws/events/…`, and in-process publishes) passes through a broker publish hook into
 //! [`RulesEngine::on_message`], carrying who sent it and its MQTT 5 properties so that
 //! `clientid()`, `principal()`, `sourceip()` and `get_mqtt_property()` answer as on AWS.
+//! A QoS 1 PUBACK (QoS 2 PUBREC) is sent only once the matched rule executions are in the
+//! durable journal, so an acknowledged message's actions run even after a crash.
 
 use std::sync::Arc;
 
-use mooring_mqtt::{Broker, Message};
+use mooring_mqtt::{Broker, DurableReceiver, Message, PublishHook};
 
 use crate::engine::{InboundMessage, RulesEngine};
 
-/// Feeds every message `broker` routes to `engine`.
+/// Feeds every message `broker` routes to `engine`. For QoS 1 and 2 publishes the broker's
+/// acknowledgement waits until the rule executions the message caused are journaled.
 pub fn connect(broker: &Broker, engine: Arc<RulesEngine>) {
-    let now = {
-        let broker = broker.clone();
-        move || broker.now()
-    };
-    broker.add_publish_hook(Arc::new(move |message: &Arc<Message>| {
-        engine.on_message(&inbound(message, now()));
+    broker.add_publish_hook(Arc::new(EngineHook {
+        broker: broker.clone(),
+        engine,
     }));
+}
+
+struct EngineHook {
+    broker: Broker,
+    engine: Arc<RulesEngine>,
+}
+
+impl PublishHook for EngineHook {
+    fn on_publish(&self, message: &Arc<Message>) {
+        self.engine.on_message(&inbound(message, self.broker.now()));
+    }
+
+    fn on_publish_durable(&self, message: &Arc<Message>) -> Option<DurableReceiver> {
+        self.engine
+            .on_message_durable(&inbound(message, self.broker.now()))
+    }
 }
 
 /// The engine's view of a broker message received at `now_ms`.

@@ -2,6 +2,11 @@
 //! `lambda` actions invoke, and rules-engine tuning.
 //!
 //! ```toml
+//! [iot.outbound]                    # s3, sqs and kinesis actions
+//! endpoint_url = "http://127.0.0.1:5000"
+//! access_key_id = "test"
+//! secret_access_key = "test"
+//!
 //! [[iot.rules]]
 //! name = "presence"
 //! sql = "SELECT * FROM '$aws/events/#'"
@@ -32,6 +37,26 @@ pub struct IotConfig {
     pub data: crate::iot_data::IotDataSettings,
     /// `[iot.jobs]`: timer and rollout tuning.
     pub jobs: crate::jobs::JobsConfig,
+    /// Where the `s3`, `sqs` and `kinesis` actions send their calls.
+    pub outbound: OutboundSettings,
+}
+
+/// The `[iot.outbound]` section: the AWS (or AWS-compatible) endpoint and credentials the
+/// `s3`, `sqs` and `kinesis` actions call, and the `decode(..., 'proto', ...)` descriptor
+/// reads. Empty strings mean "the SDK's default" (AWS's endpoint, the standard credential
+/// chain, the process region).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundSettings {
+    pub region: String,
+    /// One endpoint for S3, SQS and Kinesis (moto, LocalStack).
+    pub endpoint_url: String,
+    pub s3_endpoint: String,
+    pub sqs_endpoint: String,
+    pub kinesis_endpoint: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
 }
 
 /// A rule declared in the configuration file; members mirror `TopicRulePayload`.
@@ -92,6 +117,8 @@ pub struct EngineSettings {
     pub http_timeout_ms: u64,
     /// Backoff before the second attempt; doubled for each further one.
     pub http_backoff_ms: u64,
+    /// Journal matched executions durably before their actions run (at-least-once actions).
+    pub durable: bool,
 }
 
 impl Default for EngineSettings {
@@ -102,6 +129,7 @@ impl Default for EngineSettings {
             http_attempts: 3,
             http_timeout_ms: 3_000,
             http_backoff_ms: 200,
+            durable: true,
         }
     }
 }

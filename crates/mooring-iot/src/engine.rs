@@ -5,7 +5,10 @@
 //! the matching rules in a topic-filter trie, evaluating their SQL (the payload is parsed
 //! once and shared), and queueing the outcome. Actions run on a background dispatcher with
 //! a bounded queue and bounded concurrency ([`crate::actions`]); when the queue is full the
-//! message is dropped for that rule and counted. Basic Ingest topics
+//! message is dropped for that rule and counted. Matched executions pass through the
+//! durable [`crate::journal`] first, so their actions run at least once even across a
+//! crash; [`RulesEngine::on_message_durable`] lets the broker hold a QoS 1 PUBACK until
+//! then. Basic Ingest topics
 //! (`$aws/rules/<name>/...`) go to the named rule only, with the prefix removed from
 //! `topic()`.
 
@@ -18,7 +21,9 @@ use mooring_core::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::journal::Journal;
 
 use crate::actions::ActionRuntime;
 use crate::config::IotConfig;
@@ -57,6 +62,15 @@ pub struct Job {
     pub facts: Arc<MessageFacts>,
     pub output: Value,
     pub variables: Vec<(String, Value)>,
+    /// The execution's row in the durable journal, deleted once its actions have run.
+    pub journal_id: Option<i64>,
+}
+
+/// The executions one message caused, on their way into the journal.
+struct JournalBatch {
+    jobs: Vec<Job>,
+    /// Resolved once the executions are durable (or journaling failed).
+    durable: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 /// A rule in the engine with its metric counters, resolved once when the rule set is built
@@ -93,6 +107,7 @@ pub struct EngineMetrics {
     pub dropped: Family<RuleLabels, Counter>,
     pub actions: Family<ActionLabels, Counter>,
     pub rule_not_found: Counter,
+    pub journal_failures: Counter,
 }
 
 impl EngineMetrics {
@@ -122,6 +137,11 @@ impl EngineMetrics {
             "Basic Ingest messages for unknown or disabled rules",
             self.rule_not_found.clone(),
         );
+        metrics.register(
+            "iot_rule_journal_failures",
+            "Group commits of the rules journal that failed (their executions ran unjournaled)",
+            self.journal_failures.clone(),
+        );
     }
 }
 
@@ -129,6 +149,9 @@ impl EngineMetrics {
 pub struct RulesEngine {
     rules: RwLock<Arc<RuleSet>>,
     queue: mpsc::Sender<Job>,
+    /// Present when executions are journaled before their actions run.
+    journal_queue: Option<mpsc::Sender<JournalBatch>>,
+    journal: Option<Journal>,
     in_flight: Arc<AtomicUsize>,
     external: OnceLock<Arc<dyn ExternalFunctions>>,
     account_id: String,
@@ -143,16 +166,48 @@ impl std::fmt::Debug for RulesEngine {
 }
 
 impl RulesEngine {
-    /// Creates the engine and starts its action dispatcher (needs a Tokio runtime).
+    /// Creates the engine and starts its action dispatcher and, when `engine.durable` is on
+    /// (the default), the journal writer (needs a Tokio runtime).
     pub fn start(ctx: &ServiceContext, config: &IotConfig) -> Arc<RulesEngine> {
         let settings = config.engine.clone();
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let metrics = EngineMetrics::default();
         metrics.register(&ctx.metrics);
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let journal = if settings.durable {
+            match Journal::open(ctx.db.clone()) {
+                Ok(journal) => Some(journal),
+                Err(e) => {
+                    tracing::error!(error = %e, "opening the rules journal failed; actions are not durable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let journal_queue = journal.as_ref().map(|journal| {
+            let (journal_tx, journal_rx) = mpsc::channel(settings.queue_capacity.max(1));
+            ctx.shutdown.spawn(write_journal(
+                journal.clone(),
+                journal_rx,
+                tx.clone(),
+                metrics.clone(),
+                in_flight.clone(),
+                ctx.shutdown.clone(),
+            ));
+            ctx.shutdown.spawn(remove_finished(
+                journal.clone(),
+                done_rx,
+                ctx.shutdown.clone(),
+            ));
+            journal_tx
+        });
         let engine = Arc::new(RulesEngine {
             rules: RwLock::new(Arc::new(RuleSet::default())),
             queue: tx,
+            journal_queue,
+            journal,
             in_flight: in_flight.clone(),
             external: OnceLock::new(),
             account_id: ctx.config.account_id.clone(),
@@ -166,9 +221,71 @@ impl RulesEngine {
             rx,
             in_flight,
             settings.concurrency,
+            done_tx,
             shutdown,
         ));
         engine
+    }
+
+    /// Queues again the executions a previous run journaled but did not finish: each
+    /// surviving row's rule is evaluated again against its message. Rows whose rule is gone,
+    /// disabled or no longer matches are deleted. Answers how many were queued.
+    pub fn replay_pending(&self) -> usize {
+        let Some(journal) = &self.journal else {
+            return 0;
+        };
+        let pending = match journal.pending() {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the rules journal failed");
+                return 0;
+            }
+        };
+        let set = self.rule_set();
+        let mut stale = Vec::new();
+        let mut jobs = Vec::new();
+        for execution in pending {
+            let rule = set
+                .by_name
+                .get(&execution.rule)
+                .filter(|r| !r.rule.disabled);
+            let Some(rule) = rule else {
+                stale.push(execution.id);
+                continue;
+            };
+            let facts = Arc::new(execution.facts);
+            match sql::evaluate(&rule.rule.statement, &facts, self.external()) {
+                EvalOutcome::Matched { output, variables } => jobs.push(Job {
+                    rule: rule.rule.clone(),
+                    facts,
+                    output,
+                    variables,
+                    journal_id: Some(execution.id),
+                }),
+                EvalOutcome::Filtered => stale.push(execution.id),
+            }
+        }
+        if let Err(e) = journal.remove(&stale) {
+            tracing::error!(error = %e, "removing stale journal rows failed");
+        }
+        let queued = jobs.len();
+        if queued > 0 {
+            tracing::info!(
+                executions = queued,
+                "replaying rule executions left pending by the previous run"
+            );
+            self.in_flight.fetch_add(queued, Ordering::SeqCst);
+            let queue = self.queue.clone();
+            let in_flight = self.in_flight.clone();
+            tokio::spawn(async move {
+                for job in jobs {
+                    if queue.send(job).await.is_err() {
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        queued
     }
 
     /// Wires the functions that reach other services (`aws_lambda`, `get_thing_shadow`,
@@ -295,6 +412,7 @@ impl RulesEngine {
                     facts: facts.clone(),
                     output,
                     variables,
+                    journal_id: None,
                 });
             }
             EvalOutcome::Filtered => {}
@@ -303,17 +421,73 @@ impl RulesEngine {
 
     /// Runs the rules for one published message: evaluation now, actions in the background.
     pub fn on_message(&self, message: &InboundMessage) {
-        for job in self.evaluate(message) {
-            let rule = job.rule.name.clone();
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if self.queue.try_send(job).is_err() {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                self.metrics
-                    .dropped
-                    .get_or_create(&RuleLabels { rule: rule.clone() })
-                    .inc();
-                tracing::warn!(%rule, "rules engine queue full; message dropped for this rule");
+        drop(self.submit(message, false));
+    }
+
+    /// [`RulesEngine::on_message`], answering a receiver that resolves once the executions
+    /// the message caused are in the durable journal; `None` when no rule matched, the
+    /// journal is off, or the queue was full (the executions were dropped and counted).
+    pub fn on_message_durable(
+        &self,
+        message: &InboundMessage,
+    ) -> Option<oneshot::Receiver<Result<(), String>>> {
+        self.submit(message, true)
+    }
+
+    fn submit(
+        &self,
+        message: &InboundMessage,
+        want_durable: bool,
+    ) -> Option<oneshot::Receiver<Result<(), String>>> {
+        let jobs = self.evaluate(message);
+        if jobs.is_empty() {
+            return None;
+        }
+        let Some(journal_queue) = &self.journal_queue else {
+            for job in jobs {
+                self.enqueue(job);
             }
+            return None;
+        };
+        let (durable, receiver) = if want_durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let count = jobs.len();
+        self.in_flight.fetch_add(count, Ordering::SeqCst);
+        if let Err(e) = journal_queue.try_send(JournalBatch { jobs, durable }) {
+            let batch = match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+            };
+            self.in_flight.fetch_sub(count, Ordering::SeqCst);
+            for job in &batch.jobs {
+                self.count_dropped(&job.rule.name);
+            }
+            return None;
+        }
+        receiver
+    }
+
+    fn count_dropped(&self, rule: &str) {
+        self.metrics
+            .dropped
+            .get_or_create(&RuleLabels {
+                rule: rule.to_string(),
+            })
+            .inc();
+        tracing::warn!(%rule, "rules engine queue full; message dropped for this rule");
+    }
+
+    fn enqueue(&self, job: Job) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = self.queue.try_send(job) {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let job = match e {
+                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+            };
+            self.count_dropped(&job.rule.name);
         }
     }
 
@@ -327,5 +501,98 @@ impl RulesEngine {
     /// The number of enabled and disabled rules loaded.
     pub fn rule_count(&self) -> usize {
         self.rule_set().by_name.len()
+    }
+}
+
+/// Writes journal batches in group commits, acknowledges them, and hands their jobs to
+/// the dispatcher. When the journal cannot be written the jobs still run, unjournaled, and
+/// the waiting publishers are told.
+async fn write_journal(
+    journal: Journal,
+    mut batches: mpsc::Receiver<JournalBatch>,
+    dispatch: mpsc::Sender<Job>,
+    metrics: EngineMetrics,
+    in_flight: Arc<AtomicUsize>,
+    shutdown: mooring_core::Shutdown,
+) {
+    const MAX_BATCHES_PER_COMMIT: usize = 1024;
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.triggered() => return,
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_BATCHES_PER_COMMIT {
+            match batches.try_recv() {
+                Ok(batch) => group.push(batch),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<(String, Arc<MessageFacts>)> = group
+            .iter()
+            .flat_map(|b| b.jobs.iter())
+            .map(|j| (j.rule.name.clone(), j.facts.clone()))
+            .collect();
+        let writer = journal.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let refs: Vec<(&str, &MessageFacts)> = entries
+                .iter()
+                .map(|(rule, facts)| (rule.as_str(), facts.as_ref()))
+                .collect();
+            writer.append(&refs)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let mut ids = match &written {
+            Ok(ids) => ids.clone().into_iter(),
+            Err(e) => {
+                metrics.journal_failures.inc();
+                tracing::error!(error = %e, "writing the rules journal failed; these executions are not durable");
+                Vec::new().into_iter()
+            }
+        };
+        let mut jobs = Vec::new();
+        for batch in group {
+            if let Some(durable) = batch.durable {
+                let _ = durable.send(written.as_ref().map(|_| ()).map_err(|e| e.clone()));
+            }
+            jobs.extend(batch.jobs);
+        }
+        for mut job in jobs {
+            job.journal_id = ids.next();
+            if dispatch.send(job).await.is_err() {
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Deletes the journal rows of finished executions, a batch at a time.
+async fn remove_finished(
+    journal: Journal,
+    mut finished: mpsc::UnboundedReceiver<i64>,
+    shutdown: mooring_core::Shutdown,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.triggered() => return,
+            id = finished.recv() => match id {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let mut ids = vec![first];
+        while let Ok(id) = finished.try_recv() {
+            ids.push(id);
+        }
+        let writer = journal.clone();
+        let removed = tokio::task::spawn_blocking(move || writer.remove(&ids)).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::error!("removing finished executions from the rules journal failed; they will run again after a restart");
+        }
     }
 }

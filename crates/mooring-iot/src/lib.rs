@@ -4,7 +4,9 @@
 //! [`model`] holds topic rules and their validation, [`store`] persists them in the metadata
 //! database, [`api`] and [`service`] serve the `iot` REST API (CreateTopicRule and friends)
 //! behind the front door, [`engine`] runs rules against published messages, and [`actions`]
-//! carries out what the rules ask for (republish, HTTP, local functions, streams).
+//! carries out what the rules ask for (republish, HTTP, local functions, streams, and S3,
+//! SQS and Kinesis through [`outbound`]); [`journal`] keeps matched executions durable
+//! until their actions have run.
 //! [`registry`] holds things and the other registry resources. [`security`] holds
 //! certificates, policies and principals and enforces policies on the broker; [`iot_data`]
 //! serves the `iot-data` HTTP API (publish, retained messages).
@@ -16,7 +18,10 @@ pub mod config;
 pub mod engine;
 pub mod iot_data;
 pub mod jobs;
+pub mod external;
+pub mod journal;
 pub mod model;
+pub mod outbound;
 pub mod registry;
 pub mod security;
 pub mod service;

@@ -18,7 +18,19 @@ use crate::sql::{self, SqlVersion, Statement};
 use crate::store::RuleStore;
 
 /// The action types Mooring carries out.
-pub const SUPPORTED_ACTIONS: &[&str] = &["republish", "http", "lambda", "kinesis"];
+pub const SUPPORTED_ACTIONS: &[&str] = &["republish", "http", "lambda", "kinesis", "s3", "sqs"];
+
+/// The `cannedAcl` values of the `s3` action.
+pub const CANNED_ACLS: &[&str] = &[
+    "private",
+    "public-read",
+    "public-read-write",
+    "aws-exec-read",
+    "authenticated-read",
+    "bucket-owner-read",
+    "bucket-owner-full-control",
+    "log-delivery-write",
+];
 
 /// Every action type in the `iot` model, supported or not.
 pub const KNOWN_ACTIONS: &[&str] = &[
@@ -129,6 +141,13 @@ pub struct CompiledHeaders {
     pub user_properties: Vec<(Template, Template)>,
 }
 
+/// The `auth.sigv4` member of an `http` action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigV4Signing {
+    pub signing_region: String,
+    pub service_name: String,
+}
+
 /// One action, ready to run.
 #[derive(Debug, Clone)]
 pub enum CompiledAction {
@@ -140,6 +159,8 @@ pub enum CompiledAction {
     Http {
         url: Template,
         headers: Vec<(String, Template)>,
+        /// `auth.sigv4`: sign each request with the `[iot.outbound]` credentials.
+        sigv4: Option<SigV4Signing>,
     },
     Lambda {
         function_arn: String,
@@ -147,6 +168,15 @@ pub enum CompiledAction {
     Kinesis {
         stream_name: String,
         partition_key: Option<Template>,
+    },
+    S3 {
+        bucket_name: Template,
+        key: Template,
+        canned_acl: Option<String>,
+    },
+    Sqs {
+        queue_url: Template,
+        use_base64: bool,
     },
 }
 
@@ -158,6 +188,8 @@ impl CompiledAction {
             CompiledAction::Http { .. } => "HttpAction",
             CompiledAction::Lambda { .. } => "LambdaAction",
             CompiledAction::Kinesis { .. } => "KinesisAction",
+            CompiledAction::S3 { .. } => "S3Action",
+            CompiledAction::Sqs { .. } => "SqsAction",
         }
     }
 
@@ -168,6 +200,8 @@ impl CompiledAction {
             CompiledAction::Http { .. } => "http",
             CompiledAction::Lambda { .. } => "lambda",
             CompiledAction::Kinesis { .. } => "kinesis",
+            CompiledAction::S3 { .. } => "s3",
+            CompiledAction::Sqs { .. } => "sqs",
         }
     }
 }
@@ -368,12 +402,26 @@ pub fn compile_action(
                     headers.push((key, value));
                 }
             }
-            if fields.get("auth").is_some_and(|a| !a.is_null()) {
-                return Err(invalid(format!(
-                    "{here}.auth (SigV4 signing of outbound HTTP calls) is not supported by Mooring"
-                )));
-            }
-            Ok(CompiledAction::Http { url, headers })
+            let sigv4 = match fields.get("auth") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(auth) => {
+                    let at = format!("{here}.auth.sigv4");
+                    let sigv4 = auth
+                        .get("sigv4")
+                        .and_then(|s| s.as_object())
+                        .ok_or_else(|| invalid(format!("{at} is required when auth is given")))?;
+                    required_str(sigv4, "roleArn", &at)?;
+                    Some(SigV4Signing {
+                        signing_region: required_str(sigv4, "signingRegion", &at)?.to_string(),
+                        service_name: required_str(sigv4, "serviceName", &at)?.to_string(),
+                    })
+                }
+            };
+            Ok(CompiledAction::Http {
+                url,
+                headers,
+                sigv4,
+            })
         }
         "lambda" => Ok(CompiledAction::Lambda {
             function_arn: required_str(fields, "functionArn", &here)?.to_string(),
@@ -387,6 +435,50 @@ pub fn compile_action(
             Ok(CompiledAction::Kinesis {
                 stream_name,
                 partition_key,
+            })
+        }
+        "s3" => {
+            required_str(fields, "roleArn", &here)?;
+            let bucket_name = template(
+                required_str(fields, "bucketName", &here)?,
+                version,
+                &format!("{here}.bucketName"),
+            )?;
+            let key = template(
+                required_str(fields, "key", &here)?,
+                version,
+                &format!("{here}.key"),
+            )?;
+            let canned_acl = optional_str(fields, "cannedAcl").map(str::to_string);
+            if let Some(acl) = &canned_acl {
+                if !CANNED_ACLS.contains(&acl.as_str()) {
+                    return Err(invalid(format!(
+                        "{here}.cannedAcl '{acl}' is not one of {}",
+                        CANNED_ACLS.join(", ")
+                    )));
+                }
+            }
+            Ok(CompiledAction::S3 {
+                bucket_name,
+                key,
+                canned_acl,
+            })
+        }
+        "sqs" => {
+            required_str(fields, "roleArn", &here)?;
+            let queue_url = template(
+                required_str(fields, "queueUrl", &here)?,
+                version,
+                &format!("{here}.queueUrl"),
+            )?;
+            let use_base64 = match fields.get("useBase64") {
+                None | Some(serde_json::Value::Null) => false,
+                Some(serde_json::Value::Bool(b)) => *b,
+                Some(_) => return Err(invalid(format!("{here}.useBase64 must be a boolean"))),
+            };
+            Ok(CompiledAction::Sqs {
+                queue_url,
+                use_base64,
             })
         }
         _ => unreachable!("checked against SUPPORTED_ACTIONS"),
@@ -647,12 +739,28 @@ mod tests {
         assert_eq!(compiled.actions.len(), 4);
         assert_eq!(compiled.statement.from.as_deref(), Some("a/#"));
 
-        let s3 = rule(
+        let outbound = rule(
             "SELECT * FROM 'a'",
-            json!([{"s3": {"roleArn": "r", "bucketName": "b", "key": "k"}}]),
+            json!([
+                {"s3": {"roleArn": "r", "bucketName": "b", "key": "${topic()}/${timestamp()}", "cannedAcl": "private"}},
+                {"sqs": {"roleArn": "r", "queueUrl": "http://q/1/q", "useBase64": true}}
+            ]),
         );
-        let err = compile(&s3).unwrap_err().to_string();
-        assert!(err.contains("'s3' is not supported by Mooring"), "{err}");
+        assert_eq!(compile(&outbound).unwrap().actions.len(), 2);
+        let bad_acl = rule(
+            "SELECT * FROM 'a'",
+            json!([{"s3": {"roleArn": "r", "bucketName": "b", "key": "k", "cannedAcl": "open"}}]),
+        );
+        assert!(compile(&bad_acl).is_err());
+        let dynamo = rule(
+            "SELECT * FROM 'a'",
+            json!([{"dynamoDB": {"roleArn": "r", "tableName": "t"}}]),
+        );
+        let err = compile(&dynamo).unwrap_err().to_string();
+        assert!(
+            err.contains("'dynamoDB' is not supported by Mooring"),
+            "{err}"
+        );
         let two = rule(
             "SELECT * FROM 'a'",
             json!([{"lambda": {"functionArn": "f"}, "http": {"url": "https://x"}}]),

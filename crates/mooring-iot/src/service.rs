@@ -18,6 +18,7 @@ use crate::config::IotConfig;
 use crate::engine::RulesEngine;
 use crate::jobs::data_api::JobsDataService;
 use crate::jobs::Jobs;
+use crate::external::MooringFunctions;
 use crate::model::TopicRules;
 use crate::registry::groups::ThingGroupRegistry;
 use crate::registry::things::ThingRegistry;
@@ -133,6 +134,11 @@ impl Iot {
             jobs: jobs.clone(),
         });
         let jobs_data = Arc::new(JobsDataService::new(state.clone()));
+        engine.set_external_functions(Arc::new(MooringFunctions::new(
+            things.clone(),
+            config.functions.clone(),
+        )));
+        engine.replay_pending();
         let service = Arc::new(IotService {
             router: api::routes(),
             state,

@@ -319,7 +319,10 @@ async fn http_action_substitutes_url_and_headers_and_retries_server_errors() {
 
 #[tokio::test]
 async fn failed_actions_fire_the_error_action_once_with_every_failure() {
-    let h = harness("[engine]\nhttp_backoff_ms = 1\nhttp_attempts = 2\n");
+    // Outbound Kinesis (for the stream that is not local) goes to a closed port.
+    let h = harness(
+        "[engine]\nhttp_backoff_ms = 1\nhttp_attempts = 2\n[outbound]\nendpoint_url = \"http://127.0.0.1:9\"\naccess_key_id = \"a\"\nsecret_access_key = \"b\"\n",
+    );
     let (base, server) = http_server(u32::MAX).await;
     h.rule(
         "failing",
@@ -496,4 +499,62 @@ async fn rules_are_reloaded_from_the_store_after_a_restart() {
     iot.engine.on_message(&message("k", "{}", "c"));
     iot.engine.wait_idle().await;
     assert_eq!(broker.take()[0].topic, "k2");
+}
+
+/// A broker whose publishes never finish: the state of a process killed mid-action.
+struct StuckBroker;
+
+impl BrokerHandle for StuckBroker {
+    fn publish(&self, _message: PublishMessage) -> BoxFuture<'_, Result<(), HandleError>> {
+        Box::pin(futures::future::pending())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journaled_executions_run_after_a_restart_and_only_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let republish = TopicRulePayload {
+        sql: Some("SELECT n, topic() AS t FROM 'durable/+' WHERE n > 1".into()),
+        actions: Some(vec![
+            json!({"republish": {"roleArn": ROLE, "topic": "out/${n}"}}),
+        ]),
+        ..Default::default()
+    };
+    {
+        let ctx = ServiceContext::for_tests(dir.path()).unwrap();
+        ctx.handles.set_broker(Arc::new(StuckBroker));
+        let iot = Iot::start(&ctx).unwrap();
+        iot.rules.create("keep", republish, vec![]).await.unwrap();
+        for n in 0..4 {
+            let durable = iot.engine.on_message_durable(&message(
+                "durable/a",
+                &format!("{{\"n\":{n}}}"),
+                "c",
+            ));
+            match durable {
+                Some(receiver) => receiver.await.unwrap().unwrap(),
+                None => assert!(n <= 1, "a matched message must be journaled"),
+            }
+        }
+        // The actions hang as if the process had died; nothing reaches a broker.
+    }
+    let ctx = ServiceContext::for_tests(dir.path()).unwrap();
+    let broker = Arc::new(FakeBroker::default());
+    ctx.handles.set_broker(broker.clone());
+    let iot = Iot::start(&ctx).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), iot.engine.wait_idle())
+        .await
+        .unwrap();
+    let mut topics: Vec<String> = broker.take().into_iter().map(|m| m.topic).collect();
+    topics.sort();
+    assert_eq!(topics, vec!["out/2", "out/3"]);
+    // Finished executions were removed: a third start replays nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ctx = ServiceContext::for_tests(dir.path()).unwrap();
+    let again = Arc::new(FakeBroker::default());
+    ctx.handles.set_broker(again.clone());
+    let iot = Iot::start(&ctx).unwrap();
+    assert_eq!(iot.engine.replay_pending(), 0);
+    iot.engine.wait_idle().await;
+    assert!(again.take().is_empty());
 }

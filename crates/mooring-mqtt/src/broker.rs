@@ -90,7 +90,18 @@ impl Message {
 /// Sees every message routed by the broker, with its origin (rules engine, metrics).
 pub trait PublishHook: Send + Sync + 'static {
     fn on_publish(&self, message: &Arc<Message>);
+
+    /// [`PublishHook::on_publish`] for a message the publisher wants acknowledged (QoS 1
+    /// and 2): the answered receiver resolves once what the hook keeps for the message is
+    /// durable, and the acknowledgement waits for it (the rules engine's action journal).
+    fn on_publish_durable(&self, message: &Arc<Message>) -> Option<DurableReceiver> {
+        self.on_publish(message);
+        None
+    }
 }
+
+/// Resolves once something a publish caused is durable, or with why it is not.
+pub type DurableReceiver = oneshot::Receiver<Result<(), String>>;
 
 impl<F: Fn(&Arc<Message>) + Send + Sync + 'static> PublishHook for F {
     fn on_publish(&self, message: &Arc<Message>) {
@@ -562,6 +573,22 @@ impl Broker {
     /// Routes a message to every matching subscriber; returns the store operations that
     /// make it durable (retained update, queued messages of persistent sessions).
     pub fn route(&self, message: Arc<Message>) -> Vec<StoreOp> {
+        self.route_with_hooks(message, None)
+    }
+
+    /// [`Broker::route`] for a message that will be acknowledged: also answers what the
+    /// publish hooks are making durable, which the acknowledgement must wait for.
+    pub fn route_durable(&self, message: Arc<Message>) -> (Vec<StoreOp>, Vec<DurableReceiver>) {
+        let mut barriers = Vec::new();
+        let ops = self.route_with_hooks(message, Some(&mut barriers));
+        (ops, barriers)
+    }
+
+    fn route_with_hooks(
+        &self,
+        message: Arc<Message>,
+        mut barriers: Option<&mut Vec<DurableReceiver>>,
+    ) -> Vec<StoreOp> {
         let mut ops = Vec::new();
         let hooks = self
             .inner
@@ -570,7 +597,10 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for hook in hooks.iter() {
-            hook.on_publish(&message);
+            match &mut barriers {
+                Some(barriers) => barriers.extend(hook.on_publish_durable(&message)),
+                None => hook.on_publish(&message),
+            }
         }
         if message.retain {
             let mut retained = self

@@ -831,7 +831,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 protocol_version: Some(self.version),
             },
         };
-        let ops = self.broker.route(Arc::new(message));
+        let (ops, barriers) = match p.qos {
+            0 => (self.broker.route(Arc::new(message)), Vec::new()),
+            _ => self.broker.route_durable(Arc::new(message)),
+        };
         match p.qos {
             0 => self.broker.persist_background(ops),
             qos => {
@@ -846,21 +849,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         Packet::PubRec(Ack::new(pid, code))
                     }
                 };
-                if ops.is_empty() {
+                if ops.is_empty() && barriers.is_empty() {
                     self.push_ack_ready(make(reason::SUCCESS));
                 } else {
                     if qos == 1 {
                         self.pending_qos1 += 1;
                     }
-                    let durable = self.broker.persist_later(ops);
+                    let durable = (!ops.is_empty()).then(|| self.broker.persist_later(ops));
                     let v5 = self.version == V5;
                     // An MQTT 5 client is told the publish failed; a 3.1.1 client cannot be,
                     // so its connection closes (SERVER_ERROR) without the ack.
                     self.pending_acks.push_back(Box::pin(async move {
-                        match durable.await {
-                            Ok(Ok(())) => Some(make(reason::SUCCESS)),
-                            _ if v5 => Some(make(reason::UNSPECIFIED_ERROR)),
-                            _ => None,
+                        let mut stored = true;
+                        for receiver in durable.into_iter().chain(barriers) {
+                            stored &= matches!(receiver.await, Ok(Ok(())));
+                        }
+                        if stored {
+                            Some(make(reason::SUCCESS))
+                        } else if v5 {
+                            Some(make(reason::UNSPECIFIED_ERROR))
+                        } else {
+                            None
                         }
                     }));
                 }

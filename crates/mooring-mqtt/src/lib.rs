@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 pub use auth::{AllowAll, Authorizer, ClientInfo, Principal, Transport};
 pub use broker::{
-    Broker, BrokerSettings, InternalSubscription, Kick, Message, Origin, PublishHook,
+    Broker, BrokerSettings, DurableReceiver, InternalSubscription, Kick, Message, Origin,
+    PublishHook,
 };
 pub use profile::Profile;
 pub use store::MessageProperties;

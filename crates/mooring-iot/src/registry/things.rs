@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use mooring_core::store::StoreError;
+use mooring_core::store::{StoreError, StoreResult};
 use mooring_core::{Arns, Db};
 use rusqlite::OptionalExtension;
 use tokio::sync::broadcast;
@@ -196,23 +196,33 @@ impl ThingRegistry {
         })
     }
 
+    fn select_thing(&self, conn: &rusqlite::Connection, name: &str) -> StoreResult<Option<Thing>> {
+        conn.query_row(
+            "SELECT name, thing_id, thing_type, attributes, version, billing_group, created_ms
+             FROM iot_things WHERE name = ?1",
+            [name],
+            |row| self.row_to_thing(row),
+        )
+        .optional()
+        .map_err(Into::into)
+    }
+
     /// The thing called `name`, if any.
     pub async fn get(&self, name: &str) -> RegistryResult<Option<Thing>> {
         let this = self.clone();
         let name = name.to_string();
         Ok(self
             .db
-            .read(move |conn| {
-                conn.query_row(
-                    "SELECT name, thing_id, thing_type, attributes, version, billing_group, created_ms
-                     FROM iot_things WHERE name = ?1",
-                    [&name],
-                    |row| this.row_to_thing(row),
-                )
-                .optional()
-                .map_err(Into::into)
-            })
+            .read(move |conn| this.select_thing(conn, &name))
             .await?)
+    }
+
+    /// [`ThingRegistry::get`] on the calling thread, for the rules engine's synchronous SQL
+    /// functions (`get_registry_data`).
+    pub fn get_blocking(&self, name: &str) -> RegistryResult<Option<Thing>> {
+        Ok(self
+            .db
+            .read_blocking(|conn| self.select_thing(conn, name))?)
     }
 
     /// DescribeThing: the thing or ResourceNotFound.
