@@ -73,7 +73,7 @@ pub enum DeviceAnswer {
 pub struct Rejection {
     pub code: &'static str,
     pub message: String,
-    pub current: Option<Execution>,
+    pub current: Option<Box<Execution>>,
 }
 
 impl Rejection {
@@ -85,7 +85,7 @@ impl Rejection {
         }
     }
 
-    fn from_execution_error(e: ExecutionError, current: Option<Execution>) -> Rejection {
+    fn from_execution_error(e: ExecutionError, current: Option<Box<Execution>>) -> Rejection {
         let (code, message, keep) = match e {
             ExecutionError::InvalidRequest(m) => ("InvalidRequest", m, false),
             ExecutionError::InvalidStateTransition(m) => ("InvalidStateTransition", m, true),

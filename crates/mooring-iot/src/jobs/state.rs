@@ -477,7 +477,7 @@ impl JobsState {
                 "Job execution {number} of job {job_id} on thing {thing} not found"
             )));
         };
-        if !e.status.is_terminal() && !(force && e.status == ExecutionStatus::InProgress) {
+        if !(e.status.is_terminal() || force && e.status == ExecutionStatus::InProgress) {
             return Err(ExecutionError::InvalidStateTransition(format!(
                 "Cannot delete a job execution in state {} without force",
                 e.status.as_str()
@@ -601,7 +601,7 @@ impl JobsState {
         execution_number: Option<i64>,
         update: &DeviceUpdate,
         now: i64,
-    ) -> Result<Execution, (ExecutionError, Option<Execution>)> {
+    ) -> Result<Execution, (ExecutionError, Option<Box<Execution>>)> {
         let Some(current) = self.execution(thing, job_id, execution_number).cloned() else {
             return Err((
                 ExecutionError::ResourceNotFound(format!(
@@ -617,7 +617,7 @@ impl JobsState {
                     "Execution {} is not the latest execution of job {job_id}",
                     current.execution_number
                 )),
-                Some(current),
+                Some(Box::new(current)),
             ));
         }
         let timeout = self
@@ -626,7 +626,7 @@ impl JobsState {
             .and_then(|j| j.in_progress_timeout_minutes());
         let mut next = current.clone();
         next.apply_device_update(update, timeout, now, self.minute_ms)
-            .map_err(|e| (e, Some(current.clone())))?;
+            .map_err(|e| (e, Some(Box::new(current.clone()))))?;
         let terminal = next.status.is_terminal();
         let stored = next.clone();
         self.with_history(thing, job_id, |h| {

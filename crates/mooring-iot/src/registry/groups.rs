@@ -107,7 +107,7 @@ impl ThingGroupRegistry {
         self.changes.subscribe()
     }
 
-    fn from_row(&self, r: GroupRow) -> ThingGroup {
+    fn group_from_row(&self, r: GroupRow) -> ThingGroup {
         ThingGroup {
             arn: self.arn(&r.0),
             name: r.0,
@@ -146,7 +146,7 @@ impl ThingGroupRegistry {
                 .map_err(Into::into)
             })
             .await?;
-        Ok(row.map(|r| self.from_row(r)))
+        Ok(row.map(|r| self.group_from_row(r)))
     }
 
     /// DescribeThingGroup: the group or ResourceNotFound.
@@ -330,7 +330,7 @@ impl ThingGroupRegistry {
                 Ok(rows)
             })
             .await?;
-        let all: Vec<ThingGroup> = rows.into_iter().map(|r| self.from_row(r)).collect();
+        let all: Vec<ThingGroup> = rows.into_iter().map(|r| self.group_from_row(r)).collect();
         let allowed: Option<BTreeSet<String>> = match &parent {
             None => None,
             Some(p) => {
