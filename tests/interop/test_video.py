@@ -1000,7 +1000,6 @@ def video_cli(m, *args, stdin=None, check=True, timeout=60):
     return p
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 7): `mooring video put` prints a backtrace and not the AWS error code for a missing stream")
 def test_video_cli_put_file_and_get(mooring, ffmpeg_mkv, tmp_path):
     kv = mooring.client("kinesisvideo")
     create(kv, "cli-cam", retention=1)

@@ -269,11 +269,12 @@ pub async fn put(args: &VideoPutArgs, out: &mut (impl std::io::Write + Send)) ->
         .await
         .context("PutMedia request failed")?;
     let status = response.status();
+    let error_type = aws_error_type(response.headers());
     let mut body = response.into_body();
     if !status.is_success() {
         let bytes = body.collect().await?.to_bytes();
         bail!(
-            "PutMedia answered {status}: {}",
+            "PutMedia answered {status} {error_type}: {}",
             String::from_utf8_lossy(&bytes)
         );
     }
@@ -361,11 +362,12 @@ pub async fn get(args: &VideoGetArgs) -> Result<u64> {
         .await
         .context("GetMedia request failed")?;
     let status = response.status();
+    let error_type = aws_error_type(response.headers());
     let mut body = response.into_body();
     if !status.is_success() {
         let bytes = body.collect().await?.to_bytes();
         bail!(
-            "GetMedia answered {status}: {}",
+            "GetMedia answered {status} {error_type}: {}",
             String::from_utf8_lossy(&bytes)
         );
     }
@@ -407,4 +409,14 @@ mod tests {
         assert!(start_selector("yesterday").is_err());
         assert!(start_selector("server:soon").is_err());
     }
+}
+
+/// The AWS error type of a failed response (`x-amzn-ErrorType`, without botocore's `:…`
+/// suffix), so the CLI names the exception a user would look up.
+fn aws_error_type(headers: &hyper::HeaderMap) -> String {
+    headers
+        .get("x-amzn-ErrorType")
+        .and_then(|v| v.to_str().ok())
+        .map(|t| t.split(':').next().unwrap_or(t).to_string())
+        .unwrap_or_default()
 }
