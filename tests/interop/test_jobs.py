@@ -535,6 +535,56 @@ def test_abort_criteria_cancel_the_job(mooring):
         d.stop()
 
 
+def test_cli_lists_jobs_and_shows_per_status_counts(mooring):
+    from conftest import mooring_binary
+
+    iot = mooring.client("iot")
+    (a, a_arn), (b, b_arn), (c, c_arn) = (new_thing(iot, n) for n in ("cli-a", "cli-b", "cli-c"))
+    job_id = create_job(iot, [a_arn, b_arn, c_arn], jobId="cli-job",
+                        document={"operation": "reboot"}, description="reboot the fleet")
+    create_job(iot, [c_arn], jobId="cli-continuous", targetSelection="CONTINUOUS")
+    dev_a, dev_b = Device(mooring, a, subscribe=False), Device(mooring, b, subscribe=False)
+    assert dev_a.request(f"{job_id}/update", {"status": "SUCCEEDED"})[0] == "accepted"
+    assert dev_b.request(f"{job_id}/update", {"status": "IN_PROGRESS"})[0] == "accepted"
+
+    def cli(*args):
+        result = subprocess.run([mooring_binary(), "jobs", *args, "--data-dir", str(mooring.data_dir)],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    listing = cli("ls")
+    assert listing[0].split() == ["JOB", "STATUS", "TARGETS", "BACKLOG", "EXECUTIONS"]
+    rows = {line.split()[0]: line.split() for line in listing[1:]}
+    assert set(rows) == {"cli-job", "cli-continuous"}
+    assert rows["cli-job"][:4] == ["cli-job", "IN_PROGRESS", "SNAPSHOT", "0"]
+    counts = dict(kv.split("=") for kv in rows["cli-job"][4:])
+    assert counts == {"QUEUED": "1", "IN_PROGRESS": "1", "SUCCEEDED": "1", "FAILED": "0",
+                      "TIMED_OUT": "0", "REJECTED": "0", "REMOVED": "0", "CANCELED": "0"}
+    assert rows["cli-continuous"][:3] == ["cli-continuous", "IN_PROGRESS", "CONTINUOUS"]
+
+    shown = cli("show", job_id)
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip()
+              for line in shown if ":" in line and not line.startswith(("THING", "cli-"))}
+    assert fields["job"] == "cli-job" and fields["status"] == "IN_PROGRESS"
+    assert fields["selection"] == "SNAPSHOT" and fields["description"] == "reboot the fleet"
+    assert fields["targets"] == ", ".join([a_arn, b_arn, c_arn])
+    assert json.loads(fields["document"]) == {"operation": "reboot"}
+    executions = {line.split()[0]: line.split()[1:] for line in shown if line.startswith("cli-")}
+    assert executions == {"cli-a": ["1", "SUCCEEDED", "2"], "cli-b": ["1", "IN_PROGRESS", "2"],
+                          "cli-c": ["1", "QUEUED", "1"]}
+    # The view agrees with the control plane.
+    details = process(iot, job_id)
+    assert (details["numberOfQueuedThings"], details["numberOfInProgressThings"],
+            details["numberOfSucceededThings"]) == (1, 1, 1)
+    # An unknown job is an error on stderr, not an empty view.
+    missing = subprocess.run([mooring_binary(), "jobs", "show", "nope", "--data-dir", str(mooring.data_dir)],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "no job nope" in missing.stderr
+    dev_a.stop()
+    dev_b.stop()
+
+
 def test_continuous_job_reaches_things_added_later(mooring):
     iot = mooring.client("iot")
     a, _ = new_thing(iot)
