@@ -161,6 +161,14 @@ def varint(n):
 
 
 def raw_connect(m, client_id, version=4, keepalive=60, will=None):
+    """A socket whose CONNECT was accepted."""
+    s, connack = raw_connack(m, client_id, version, keepalive, will)
+    assert connack[3] == 0, connack
+    return s
+
+
+def raw_connack(m, client_id, version=4, keepalive=60, will=None):
+    """Sends a raw CONNECT; returns the socket and the CONNACK's bytes, whatever its code."""
     flags = 0x02
     payload = enc_str(client_id)
     if will:
@@ -179,8 +187,7 @@ def raw_connect(m, client_id, version=4, keepalive=60, will=None):
     rest = b""
     while len(rest) < header[1]:
         rest += s.recv(header[1] - len(rest))
-    assert rest[1] == 0, rest
-    return s
+    return s, header + rest
 
 
 def read_until_closed(s, timeout=10):
@@ -834,3 +841,135 @@ def test_outbound_topic_aliases(mooring):
         resolved.append(g.topic or mapping[alias])
     assert resolved == expected
     assert [g.payload.decode() for g in got] == expected
+
+
+# ---- AWS limits, throttling, enhanced auth and the remaining disconnect reasons ---------------
+
+def test_aws_size_and_count_limits(mooring):
+    # Client id: 128 bytes accepted, 129 refused (MQTT 5: 0x85; 3.1.1: return code 2).
+    ok = Client(mooring, client_id="i" * 128, protocol=V5)
+    ok.stop()
+    long_id = Client(mooring, client_id="i" * 129, protocol=V5, connect=False)
+    long_id.connect(expect_ok=False)
+    assert long_id.connack_rc.value == 0x85
+    long_id3 = Client(mooring, client_id="j" * 129, connect=False)
+    long_id3.connect(expect_ok=False)
+    # paho reports a 3.1.1 return code as the MQTT 5 reason code it maps to (2 -> 0x85) ...
+    assert long_id3.connack_rc.value == 0x85
+    # ... on the wire it is return code 2, Identifier rejected.
+    s, connack = raw_connack(mooring, "k" * 129)
+    assert connack == b"\x20\x02\x00\x02"
+    s.close()
+
+    c = Client(mooring, protocol=V5)
+    # Topics: 256 bytes and 7 slashes are the maximum.
+    info = c.pub("t" * 256, b"x", 1)
+    assert c.pubacks[info.mid].value == 0
+    info = c.pub("t" * 257, b"x", 1)
+    assert c.pubacks[info.mid].value == 0x90
+    info = c.pub("a/b/c/d/e/f/g/h", b"x", 1)
+    assert c.pubacks[info.mid].value == 0
+    info = c.pub("a/b/c/d/e/f/g/h/i", b"x", 1)
+    assert c.pubacks[info.mid].value == 0x90
+    granted = c.sub("a/b/c/d/e/f/g/h/i", 1)
+    assert granted[0].value == 0x8F
+
+    # At most 8 filters per SUBSCRIBE and 50 subscriptions per connection.
+    granted = c.sub([(f"lim/{i}", 1) for i in range(9)])
+    assert [g.value for g in granted] == [1] * 8 + [0x97]
+    for batch in range(5):
+        granted = c.sub([(f"more/{batch}/{i}", 1) for i in range(8)])
+        assert [g.value for g in granted] == [1] * 8
+    granted = c.sub([("last/1", 1), ("last/2", 1), ("last/3", 1)])
+    assert [g.value for g in granted] == [1, 1, 0x97]  # 8 + 40 + 2 = 50
+    # Re-subscribing to a filter the connection already has is not a new subscription.
+    assert c.sub("lim/0", 0)[0].value == 0
+
+
+def test_publish_rate_limit_throttles(mooring):
+    obs = observer(mooring)
+    # MQTT 5: beyond 100 publishes in a second, QoS 1 publishes are refused with 0x97.
+    c = Client(mooring, protocol=V5, connect=False)
+    c.c.max_inflight_messages_set(500)
+    c.connect()
+    infos = [c.pub("rate/v5", b"x", 1, wait=False) for _ in range(130)]
+    for info in infos:
+        info.wait_for_publish(10)
+    codes = [c.pubacks[i.mid].value for i in infos]
+    assert codes.count(0x97) >= 30 and codes.count(0) >= 90, codes
+    assert codes[:100] == [0] * 100
+    # MQTT 3.1.1 cannot be told: the connection is closed as THROTTLED and its will sent.
+    watcher = Client(mooring)
+    watcher.sub("rate/will", 1)
+    s = raw_connect(mooring, "rate-v3", will=("rate/will", "gone"))
+    publish = b"\x30" + varint(2 + 6 + 1) + enc_str("rate/x") + b"y"
+    s.sendall(publish * 150)
+    assert read_until_closed(s) == b""
+    d = event(obs.expect("$aws/events/presence/disconnected/rate-v3"))
+    assert d["disconnectReason"] == "THROTTLED" and d["clientInitiatedDisconnect"] is False
+    assert watcher.expect("rate/will").payload == b"gone"
+
+
+def test_publish_rate_limit_is_configurable(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "broker.publishes_per_second=0"])
+    sub = Client(m)
+    sub.sub("unlimited", 0)
+    s = raw_connect(m, "fast-v3")
+    s.sendall((b"\x30" + varint(2 + 9 + 1) + enc_str("unlimited") + b"y") * 300)
+    for _ in range(300):
+        assert sub.expect("unlimited").payload == b"y"
+    s.close()
+
+
+def test_reserved_topic_publish_closes_v311_as_forbidden_access(mooring):
+    obs = observer(mooring)
+    s = raw_connect(mooring, "forbidden-v3")
+    s.sendall(b"\x30" + varint(2 + 33 + 2) + enc_str("$aws/events/presence/connected/xy") + b"{}")
+    assert read_until_closed(s) == b""
+    d = event(obs.expect("$aws/events/presence/disconnected/forbidden-v3"))
+    assert d["disconnectReason"] == "FORBIDDEN_ACCESS"
+
+
+def test_websocket_ttl_expiration(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "broker.websocket_ttl_secs=2"])
+    obs = observer(m)
+    started = time.time()
+    ws = Client(m, client_id="ws-ttl", transport="websockets", protocol=V5)
+    assert ws.disconnects.get(timeout=10).value == 0xA0  # Maximum connect time
+    assert 1.5 <= time.time() - started <= 6
+    d = event(obs.expect("$aws/events/presence/disconnected/ws-ttl"))
+    assert d["disconnectReason"] == "WEBSOCKET_TTL_EXPIRATION"
+    # Plain TCP connections have no TTL.
+    obs.nothing(0.5)
+
+
+@pytest.mark.parametrize("profile", ["aws", "strict"])
+def test_enhanced_authentication_is_refused(mooring_factory, profile):
+    m = mooring_factory(extra_args=["--set", f"mqtt.profile={profile}"])
+    # CONNECT with an Authentication Method: CONNACK 0x8C Bad authentication method.
+    props = Properties(PacketTypes.CONNECT)
+    props.AuthenticationMethod = "SCRAM-SHA-1"
+    c = Client(m, protocol=V5, props=props, connect=False)
+    c.connect(expect_ok=False)
+    assert c.connack_rc.value == 0x8C
+    # AUTH without an authentication method at CONNECT: DISCONNECT 0x82 Protocol Error.
+    s = raw_connect(m, "auth-v5", version=5)
+    s.sendall(b"\xf0\x02\x18\x00")  # AUTH, reason 0x18 Continue authentication
+    data = read_until_closed(s)
+    assert data[:1] == b"\xe0" and data[2] == 0x82, data
+    # MQTT 3.1.1 has no AUTH: packet type 15 is reserved, the connection closes.
+    s = raw_connect(m, "auth-v3")
+    s.sendall(b"\xf0\x00")
+    assert read_until_closed(s) == b""
+
+
+def test_broker_section_keep_alive_cap_and_refused_subscriptions(mooring_factory):
+    m = mooring_factory(extra_args=STRICT + [
+        "--set", "broker.max_keep_alive=60",
+        "--set", 'broker.refused_subscriptions=["test/nosubscribe"]',
+    ])
+    c = Client(m, protocol=V5, keepalive=120)
+    assert c.connack_props.ServerKeepAlive == 60
+    assert [g.value for g in c.sub([("test/nosubscribe", 2), ("test/ok", 2)])] == [0x80, 2]
+    c3 = Client(m, keepalive=120)
+    assert c3.sub("test/nosubscribe", 1)[0].value == 0x80
