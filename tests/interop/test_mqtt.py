@@ -248,16 +248,128 @@ def test_qos2_publish_is_refused_in_aws_profile(mooring):
     assert rc.value == 0x9B  # QoS not supported
 
 
+def mosquitto(tool, m, *args):
+    """The command line of Debian's `mosquitto_pub`/`mosquitto_sub` pointed at `m`."""
+    host, port = hostport(m.endpoints["mqtt"])
+    return [tool, "-h", host, "-p", str(port), *args]
+
+
+def mosquitto_pub(m, *args):
+    """Runs `mosquitto_pub` to completion; returns the finished process (stdout, stderr)."""
+    return subprocess.run(mosquitto("mosquitto_pub", m, *args), capture_output=True, text=True,
+                          check=True, timeout=15)
+
+
+def mosquitto_sub(m, obs, client_id, *args):
+    """Starts `mosquitto_sub` as `client_id` and waits until its subscription is in place,
+    seen by the lifecycle observer `obs`."""
+    proc = subprocess.Popen(mosquitto("mosquitto_sub", m, "-i", client_id, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    obs.expect(f"$aws/events/subscriptions/subscribed/{client_id}", timeout=10)
+    return proc
+
+
+# topic|qos|retain|payload for each message mosquitto_sub prints.
+MOSQ_FORMAT = ["-F", "%t|%q|%r|%p"]
+
+
 def test_mosquitto_clients(mooring):
-    host, port = hostport(mooring.endpoints["mqtt"])
-    sub = subprocess.Popen(["mosquitto_sub", "-h", host, "-p", str(port), "-t", "mosq/#", "-q", "1",
-                            "-C", "2", "-v", "-W", "15"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.7)
+    obs = observer(mooring)
+    sub = mosquitto_sub(mooring, obs, "mq-all", "-t", "mosq/#", "-q", "1", "-C", "2", "-v",
+                        "-W", "15")
     for version in ("mqttv311", "mqttv5"):
-        subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-t", f"mosq/{version}",
-                        "-m", f"via {version}", "-q", "1", "-V", version], check=True, timeout=10)
+        mosquitto_pub(mooring, "-t", f"mosq/{version}", "-m", f"via {version}", "-q", "1",
+                      "-V", version)
     out, _ = sub.communicate(timeout=20)
     assert out.splitlines() == ["mosq/mqttv311 via mqttv311", "mosq/mqttv5 via mqttv5"]
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_qos1_retained_and_will(mooring, version):
+    obs = observer(mooring)
+    v = ["-V", version]
+    # QoS 1 retained publish: mosquitto_pub's trace shows the broker's PUBACK.
+    pub = mosquitto_pub(mooring, *v, "-i", "mq-pub", "-d", "-q", "1", "-r",
+                        "-t", "mosq/retained", "-m", "kept")
+    assert pub.stdout.splitlines() == [
+        "Client mq-pub sending CONNECT",
+        "Client mq-pub received CONNACK (0)",
+        "Client mq-pub sending PUBLISH (d0, q1, r1, m1, 'mosq/retained', ... (4 bytes))",
+        "Client mq-pub received PUBACK (Mid: 1, RC:0)",
+        "Client mq-pub sending DISCONNECT",
+    ]
+    # A later subscriber to the exact topic gets it with RETAIN=1 at QoS 1 ...
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/retained", "-q", "1",
+                                   "-C", "1", "-W", "10", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/retained|1|1|kept\n")
+    # ... a wildcard subscriber does not (aws profile: exact-match retained delivery only);
+    # mosquitto_sub times out (exit 27) having printed nothing.
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/+", "-q", "1",
+                                   "-C", "1", "-W", "1", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout, got.stderr) == (27, "", "Timed out\n")
+
+    # Will: a mosquitto_sub killed without DISCONNECT has its retained QoS 1 will published.
+    watch = mosquitto_sub(mooring, obs, "mq-watch", *v, "-t", "mosq/will", "-q", "1", "-C", "1",
+                          "-W", "15", *MOSQ_FORMAT)
+    dying = mosquitto_sub(mooring, obs, "mq-dying", *v, "-t", "mosq/quiet",
+                          "--will-topic", "mosq/will", "--will-payload", "gone",
+                          "--will-qos", "1", "--will-retain")
+    dying.kill()
+    dying.wait()
+    out, _ = watch.communicate(timeout=20)
+    assert (watch.returncode, out) == (0, "mosq/will|1|0|gone\n")  # live: RETAIN=0
+    d = event(obs.expect("$aws/events/presence/disconnected/mq-dying"))
+    assert d["disconnectReason"] == "CONNECTION_LOST" and d["clientInitiatedDisconnect"] is False
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/will", "-q", "1",
+                                   "-C", "1", "-W", "10", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/will|1|1|gone\n")
+
+    # A mosquitto_sub that exits by itself sends DISCONNECT: its will is not published.
+    watch = mosquitto_sub(mooring, obs, "mq-watch-2", *v, "-t", "mosq/will2", "-q", "1",
+                          "-C", "1", "-W", "3", *MOSQ_FORMAT)
+    polite = mosquitto_sub(mooring, obs, "mq-polite", *v, "-t", "mosq/polite", "-C", "1",
+                           "--will-topic", "mosq/will2", "--will-payload", "gone")
+    mosquitto_pub(mooring, *v, "-t", "mosq/polite", "-m", "bye")
+    assert polite.communicate(timeout=15)[0] == "bye\n" and polite.returncode == 0
+    d = event(obs.expect("$aws/events/presence/disconnected/mq-polite"))
+    assert d["disconnectReason"] == "CLIENT_INITIATED_DISCONNECT"
+    out, err = watch.communicate(timeout=20)
+    assert (watch.returncode, out, err) == (27, "", "Timed out\n")
+
+
+def test_mosquitto_v5_properties(mooring):
+    obs = observer(mooring)
+    fmt = ["-F", "%t|%q|%P|%C|%R|%D|%F|%p"]
+    sub5 = mosquitto_sub(mooring, obs, "mq-sub5", "-V", "mqttv5", "-t", "mosq/props", "-q", "1",
+                         "-C", "2", "-W", "15", *fmt)
+    sub3 = mosquitto_sub(mooring, obs, "mq-sub3", "-t", "mosq/props", "-q", "1", "-C", "2",
+                         "-W", "15", *MOSQ_FORMAT)
+    # User properties keep their order and repeats; the other v5 properties are forwarded.
+    mosquitto_pub(mooring, "-V", "mqttv5", "-q", "1", "-t", "mosq/props", "-m", "hello",
+                  "-D", "publish", "user-property", "a", "1",
+                  "-D", "publish", "user-property", "a", "2",
+                  "-D", "publish", "user-property", "b", "x y",
+                  "-D", "publish", "content-type", "text/plain",
+                  "-D", "publish", "response-topic", "mosq/reply",
+                  "-D", "publish", "correlation-data", "id-7",
+                  "-D", "publish", "payload-format-indicator", "1")
+    # From an MQTT 3.1.1 publisher a v5 subscriber sees no properties.
+    mosquitto_pub(mooring, "-q", "1", "-t", "mosq/props", "-m", "plain")
+    out, _ = sub5.communicate(timeout=20)
+    assert out.splitlines() == [
+        "mosq/props|1|a:1 a:2 b:x y|text/plain|mosq/reply|id-7|1|hello",
+        "mosq/props|1||||||plain",
+    ]
+    out, _ = sub3.communicate(timeout=20)
+    assert out.splitlines() == ["mosq/props|1|0|hello", "mosq/props|1|0|plain"]
+    # A refused QoS 1 publish (a topic with 8 slashes) gets PUBACK 0x90 (144).
+    pub = mosquitto_pub(mooring, "-V", "mqttv5", "-i", "mq-deep", "-d", "-q", "1",
+                        "-t", "a/b/c/d/e/f/g/h/i", "-m", "x")
+    assert pub.stdout.splitlines()[3] == "Client mq-deep received PUBACK (Mid: 1, RC:144)"
+    assert pub.stderr == "Warning: Publish 1 failed: Topic Name invalid.\n"
 
 
 def test_hash_excludes_parent_and_dollar_topics_in_aws(mooring):
@@ -348,10 +460,11 @@ def test_will_delay_v5(mooring):
     connect_props.SessionExpiryInterval = 60
     c = Client(mooring, client_id="wd-dev", protocol=V5, clean=False,
                will=("wd/dev", b"late", 1, False, will_props), props=connect_props)
+    lost = time.time()
     c.c.socket().shutdown(socket.SHUT_RDWR)  # connection lost, will is delayed
-    c.c.loop_stop()
-    sub.nothing(1.0)
-    assert sub.expect("wd/dev", timeout=5).payload == b"late"
+    c.c.loop_stop()  # may take up to paho's 1 s select timeout, so time from `lost`
+    assert sub.expect("wd/dev", timeout=8).payload == b"late"
+    assert time.time() - lost >= 1.95, "the will came before its 2 s delay"
     # Reconnecting within the delay cancels the will.
     c2 = Client(mooring, client_id="wd-dev2", protocol=V5, clean=False,
                 will=("wd/dev2", b"never", 1, False, will_props), props=connect_props)
@@ -939,8 +1052,13 @@ def test_websocket_ttl_expiration(mooring_factory):
     assert 1.5 <= time.time() - started <= 6
     d = event(obs.expect("$aws/events/presence/disconnected/ws-ttl"))
     assert d["disconnectReason"] == "WEBSOCKET_TTL_EXPIRATION"
-    # Plain TCP connections have no TTL.
-    obs.nothing(0.5)
+    # Plain TCP connections have no TTL: the observer, connected before the WebSocket client,
+    # is still connected well past 2 s and still receives.
+    obs.nothing(1.0)
+    assert time.time() - started > 2.5 and obs.disconnects.empty()
+    obs.sub("ttl/still", 1)
+    Client(m).pub("ttl/still", b"here", 1)
+    assert obs.expect("ttl/still").payload == b"here"
 
 
 @pytest.mark.parametrize("profile", ["aws", "strict"])
