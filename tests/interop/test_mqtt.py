@@ -340,6 +340,24 @@ def test_mosquitto_qos1_retained_and_will(mooring, version):
     assert (watch.returncode, out, err) == (27, "", "Timed out\n")
 
 
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_persistent_session_survives_sigkill(mooring, version):
+    # mosquitto_sub -c: a persistent session; -E exits (with DISCONNECT) once subscribed.
+    v = ["-V", version]
+    subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-c", "-i", "mq-durable", "-q", "1",
+                             "-t", "mosq/durable", "-E"), check=True, timeout=15)
+    pub = mosquitto_pub(mooring, *v, "-i", "mq-writer", "-d", "-q", "1", "-t", "mosq/durable",
+                        "-m", "while away")
+    assert "Client mq-writer received PUBACK (Mid: 1, RC:0)" in pub.stdout.splitlines()
+    mooring.kill()  # acknowledged, then SIGKILL
+    mooring.start()
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-c", "-i", "mq-durable",
+                                   "-q", "1", "-t", "mosq/durable", "-C", "1", "-W", "10",
+                                   *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/durable|1|0|while away\n")
+
+
 def test_mosquitto_v5_properties(mooring):
     obs = observer(mooring)
     fmt = ["-F", "%t|%q|%P|%C|%R|%D|%F|%p"]
