@@ -40,17 +40,20 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting mooring");
+        // Owned by `Server` from here on, so a failed start still kills and reaps it.
+        let mut server = Server {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            mqtt: (String::new(), 0),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&endpoints) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let addr = v["mqtt"].as_str().expect("mqtt endpoint");
                     let (host, port) = addr.rsplit_once(':').unwrap();
-                    return Server {
-                        child,
-                        data_dir: data_dir.to_path_buf(),
-                        mqtt: (host.to_string(), port.parse().unwrap()),
-                    };
+                    server.mqtt = (host.to_string(), port.parse().unwrap());
+                    return server;
                 }
             }
             assert!(Instant::now() < deadline, "mooring did not start");
