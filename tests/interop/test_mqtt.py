@@ -161,6 +161,14 @@ def varint(n):
 
 
 def raw_connect(m, client_id, version=4, keepalive=60, will=None):
+    """A socket whose CONNECT was accepted."""
+    s, connack = raw_connack(m, client_id, version, keepalive, will)
+    assert connack[3] == 0, connack
+    return s
+
+
+def raw_connack(m, client_id, version=4, keepalive=60, will=None):
+    """Sends a raw CONNECT; returns the socket and the CONNACK's bytes, whatever its code."""
     flags = 0x02
     payload = enc_str(client_id)
     if will:
@@ -179,8 +187,7 @@ def raw_connect(m, client_id, version=4, keepalive=60, will=None):
     rest = b""
     while len(rest) < header[1]:
         rest += s.recv(header[1] - len(rest))
-    assert rest[1] == 0, rest
-    return s
+    return s, header + rest
 
 
 def read_until_closed(s, timeout=10):
@@ -241,16 +248,146 @@ def test_qos2_publish_is_refused_in_aws_profile(mooring):
     assert rc.value == 0x9B  # QoS not supported
 
 
+def mosquitto(tool, m, *args):
+    """The command line of Debian's `mosquitto_pub`/`mosquitto_sub` pointed at `m`."""
+    host, port = hostport(m.endpoints["mqtt"])
+    return [tool, "-h", host, "-p", str(port), *args]
+
+
+def mosquitto_pub(m, *args):
+    """Runs `mosquitto_pub` to completion; returns the finished process (stdout, stderr)."""
+    return subprocess.run(mosquitto("mosquitto_pub", m, *args), capture_output=True, text=True,
+                          check=True, timeout=15)
+
+
+def mosquitto_sub(m, obs, client_id, *args):
+    """Starts `mosquitto_sub` as `client_id` and waits until its subscription is in place,
+    seen by the lifecycle observer `obs`."""
+    proc = subprocess.Popen(mosquitto("mosquitto_sub", m, "-i", client_id, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    obs.expect(f"$aws/events/subscriptions/subscribed/{client_id}", timeout=10)
+    return proc
+
+
+# topic|qos|retain|payload for each message mosquitto_sub prints.
+MOSQ_FORMAT = ["-F", "%t|%q|%r|%p"]
+
+
 def test_mosquitto_clients(mooring):
-    host, port = hostport(mooring.endpoints["mqtt"])
-    sub = subprocess.Popen(["mosquitto_sub", "-h", host, "-p", str(port), "-t", "mosq/#", "-q", "1",
-                            "-C", "2", "-v", "-W", "15"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.7)
+    obs = observer(mooring)
+    sub = mosquitto_sub(mooring, obs, "mq-all", "-t", "mosq/#", "-q", "1", "-C", "2", "-v",
+                        "-W", "15")
     for version in ("mqttv311", "mqttv5"):
-        subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-t", f"mosq/{version}",
-                        "-m", f"via {version}", "-q", "1", "-V", version], check=True, timeout=10)
+        mosquitto_pub(mooring, "-t", f"mosq/{version}", "-m", f"via {version}", "-q", "1",
+                      "-V", version)
     out, _ = sub.communicate(timeout=20)
     assert out.splitlines() == ["mosq/mqttv311 via mqttv311", "mosq/mqttv5 via mqttv5"]
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_qos1_retained_and_will(mooring, version):
+    obs = observer(mooring)
+    v = ["-V", version]
+    # QoS 1 retained publish: mosquitto_pub's trace shows the broker's PUBACK.
+    pub = mosquitto_pub(mooring, *v, "-i", "mq-pub", "-d", "-q", "1", "-r",
+                        "-t", "mosq/retained", "-m", "kept")
+    assert pub.stdout.splitlines() == [
+        "Client mq-pub sending CONNECT",
+        "Client mq-pub received CONNACK (0)",
+        "Client mq-pub sending PUBLISH (d0, q1, r1, m1, 'mosq/retained', ... (4 bytes))",
+        "Client mq-pub received PUBACK (Mid: 1, RC:0)",
+        "Client mq-pub sending DISCONNECT",
+    ]
+    # A later subscriber to the exact topic gets it with RETAIN=1 at QoS 1 ...
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/retained", "-q", "1",
+                                   "-C", "1", "-W", "10", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/retained|1|1|kept\n")
+    # ... a wildcard subscriber does not (aws profile: exact-match retained delivery only);
+    # mosquitto_sub times out (exit 27) having printed nothing.
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/+", "-q", "1",
+                                   "-C", "1", "-W", "1", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout, got.stderr) == (27, "", "Timed out\n")
+
+    # Will: a mosquitto_sub killed without DISCONNECT has its retained QoS 1 will published.
+    watch = mosquitto_sub(mooring, obs, "mq-watch", *v, "-t", "mosq/will", "-q", "1", "-C", "1",
+                          "-W", "15", *MOSQ_FORMAT)
+    dying = mosquitto_sub(mooring, obs, "mq-dying", *v, "-t", "mosq/quiet",
+                          "--will-topic", "mosq/will", "--will-payload", "gone",
+                          "--will-qos", "1", "--will-retain")
+    dying.kill()
+    dying.wait()
+    out, _ = watch.communicate(timeout=20)
+    assert (watch.returncode, out) == (0, "mosq/will|1|0|gone\n")  # live: RETAIN=0
+    d = event(obs.expect("$aws/events/presence/disconnected/mq-dying"))
+    assert d["disconnectReason"] == "CONNECTION_LOST" and d["clientInitiatedDisconnect"] is False
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-t", "mosq/will", "-q", "1",
+                                   "-C", "1", "-W", "10", *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/will|1|1|gone\n")
+
+    # A mosquitto_sub that exits by itself sends DISCONNECT: its will is not published.
+    watch = mosquitto_sub(mooring, obs, "mq-watch-2", *v, "-t", "mosq/will2", "-q", "1",
+                          "-C", "1", "-W", "3", *MOSQ_FORMAT)
+    polite = mosquitto_sub(mooring, obs, "mq-polite", *v, "-t", "mosq/polite", "-C", "1",
+                           "--will-topic", "mosq/will2", "--will-payload", "gone")
+    mosquitto_pub(mooring, *v, "-t", "mosq/polite", "-m", "bye")
+    assert polite.communicate(timeout=15)[0] == "bye\n" and polite.returncode == 0
+    d = event(obs.expect("$aws/events/presence/disconnected/mq-polite"))
+    assert d["disconnectReason"] == "CLIENT_INITIATED_DISCONNECT"
+    out, err = watch.communicate(timeout=20)
+    assert (watch.returncode, out, err) == (27, "", "Timed out\n")
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_persistent_session_survives_sigkill(mooring, version):
+    # mosquitto_sub -c: a persistent session; -E exits (with DISCONNECT) once subscribed.
+    v = ["-V", version]
+    subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-c", "-i", "mq-durable", "-q", "1",
+                             "-t", "mosq/durable", "-E"), check=True, timeout=15)
+    pub = mosquitto_pub(mooring, *v, "-i", "mq-writer", "-d", "-q", "1", "-t", "mosq/durable",
+                        "-m", "while away")
+    assert "Client mq-writer received PUBACK (Mid: 1, RC:0)" in pub.stdout.splitlines()
+    mooring.kill()  # acknowledged, then SIGKILL
+    mooring.start()
+    got = subprocess.run(mosquitto("mosquitto_sub", mooring, *v, "-c", "-i", "mq-durable",
+                                   "-q", "1", "-t", "mosq/durable", "-C", "1", "-W", "10",
+                                   *MOSQ_FORMAT),
+                         capture_output=True, text=True, timeout=15)
+    assert (got.returncode, got.stdout) == (0, "mosq/durable|1|0|while away\n")
+
+
+def test_mosquitto_v5_properties(mooring):
+    obs = observer(mooring)
+    fmt = ["-F", "%t|%q|%P|%C|%R|%D|%F|%p"]
+    sub5 = mosquitto_sub(mooring, obs, "mq-sub5", "-V", "mqttv5", "-t", "mosq/props", "-q", "1",
+                         "-C", "2", "-W", "15", *fmt)
+    sub3 = mosquitto_sub(mooring, obs, "mq-sub3", "-t", "mosq/props", "-q", "1", "-C", "2",
+                         "-W", "15", *MOSQ_FORMAT)
+    # User properties keep their order and repeats; the other v5 properties are forwarded.
+    mosquitto_pub(mooring, "-V", "mqttv5", "-q", "1", "-t", "mosq/props", "-m", "hello",
+                  "-D", "publish", "user-property", "a", "1",
+                  "-D", "publish", "user-property", "a", "2",
+                  "-D", "publish", "user-property", "b", "x y",
+                  "-D", "publish", "content-type", "text/plain",
+                  "-D", "publish", "response-topic", "mosq/reply",
+                  "-D", "publish", "correlation-data", "id-7",
+                  "-D", "publish", "payload-format-indicator", "1")
+    # From an MQTT 3.1.1 publisher a v5 subscriber sees no properties.
+    mosquitto_pub(mooring, "-q", "1", "-t", "mosq/props", "-m", "plain")
+    out, _ = sub5.communicate(timeout=20)
+    assert out.splitlines() == [
+        "mosq/props|1|a:1 a:2 b:x y|text/plain|mosq/reply|id-7|1|hello",
+        "mosq/props|1||||||plain",
+    ]
+    out, _ = sub3.communicate(timeout=20)
+    assert out.splitlines() == ["mosq/props|1|0|hello", "mosq/props|1|0|plain"]
+    # A refused QoS 1 publish (a topic with 8 slashes) gets PUBACK 0x90 (144).
+    pub = mosquitto_pub(mooring, "-V", "mqttv5", "-i", "mq-deep", "-d", "-q", "1",
+                        "-t", "a/b/c/d/e/f/g/h/i", "-m", "x")
+    assert pub.stdout.splitlines()[3] == "Client mq-deep received PUBACK (Mid: 1, RC:144)"
+    assert pub.stderr == "Warning: Publish 1 failed: Topic Name invalid.\n"
 
 
 def test_hash_excludes_parent_and_dollar_topics_in_aws(mooring):
@@ -341,10 +478,11 @@ def test_will_delay_v5(mooring):
     connect_props.SessionExpiryInterval = 60
     c = Client(mooring, client_id="wd-dev", protocol=V5, clean=False,
                will=("wd/dev", b"late", 1, False, will_props), props=connect_props)
+    lost = time.time()
     c.c.socket().shutdown(socket.SHUT_RDWR)  # connection lost, will is delayed
-    c.c.loop_stop()
-    sub.nothing(1.0)
-    assert sub.expect("wd/dev", timeout=5).payload == b"late"
+    c.c.loop_stop()  # may take up to paho's 1 s select timeout, so time from `lost`
+    assert sub.expect("wd/dev", timeout=8).payload == b"late"
+    assert time.time() - lost >= 1.95, "the will came before its 2 s delay"
     # Reconnecting within the delay cancels the will.
     c2 = Client(mooring, client_id="wd-dev2", protocol=V5, clean=False,
                 will=("wd/dev2", b"never", 1, False, will_props), props=connect_props)
@@ -834,3 +972,140 @@ def test_outbound_topic_aliases(mooring):
         resolved.append(g.topic or mapping[alias])
     assert resolved == expected
     assert [g.payload.decode() for g in got] == expected
+
+
+# ---- AWS limits, throttling, enhanced auth and the remaining disconnect reasons ---------------
+
+def test_aws_size_and_count_limits(mooring):
+    # Client id: 128 bytes accepted, 129 refused (MQTT 5: 0x85; 3.1.1: return code 2).
+    ok = Client(mooring, client_id="i" * 128, protocol=V5)
+    ok.stop()
+    long_id = Client(mooring, client_id="i" * 129, protocol=V5, connect=False)
+    long_id.connect(expect_ok=False)
+    assert long_id.connack_rc.value == 0x85
+    long_id3 = Client(mooring, client_id="j" * 129, connect=False)
+    long_id3.connect(expect_ok=False)
+    # paho reports a 3.1.1 return code as the MQTT 5 reason code it maps to (2 -> 0x85) ...
+    assert long_id3.connack_rc.value == 0x85
+    # ... on the wire it is return code 2, Identifier rejected.
+    s, connack = raw_connack(mooring, "k" * 129)
+    assert connack == b"\x20\x02\x00\x02"
+    s.close()
+
+    c = Client(mooring, protocol=V5)
+    # Topics: 256 bytes and 7 slashes are the maximum.
+    info = c.pub("t" * 256, b"x", 1)
+    assert c.pubacks[info.mid].value == 0
+    info = c.pub("t" * 257, b"x", 1)
+    assert c.pubacks[info.mid].value == 0x90
+    info = c.pub("a/b/c/d/e/f/g/h", b"x", 1)
+    assert c.pubacks[info.mid].value == 0
+    info = c.pub("a/b/c/d/e/f/g/h/i", b"x", 1)
+    assert c.pubacks[info.mid].value == 0x90
+    granted = c.sub("a/b/c/d/e/f/g/h/i", 1)
+    assert granted[0].value == 0x8F
+
+    # At most 8 filters per SUBSCRIBE and 50 subscriptions per connection.
+    granted = c.sub([(f"lim/{i}", 1) for i in range(9)])
+    assert [g.value for g in granted] == [1] * 8 + [0x97]
+    for batch in range(5):
+        granted = c.sub([(f"more/{batch}/{i}", 1) for i in range(8)])
+        assert [g.value for g in granted] == [1] * 8
+    granted = c.sub([("last/1", 1), ("last/2", 1), ("last/3", 1)])
+    assert [g.value for g in granted] == [1, 1, 0x97]  # 8 + 40 + 2 = 50
+    # Re-subscribing to a filter the connection already has is not a new subscription.
+    assert c.sub("lim/0", 0)[0].value == 0
+
+
+def test_publish_rate_limit_throttles(mooring):
+    obs = observer(mooring)
+    # MQTT 5: beyond 100 publishes in a second, QoS 1 publishes are refused with 0x97.
+    c = Client(mooring, protocol=V5, connect=False)
+    c.c.max_inflight_messages_set(500)
+    c.connect()
+    infos = [c.pub("rate/v5", b"x", 1, wait=False) for _ in range(130)]
+    for info in infos:
+        info.wait_for_publish(10)
+    codes = [c.pubacks[i.mid].value for i in infos]
+    assert codes.count(0x97) >= 30 and codes.count(0) >= 90, codes
+    assert codes[:100] == [0] * 100
+    # MQTT 3.1.1 cannot be told: the connection is closed as THROTTLED and its will sent.
+    watcher = Client(mooring)
+    watcher.sub("rate/will", 1)
+    s = raw_connect(mooring, "rate-v3", will=("rate/will", "gone"))
+    publish = b"\x30" + varint(2 + 6 + 1) + enc_str("rate/x") + b"y"
+    s.sendall(publish * 150)
+    assert read_until_closed(s) == b""
+    d = event(obs.expect("$aws/events/presence/disconnected/rate-v3"))
+    assert d["disconnectReason"] == "THROTTLED" and d["clientInitiatedDisconnect"] is False
+    assert watcher.expect("rate/will").payload == b"gone"
+
+
+def test_publish_rate_limit_is_configurable(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "broker.publishes_per_second=0"])
+    sub = Client(m)
+    sub.sub("unlimited", 0)
+    s = raw_connect(m, "fast-v3")
+    s.sendall((b"\x30" + varint(2 + 9 + 1) + enc_str("unlimited") + b"y") * 300)
+    for _ in range(300):
+        assert sub.expect("unlimited").payload == b"y"
+    s.close()
+
+
+def test_reserved_topic_publish_closes_v311_as_forbidden_access(mooring):
+    obs = observer(mooring)
+    s = raw_connect(mooring, "forbidden-v3")
+    s.sendall(b"\x30" + varint(2 + 33 + 2) + enc_str("$aws/events/presence/connected/xy") + b"{}")
+    assert read_until_closed(s) == b""
+    d = event(obs.expect("$aws/events/presence/disconnected/forbidden-v3"))
+    assert d["disconnectReason"] == "FORBIDDEN_ACCESS"
+
+
+def test_websocket_ttl_expiration(mooring_factory):
+    m = mooring_factory(extra_args=["--set", "broker.websocket_ttl_secs=2"])
+    obs = observer(m)
+    started = time.time()
+    ws = Client(m, client_id="ws-ttl", transport="websockets", protocol=V5)
+    assert ws.disconnects.get(timeout=10).value == 0xA0  # Maximum connect time
+    assert 1.5 <= time.time() - started <= 6
+    d = event(obs.expect("$aws/events/presence/disconnected/ws-ttl"))
+    assert d["disconnectReason"] == "WEBSOCKET_TTL_EXPIRATION"
+    # Plain TCP connections have no TTL: the observer, connected before the WebSocket client,
+    # is still connected well past 2 s and still receives.
+    obs.nothing(1.0)
+    assert time.time() - started > 2.5 and obs.disconnects.empty()
+    obs.sub("ttl/still", 1)
+    Client(m).pub("ttl/still", b"here", 1)
+    assert obs.expect("ttl/still").payload == b"here"
+
+
+@pytest.mark.parametrize("profile", ["aws", "strict"])
+def test_enhanced_authentication_is_refused(mooring_factory, profile):
+    m = mooring_factory(extra_args=["--set", f"mqtt.profile={profile}"])
+    # CONNECT with an Authentication Method: CONNACK 0x8C Bad authentication method.
+    props = Properties(PacketTypes.CONNECT)
+    props.AuthenticationMethod = "SCRAM-SHA-1"
+    c = Client(m, protocol=V5, props=props, connect=False)
+    c.connect(expect_ok=False)
+    assert c.connack_rc.value == 0x8C
+    # AUTH without an authentication method at CONNECT: DISCONNECT 0x82 Protocol Error.
+    s = raw_connect(m, "auth-v5", version=5)
+    s.sendall(b"\xf0\x02\x18\x00")  # AUTH, reason 0x18 Continue authentication
+    data = read_until_closed(s)
+    assert data[:1] == b"\xe0" and data[2] == 0x82, data
+    # MQTT 3.1.1 has no AUTH: packet type 15 is reserved, the connection closes.
+    s = raw_connect(m, "auth-v3")
+    s.sendall(b"\xf0\x00")
+    assert read_until_closed(s) == b""
+
+
+def test_broker_section_keep_alive_cap_and_refused_subscriptions(mooring_factory):
+    m = mooring_factory(extra_args=STRICT + [
+        "--set", "broker.max_keep_alive=60",
+        "--set", 'broker.refused_subscriptions=["test/nosubscribe"]',
+    ])
+    c = Client(m, protocol=V5, keepalive=120)
+    assert c.connack_props.ServerKeepAlive == 60
+    assert [g.value for g in c.sub([("test/nosubscribe", 2), ("test/ok", 2)])] == [0x80, 2]
+    c3 = Client(m, keepalive=120)
+    assert c3.sub("test/nosubscribe", 1)[0].value == 0x80
