@@ -5,7 +5,9 @@
 //! `iotMsgIdPrefix` followed by its sequence number (unique within a batch, stable across
 //! retries), the payload unchanged. SiteWise: every stream message must be one JSON
 //! `PutAssetPropertyValueEntry`; a batch becomes one `BatchPutAssetPropertyValue` whose
-//! `entries` are those messages. Messages that cannot succeed as given (malformed JSON, an
+//! `entries` are those messages, sent as appended, or several in order when an entry id
+//! repeats (ids must be unique within a request, so the repeat starts the next request).
+//! Messages that cannot succeed as given (malformed JSON, values or IDs outside the model, an
 //! entry the service rejects as invalid, not found, out of range or denied) are skipped and
 //! reported in `errorMessage`; throttling, internal and unavailable errors, and whole-call
 //! failures, are retried by the engine from the first such message, forever.
