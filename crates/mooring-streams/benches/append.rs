@@ -2,16 +2,25 @@
 //!
 //! For 512 B and 64 KiB messages it measures, on the same filesystem:
 //! - raw buffered sequential `write` of the same bytes (the bandwidth ceiling), and raw
-//!   `write` + `fdatasync` per batch of 16 (the ceiling for group-committed appends);
+//!   `write` + `fdatasync` per batch of 16 (the ceiling for 16 appenders that each wait for
+//!   their acknowledgement: one fsync can acknowledge at most 16 appends);
 //! - Mooring's append path (`StreamManager::append`: validation, framing, CRC32C, segment
-//!   write) with `flushOnWrite=false`, one appender;
+//!   write) with `flushOnWrite=false`, one appender; raw and Mooring alternate for
+//!   `BENCH_ROUNDS` rounds (default 3) and the medians are compared, so a noisy neighbour
+//!   does not decide the ratio;
 //! - the same with `flushOnWrite=true` and 16 concurrent appenders (group commit);
-//! - the full SDK protocol over loopback TCP: 16 connections, each pipelining appends.
+//! - a native Rust client ([`mooring_streams::client::Client`]) over loopback TCP: 16
+//!   connections, each sending one append and waiting for its acknowledgement;
+//! - a native client pipelining appends: 16 connections, many requests in flight each;
+//! - the SDK's scenario: the official Python `stream-manager` SDK, 16 threads with a client
+//!   each, every `append_message` waiting for its acknowledgement (`benches/sdk_appenders.py`,
+//!   run with `BENCH_PYTHON`, default `python3`; a missing SDK is reported, not skipped
+//!   silently).
 //!
 //! Run: `cargo bench -p mooring-streams --no-default-features --bench append` (the AWS
 //! destinations are not needed and dominate a release build; `BENCH_SCALE=0.3` for a
-//! quicker pass, `BENCH_DIR` to pick the disk). Prints MB/s, appends/s and the ratio to the
-//! raw peer.
+//! quicker pass, `BENCH_DIR` to pick the disk). Prints MB/s, appends/s, the ratio to the raw
+//! peer, and whether the targets are met.
 
 use std::fs::File;
 use std::io::Write;
@@ -20,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mooring_core::ServiceContext;
+use mooring_streams::client::Client;
 use mooring_streams::codec::{encode_frame, encode_payload, FrameDecoder};
 use mooring_streams::definition::MessageStreamDefinition;
 use mooring_streams::StreamManagerService;
@@ -49,6 +59,12 @@ fn print(label: &str, f: &Figure, peer: Option<&Figure>) {
         f.per_sec(),
         f.mb_per_sec()
     );
+}
+
+/// The round with the median duration.
+fn median(mut rounds: Vec<Figure>) -> Figure {
+    rounds.sort_by_key(|f| f.took);
+    rounds.swap_remove(rounds.len() / 2)
 }
 
 fn raw_buffered(dir: &std::path::Path, size: usize, count: u64) -> Figure {
@@ -227,6 +243,103 @@ async fn tcp_appends(
     }
 }
 
+/// `appenders` native clients, each appending and awaiting its acknowledgement in turn.
+async fn client_appends(
+    service: &StreamManagerService,
+    addr: std::net::SocketAddr,
+    name: &str,
+    flush: bool,
+    size: usize,
+    count: u64,
+    appenders: u64,
+) -> Figure {
+    service
+        .manager
+        .create(&definition(name, flush))
+        .await
+        .unwrap();
+    let per = count / appenders;
+    let mut clients = Vec::new();
+    for _ in 0..appenders {
+        clients.push(Client::connect(&addr.to_string(), None).await.unwrap());
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        let name = name.to_string();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                client.append(&name, vec![0x37u8; size]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    service.manager.delete(name).await.unwrap();
+    Figure {
+        messages: per * appenders,
+        bytes: per * appenders * size as u64,
+        took,
+    }
+}
+
+/// The Python SDK scenario (`benches/sdk_appenders.py`); `Err` says why it could not run.
+#[allow(clippy::too_many_arguments)]
+async fn sdk_appends(
+    service: &StreamManagerService,
+    addr: std::net::SocketAddr,
+    name: &str,
+    flush: bool,
+    size: usize,
+    count: u64,
+    appenders: u64,
+) -> Result<Figure, String> {
+    service
+        .manager
+        .create(&definition(name, flush))
+        .await
+        .unwrap();
+    let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/sdk_appenders.py");
+    let args: Vec<String> = vec![
+        script.into(),
+        addr.port().to_string(),
+        name.into(),
+        size.to_string(),
+        count.to_string(),
+        appenders.to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python).args(&args).output()
+    })
+    .await
+    .unwrap();
+    service.manager.delete(name).await.unwrap();
+    let output = output.map_err(|e| format!("could not start Python: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let last = stderr.lines().last().unwrap_or_default();
+        return Err(format!("{} {last}", stdout.trim()));
+    }
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("unreadable SDK result: {e}"))?;
+    let messages = result["messages"].as_u64().ok_or("no message count")?;
+    let seconds = result["seconds"].as_f64().ok_or("no duration")?;
+    Ok(Figure {
+        messages,
+        bytes: messages * size as u64,
+        took: Duration::from_secs_f64(seconds),
+    })
+}
+
+fn verdict(label: &str, value: f64, target: f64, unit: &str) {
+    let outcome = if value >= target { "MET" } else { "MISSED" };
+    println!("  target {label}: {value:.2}{unit} (target >= {target}{unit}) {outcome}");
+}
+
 fn main() {
     let scale: f64 = std::env::var("BENCH_SCALE")
         .ok()
@@ -252,25 +365,47 @@ fn main() {
             "stream manager append benchmark (data in {})",
             dir.path().display()
         );
-        for (size, count, fsync_count) in [
-            (512usize, n(200_000), n(40_000)),
-            (64 * 1024, n(3_000), n(1_000)),
+        let rounds: usize = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3)
+            .max(1);
+        for (size, count, fsync_count, sdk_count) in [
+            (512usize, n(200_000), n(40_000), n(8_000)),
+            (64 * 1024, n(6_000), n(1_000), n(800)),
         ] {
             println!("message size {size} B");
-            let raw = raw_buffered(dir.path(), size, count);
-            print("raw buffered sequential write", &raw, None);
-            let m = mooring_appends(&service, "b1", false, size, count, 1).await;
+            let mut raws = Vec::new();
+            let mut moorings = Vec::new();
+            for round in 0..rounds {
+                raws.push(raw_buffered(dir.path(), size, count));
+                let name = format!("b1-{round}");
+                moorings.push(mooring_appends(&service, &name, false, size, count, 1).await);
+            }
+            let raw = median(raws);
+            print("raw buffered sequential write (median)", &raw, None);
+            let m = median(moorings);
             print(
-                "mooring append, flushOnWrite=false, 1 appender",
+                "mooring append, flushOnWrite=false, 1 appender (median)",
                 &m,
                 Some(&raw),
             );
             let t = tcp_appends(&service, addr, "b2", false, size, count, 16).await;
             print(
-                "SDK protocol over TCP, flushOnWrite=false, 16 connections",
+                "native client, flushOnWrite=false, 16 pipelining conns",
                 &t,
                 Some(&raw),
             );
+            let c = client_appends(&service, addr, "b5", false, size, fsync_count, 16).await;
+            print(
+                "native client, flushOnWrite=false, 16 awaiting appenders",
+                &c,
+                Some(&raw),
+            );
+            match sdk_appends(&service, addr, "b7", false, size, sdk_count, 16).await {
+                Ok(f) => print("Python SDK, flushOnWrite=false, 16 appenders", &f, Some(&raw)),
+                Err(why) => println!("  Python SDK scenario not run: {why}"),
+            }
             let raw_sync = raw_fsync_batches(dir.path(), size, fsync_count, 16);
             print("raw write + fdatasync per batch of 16", &raw_sync, None);
             let g = mooring_appends(&service, "b3", true, size, fsync_count, 16).await;
@@ -279,12 +414,41 @@ fn main() {
                 &g,
                 Some(&raw_sync),
             );
+            let cg = client_appends(&service, addr, "b6", true, size, fsync_count, 16).await;
+            print(
+                "native client, flushOnWrite=true, 16 awaiting appenders",
+                &cg,
+                Some(&raw_sync),
+            );
             let tg = tcp_appends(&service, addr, "b4", true, size, fsync_count, 16).await;
             print(
-                "SDK protocol over TCP, flushOnWrite=true, 16 connections",
+                "native client, flushOnWrite=true, 16 pipelining conns",
                 &tg,
                 Some(&raw_sync),
             );
+            match sdk_appends(&service, addr, "b8", true, size, sdk_count, 16).await {
+                Ok(f) => print("Python SDK, flushOnWrite=true, 16 appenders", &f, Some(&raw_sync)),
+                Err(why) => println!("  Python SDK scenario not run: {why}"),
+            }
+            if size == 64 * 1024 {
+                verdict(
+                    "64 KiB append bandwidth / raw buffered",
+                    m.mb_per_sec() / raw.mb_per_sec(),
+                    0.8,
+                    "x",
+                );
+            } else {
+                verdict(
+                    "flushOnWrite appends/s, 16 awaiting appenders (thousands)",
+                    g.per_sec().max(cg.per_sec()) / 1000.0,
+                    50.0,
+                    "k",
+                );
+                println!(
+                    "  (ceiling on this disk for 16 awaiting appenders: 16 per fdatasync = {:.1}k/s)",
+                    raw_sync.per_sec() / 1000.0
+                );
+            }
         }
         ctx.shutdown.trigger();
     });

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use crate::codec::{decode_payload, encode_frame, encode_payload, op, request_id_of};
+use crate::codec::{decode_value, encode_frame, encode_payload, op, request_id_of, typed_view};
 use crate::definition::{validate_name, MessageStreamDefinition, ReadMessagesOptions};
 use crate::model::{MessageStreamInfo, StreamManager};
 use crate::status::{Status, StreamError};
@@ -159,6 +159,18 @@ fn valid_request_id(id: &str) -> bool {
             .all(|c| c.is_alphanumeric() || matches!(c, '_' | ' ' | ',' | '.' | '-'))
 }
 
+/// Moves a byte-string field out of a decoded map (other types stay for the typed view).
+fn take_bytes(value: &mut ciborium::Value, key: &str) -> Option<Vec<u8>> {
+    let entries = value.as_map_mut()?;
+    let at = entries
+        .iter()
+        .position(|(k, v)| k.as_text() == Some(key) && v.is_bytes())?;
+    match entries.remove(at).1 {
+        ciborium::Value::Bytes(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
 /// Decodes one request frame.
 pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request), Rejection> {
     let Some(_) = response_operation(operation) else {
@@ -182,7 +194,13 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
             }),
         }
     };
-    let envelope: Envelope = match decode_payload(payload) {
+    // Decoded once; every typed view below reads this value (a 64 KiB payload is not copied
+    // again per view).
+    let mut value = match decode_value(payload) {
+        Ok(v) => v,
+        Err(message) => return Err(reject(request_id_of(payload), message)),
+    };
+    let envelope: Envelope = match typed_view(&value) {
         Ok(e) => e,
         Err(message) => return Err(reject(request_id_of(payload), message)),
     };
@@ -198,8 +216,7 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
     let id = Some(request_id.clone());
     let request = match operation {
         op::CREATE_MESSAGE_STREAM | op::UPDATE_MESSAGE_STREAM => {
-            let r: DefinitionRequest =
-                decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let r: DefinitionRequest = typed_view(&value).map_err(|m| reject(id.clone(), m))?;
             let Some(definition) = r.definition else {
                 return Err(reject(id, "definition is required".into()));
             };
@@ -210,7 +227,7 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
             }
         }
         op::DELETE_MESSAGE_STREAM | op::DESCRIBE_MESSAGE_STREAM => {
-            let r: NameRequest = decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let r: NameRequest = typed_view(&value).map_err(|m| reject(id.clone(), m))?;
             let name = validate_name("name", r.name.as_deref())
                 .map_err(|e| reject(id.clone(), e.message))?;
             if operation == op::DELETE_MESSAGE_STREAM {
@@ -220,16 +237,17 @@ pub fn decode_request(operation: i8, payload: &[u8]) -> Result<(String, Request)
             }
         }
         op::APPEND_MESSAGE => {
-            let r: AppendRequest = decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let bytes = take_bytes(&mut value, "payload");
+            let r: AppendRequest = typed_view(&value).map_err(|m| reject(id.clone(), m))?;
             let name = validate_name("name", r.name.as_deref())
                 .map_err(|e| reject(id.clone(), e.message))?;
-            let Some(data) = r.payload else {
+            let Some(data) = bytes.or_else(|| r.payload.map(|p| p.into_vec())) else {
                 return Err(reject(id, "payload is required".into()));
             };
-            Request::Append(name, data.into_vec())
+            Request::Append(name, data)
         }
         op::READ_MESSAGES => {
-            let r: ReadRequestWire = decode_payload(payload).map_err(|m| reject(id.clone(), m))?;
+            let r: ReadRequestWire = typed_view(&value).map_err(|m| reject(id.clone(), m))?;
             let name = validate_name("streamName", r.stream_name.as_deref())
                 .map_err(|e| reject(id.clone(), e.message))?;
             Request::Read(name, r.read_messages_options)

@@ -127,7 +127,11 @@ pub fn decode_value(payload: &[u8]) -> Result<Value, String> {
 
 /// Parses a payload into a request type.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    let value = decode_value(payload)?;
+    typed_view(&decode_value(payload)?)
+}
+
+/// Reads an already decoded payload as a request type.
+pub fn typed_view<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
     value
         .deserialized()
         .map_err(|e| format!("malformed request: {e}"))

@@ -14,10 +14,13 @@
 //! segments from the front. Sequence numbers are never reused: when every segment has been
 //! deleted an empty segment named by the next sequence number keeps the counter.
 //!
-//! Durability: an append returns after `pwrite` into the segment file (the page cache
-//! survives a crash of the process). With `flushOnWrite` the caller then awaits
-//! [`StreamLog::sync_through`], a group commit: the first waiter fsyncs the active segment on
-//! behalf of everyone who has written so far, the others find their record already durable.
+//! Durability: an append returns after one `writev` (header and payload, no copy) into the
+//! segment file (the page cache survives a crash of the process). With `flushOnWrite` the
+//! caller then awaits [`StreamLog::sync_through`], a group commit: one waiter at a time
+//! fsyncs the active segment on behalf of everyone who has written so far and then wakes
+//! every waiter at once, so appenders acknowledged together write their next records
+//! together and the next fsync covers them all. A new segment's directory entry is fsynced
+//! only for streams that promise durability (`flushOnWrite`, or when it is switched on).
 //!
 //! Recovery ([`StreamLog::open`]) scans every segment, checks each record's length, CRC and
 //! sequence number, and truncates the file at the first bad record (a torn tail after a
@@ -26,14 +29,14 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Bytes of framing in front of every payload.
 pub const RECORD_HEADER: usize = 24;
@@ -146,7 +149,10 @@ pub struct StreamLog {
     state: Mutex<LogState>,
     /// Highest sequence number known to be fsynced.
     durable: AtomicI64,
-    sync_lock: tokio::sync::Mutex<()>,
+    /// Set while one waiter runs the group's fsync.
+    syncing: AtomicBool,
+    /// Woken (all at once) whenever an fsync finishes.
+    synced: Notify,
     /// Publishes the newest sequence number (and wakes readers on deletion).
     newest: watch::Sender<i64>,
 }
@@ -161,15 +167,30 @@ fn record_crc(seq: i64, ingest: i64, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, payload)
 }
 
-/// Frames one record.
-pub fn encode_record(seq: i64, ingest: i64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&record_crc(seq, ingest, payload).to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&ingest.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
+/// The framing in front of one record's payload.
+fn record_header(seq: i64, ingest: i64, payload: &[u8]) -> [u8; RECORD_HEADER] {
+    let mut header = [0u8; RECORD_HEADER];
+    header[0..4].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    header[4..8].copy_from_slice(&record_crc(seq, ingest, payload).to_be_bytes());
+    header[8..16].copy_from_slice(&seq.to_be_bytes());
+    header[16..24].copy_from_slice(&ingest.to_be_bytes());
+    header
+}
+
+/// Appends header and payload to a segment opened for appending, with as few `writev`
+/// calls as the kernel allows (one, in practice).
+fn append_record(mut file: &File, header: &[u8], payload: &[u8]) -> std::io::Result<()> {
+    let mut slices = [IoSlice::new(header), IoSlice::new(payload)];
+    let mut remaining = &mut slices[..];
+    while !remaining.is_empty() {
+        match file.write_vectored(remaining) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut remaining, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -229,6 +250,17 @@ fn scan_segment(path: &Path, first_seq: i64) -> std::io::Result<ScannedSegment> 
     })
 }
 
+/// The running group-commit fsync; when it ends (or its future is dropped) another waiter
+/// may start the next one.
+struct SyncLeader<'a>(&'a StreamLog);
+
+impl Drop for SyncLeader<'_> {
+    fn drop(&mut self) {
+        self.0.syncing.store(false, Ordering::Release);
+        self.0.synced.notify_waiters();
+    }
+}
+
 impl StreamLog {
     /// A log that lives only in memory.
     pub fn in_memory(limits: LogLimits) -> StreamLog {
@@ -255,7 +287,8 @@ impl StreamLog {
         StreamLog {
             state: Mutex::new(state),
             durable: AtomicI64::new(newest),
-            sync_lock: tokio::sync::Mutex::new(()),
+            syncing: AtomicBool::new(false),
+            synced: Notify::new(),
             newest: watch::channel(newest).0,
         }
     }
@@ -290,7 +323,8 @@ impl StreamLog {
                 }
             }
             let scanned = scan_segment(&path, first_seq)?;
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            // O_APPEND: every record lands at the end, wherever recovery truncated it.
+            let file = OpenOptions::new().read(true).append(true).open(&path)?;
             if scanned.valid_len < scanned.file_len {
                 tracing::warn!(
                     path = %path.display(),
@@ -335,6 +369,12 @@ impl StreamLog {
     /// Applies new limits; retention is enforced at once.
     pub fn set_limits(&self, limits: LogLimits, now_millis: i64) -> Result<(), LogError> {
         let mut state = lock(&self.state);
+        if limits.flush_on_write && !state.limits.flush_on_write {
+            // Segments started without the promise: make their directory entries durable.
+            if let Some(dir) = &state.dir {
+                sync_dir(dir)?;
+            }
+        }
         state.limits = limits;
         if limits.overwrite_oldest {
             while state.total_bytes > limits.max_size && state.drop_oldest()? {}
@@ -386,8 +426,8 @@ impl StreamLog {
         let offset = active.bytes as u64;
         match &mut active.data {
             SegmentData::File { file, .. } => {
-                let record = encode_record(seq, now_millis, payload);
-                if let Err(e) = file.write_all_at(&record, offset) {
+                let header = record_header(seq, now_millis, payload);
+                if let Err(e) = append_record(file, &header, payload) {
                     // Leave no partial record behind for the next append to follow.
                     let _ = file.set_len(offset);
                     return Err(e.into());
@@ -412,15 +452,38 @@ impl StreamLog {
     }
 
     /// Waits until every record up to `seq` is fsynced, sharing one fsync among all
-    /// concurrent callers (group commit).
+    /// concurrent callers (group commit): whoever finds no fsync running runs one for
+    /// everything written so far, and its end wakes every waiter at once.
     pub async fn sync_through(&self, seq: i64) -> Result<(), LogError> {
-        if self.durable.load(Ordering::Acquire) >= seq {
-            return Ok(());
+        loop {
+            if self.durable.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            let finished = self.synced.notified();
+            tokio::pin!(finished);
+            // Registered before the checks below, so an fsync ending in between still wakes us.
+            finished.as_mut().enable();
+            if self.durable.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            if self
+                .syncing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // Hands the role on even if this future is dropped mid-fsync.
+                let _leader = SyncLeader(self);
+                self.sync_written().await?;
+            } else {
+                finished.await;
+            }
         }
-        let _leader = self.sync_lock.lock().await;
-        if self.durable.load(Ordering::Acquire) >= seq {
-            return Ok(());
-        }
+    }
+
+    /// One group-commit fsync: everything written before it starts becomes durable.
+    async fn sync_written(&self) -> Result<(), LogError> {
+        // Let appenders that are ready to run write first, so this fsync covers them too.
+        tokio::task::yield_now().await;
         let (file, target) = {
             let state = lock(&self.state);
             let file = match state.segments.back().map(|s| &s.data) {
@@ -590,11 +653,14 @@ impl LogState {
                 let path = segment_path(dir, self.next_seq);
                 let file = OpenOptions::new()
                     .read(true)
-                    .write(true)
+                    .append(true)
                     .create(true)
-                    .truncate(true)
                     .open(&path)?;
-                sync_dir(dir)?;
+                // A leftover file of that name holds nothing this log still indexes.
+                file.set_len(0)?;
+                if self.limits.flush_on_write {
+                    sync_dir(dir)?;
+                }
                 SegmentData::File {
                     file: Arc::new(file),
                     path,

@@ -5,7 +5,9 @@
 //! `iotMsgIdPrefix` followed by its sequence number (unique within a batch, stable across
 //! retries), the payload unchanged. SiteWise: every stream message must be one JSON
 //! `PutAssetPropertyValueEntry`; a batch becomes one `BatchPutAssetPropertyValue` whose
-//! `entries` are those messages. Messages that cannot succeed as given (malformed JSON, an
+//! `entries` are those messages, sent as appended, or several in order when an entry id
+//! repeats (ids must be unique within a request, so the repeat starts the next request).
+//! Messages that cannot succeed as given (malformed JSON, values or IDs outside the model, an
 //! entry the service rejects as invalid, not found, out of range or denied) are skipped and
 //! reported in `errorMessage`; throttling, internal and unavailable errors, and whole-call
 //! failures, are retried by the engine from the first such message, forever.
@@ -219,6 +221,18 @@ pub fn parse_entry(payload: &[u8]) -> Result<sw::PutAssetPropertyValueEntry, Str
         (None, Some(_), Some(_)) => {}
         _ => return Err("an entry needs propertyAlias, or assetId and propertyId".into()),
     }
+    for (member, id) in [
+        ("assetId", &entry.asset_id),
+        ("propertyId", &entry.property_id),
+    ] {
+        if let Some(id) = id {
+            if !is_sitewise_id(id) {
+                return Err(format!(
+                    "{member} {id:?} must be a SiteWise ID: a lower-case, non-nil UUID"
+                ));
+            }
+        }
+    }
     if entry.property_values.is_empty() || entry.property_values.len() > 10 {
         return Err(format!(
             "propertyValues must hold 1 to 10 values, got {}",
@@ -234,6 +248,19 @@ pub fn parse_entry(payload: &[u8]) -> Result<sw::PutAssetPropertyValueEntry, Str
         builder = builder.property_values(parse_value(value)?);
     }
     builder.build().map_err(|e| e.to_string())
+}
+
+/// SiteWise's `ID` shape: 36 characters, a lower-case UUID in its hyphenated form, not the
+/// nil UUID. The service refuses a whole request holding another value, so such an entry is
+/// skipped rather than sent.
+fn is_sitewise_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    bytes.len() == 36
+        && id != "00000000-0000-0000-0000-000000000000"
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(b),
+        })
 }
 
 fn parse_value(value: ValueJson) -> Result<sw::AssetPropertyValue, String> {
@@ -273,13 +300,14 @@ fn parse_value(value: ValueJson) -> Result<sw::AssetPropertyValue, String> {
     if !(1..=MAX_TIME_IN_SECONDS).contains(&seconds) {
         return Err(format!("timeInSeconds {seconds} is out of range"));
     }
-    let nanos = value.timestamp.offset_in_nanos.unwrap_or(0);
-    if !(0..=999_999_999).contains(&nanos) {
+    // An absent offset stays absent (the entry goes out as appended; SiteWise reads it as 0).
+    let nanos = value.timestamp.offset_in_nanos;
+    if let Some(nanos) = nanos.filter(|n| !(0..=999_999_999).contains(n)) {
         return Err(format!("offsetInNanos {nanos} is out of range"));
     }
     let timestamp = sw::TimeInNanos::builder()
         .time_in_seconds(seconds)
-        .offset_in_nanos(nanos as i32)
+        .set_offset_in_nanos(nanos.map(|n| n as i32))
         .build()
         .map_err(|e| e.to_string())?;
     let quality = match value.quality.as_deref() {
@@ -311,7 +339,81 @@ pub struct IotSiteWiseDestination {
     pub client: aws_sdk_iotsitewise::Client,
 }
 
+/// The next SiteWise request from the front of `messages`: every message up to (not
+/// including) the first whose entry id the request already holds, since the entry ids of one
+/// `BatchPutAssetPropertyValue` must be unique. Messages that are not valid entries get their
+/// result at once (`Some`); the entries to send get `None`, in order.
+struct SiteWiseRequest {
+    results: Vec<Option<MessageResult>>,
+    entries: Vec<sw::PutAssetPropertyValueEntry>,
+}
+
+fn next_sitewise_request(messages: &[StoredMessage]) -> SiteWiseRequest {
+    let mut request = SiteWiseRequest {
+        results: Vec::new(),
+        entries: Vec::new(),
+    };
+    for message in messages {
+        match parse_entry(&message.payload) {
+            Ok(entry) => {
+                if request
+                    .entries
+                    .iter()
+                    .any(|held| held.entry_id() == entry.entry_id())
+                {
+                    break;
+                }
+                request.entries.push(entry);
+                request.results.push(None);
+            }
+            Err(why) => request.results.push(Some(MessageResult::Rejected(why))),
+        }
+    }
+    request
+}
+
+/// The result of each message of a request, given SiteWise's answer.
+fn sitewise_results(
+    request: SiteWiseRequest,
+    response: Option<&aws_sdk_iotsitewise::operation::batch_put_asset_property_value::BatchPutAssetPropertyValueOutput>,
+) -> Vec<MessageResult> {
+    let mut sent = request.entries.iter().map(|e| e.entry_id());
+    request
+        .results
+        .into_iter()
+        .map(|result| {
+            if let Some(result) = result {
+                return result;
+            }
+            let id = sent.next().expect("one entry per message sent");
+            let failure =
+                response.and_then(|r| r.error_entries().iter().find(|e| e.entry_id() == id));
+            let Some(failure) = failure else {
+                return MessageResult::Delivered;
+            };
+            let why = failure
+                .errors()
+                .iter()
+                .map(|e| format!("{}: {}", e.error_code().as_str(), e.error_message()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let why = format!("SiteWise rejected entry {id}: {why}");
+            if failure
+                .errors()
+                .iter()
+                .any(|e| sitewise_code_is_retryable(e.error_code().as_str()))
+            {
+                MessageResult::Retry(why)
+            } else {
+                MessageResult::Rejected(why)
+            }
+        })
+        .collect()
+}
+
 impl Destination for IotSiteWiseDestination {
+    /// Sends the batch as one request, or as several in order when entry ids repeat (a
+    /// repeated id goes in the following request); stops at the first retryable failure.
     fn send<'a>(
         &'a self,
         _stream: &'a str,
@@ -319,32 +421,17 @@ impl Destination for IotSiteWiseDestination {
         batch: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<BatchOutcome, String>> {
         Box::pin(async move {
-            // Parse every message; a batch ends before an entry id it already holds, since a
-            // request's entry ids must be unique.
-            let mut results: Vec<Option<MessageResult>> = Vec::new();
-            let mut entries = Vec::new();
-            let mut ids: Vec<String> = Vec::new();
-            for message in batch {
-                match parse_entry(&message.payload) {
-                    Ok(entry) => {
-                        if ids.iter().any(|id| id == entry.entry_id()) {
-                            break;
-                        }
-                        ids.push(entry.entry_id().to_string());
-                        entries.push(entry);
-                        results.push(None);
-                    }
-                    Err(why) => results.push(Some(MessageResult::Rejected(why))),
-                }
-            }
-            let sent_ids = ids;
-            let response = if entries.is_empty() {
-                None
-            } else {
-                Some(
-                    self.client
+            let mut results: Vec<MessageResult> = Vec::with_capacity(batch.len());
+            let mut call_error = None;
+            while results.len() < batch.len() {
+                let request = next_sitewise_request(&batch[results.len()..]);
+                let response = if request.entries.is_empty() {
+                    None
+                } else {
+                    let sent = self
+                        .client
                         .batch_put_asset_property_value()
-                        .set_entries(Some(entries))
+                        .set_entries(Some(request.entries.clone()))
                         .send()
                         .await
                         .map_err(|e| {
@@ -352,44 +439,33 @@ impl Destination for IotSiteWiseDestination {
                                 "IoT SiteWise BatchPutAssetPropertyValue failed: {}",
                                 aws_sdk_iotsitewise::error::DisplayErrorContext(e)
                             )
-                        })?,
-                )
-            };
-            let mut sent = sent_ids.iter();
-            let results: Vec<MessageResult> = results
-                .into_iter()
-                .map(|result| {
-                    if let Some(result) = result {
-                        return result;
+                        });
+                    match sent {
+                        Ok(response) => Some(response),
+                        Err(e) if results.is_empty() => return Err(e),
+                        Err(e) => {
+                            call_error = Some(e);
+                            break;
+                        }
                     }
-                    let id = sent.next().expect("one id per sent entry");
-                    let failure = response.as_ref().and_then(|r| {
-                        r.error_entries()
-                            .iter()
-                            .find(|e| e.entry_id() == id.as_str())
-                    });
-                    let Some(failure) = failure else {
-                        return MessageResult::Delivered;
-                    };
-                    let why = failure
-                        .errors()
-                        .iter()
-                        .map(|e| format!("{}: {}", e.error_code().as_str(), e.error_message()))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let why = format!("SiteWise rejected entry {id}: {why}");
-                    if failure
-                        .errors()
-                        .iter()
-                        .any(|e| sitewise_code_is_retryable(e.error_code().as_str()))
-                    {
-                        MessageResult::Retry(why)
-                    } else {
-                        MessageResult::Rejected(why)
-                    }
-                })
-                .collect();
-            Ok(outcome_of(&batch[..results.len()], &results))
+                };
+                let request_results = sitewise_results(request, response.as_ref());
+                let retry = request_results
+                    .iter()
+                    .any(|r| matches!(r, MessageResult::Retry(_)));
+                results.extend(request_results);
+                if retry {
+                    break;
+                }
+            }
+            let mut outcome = outcome_of(&batch[..results.len()], &results);
+            if let Some(e) = call_error {
+                outcome.error = Some(match outcome.error {
+                    Some(skipped) => format!("{skipped}; {e}"),
+                    None => e,
+                });
+            }
+            Ok(outcome)
         })
     }
 }
@@ -449,6 +525,14 @@ mod tests {
         assert_eq!(value.value().unwrap().double_value(), Some(21.5));
         assert_eq!(value.timestamp().unwrap().offset_in_nanos(), Some(5));
         assert_eq!(value.quality().map(|q| q.as_str()), Some("GOOD"));
+        let entry = parse_entry(
+            br#"{"entryId":"e2","propertyAlias":"/p","propertyValues":[
+                {"value":{"integerValue":3},"timestamp":{"timeInSeconds":1700000000}}]}"#,
+        )
+        .unwrap();
+        let value = &entry.property_values()[0];
+        assert_eq!(value.timestamp().unwrap().offset_in_nanos(), None);
+        assert_eq!(value.quality(), None);
     }
 
     #[test]
@@ -487,6 +571,14 @@ mod tests {
                 r#"{"entryId":"e","propertyAlias":"a","propertyValues":[{"value":{"integerValue":4294967296},"timestamp":{"timeInSeconds":1}}]}"#,
                 "integerValue",
             ),
+            (
+                r#"{"entryId":"e","assetId":"a1b2","propertyId":"7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6f","propertyValues":[{"value":{"integerValue":1},"timestamp":{"timeInSeconds":1}}]}"#,
+                "assetId \"a1b2\" must be a SiteWise ID",
+            ),
+            (
+                r#"{"entryId":"e","assetId":"7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6f","propertyId":"7E3F8A2C-0D4B-4C5E-9F60-1A2B3C4D5E6F","propertyValues":[{"value":{"integerValue":1},"timestamp":{"timeInSeconds":1}}]}"#,
+                "propertyId",
+            ),
         ];
         for (payload, expected) in cases {
             let err = parse_entry(payload.as_bytes()).unwrap_err();
@@ -512,6 +604,75 @@ mod tests {
         let error = outcome.error.unwrap();
         assert!(error.contains("message 1 skipped: bad"), "{error}");
         assert!(error.contains("message 2 will be retried: busy"), "{error}");
+    }
+
+    #[test]
+    fn sitewise_ids_are_lower_case_non_nil_uuids() {
+        assert!(is_sitewise_id("7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6f"));
+        for bad in [
+            "",
+            "a1b2",
+            "00000000-0000-0000-0000-000000000000",
+            "7E3F8A2C-0D4B-4C5E-9F60-1A2B3C4D5E6F",
+            "7e3f8a2c0d4b4c5e9f601a2b3c4d5e6f",
+            "7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6g",
+            "7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6f0",
+            "{7e3f8a2c-0d4b-4c5e-9f60-1a2b3c4d5e6}",
+        ] {
+            assert!(!is_sitewise_id(bad), "{bad}");
+        }
+    }
+
+    fn entry(id: &str) -> String {
+        format!(
+            r#"{{"entryId":"{id}","propertyAlias":"/p","propertyValues":[{{"value":{{"doubleValue":1.0}},"timestamp":{{"timeInSeconds":1700000000}}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn a_repeated_entry_id_starts_the_next_request() {
+        let payloads = [
+            entry("a"),
+            "not json".to_string(),
+            entry("b"),
+            entry("a"),
+            entry("c"),
+            entry("a"),
+        ];
+        let batch: Vec<_> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| message(i as i64, p))
+            .collect();
+        let mut requests = Vec::new();
+        let mut next = 0;
+        while next < batch.len() {
+            let request = next_sitewise_request(&batch[next..]);
+            next += request.results.len();
+            let ids: Vec<_> = request
+                .entries
+                .iter()
+                .map(|e| e.entry_id().to_string())
+                .collect();
+            let skipped = request.results.iter().filter(|r| r.is_some()).count();
+            requests.push((ids, skipped));
+        }
+        assert_eq!(
+            requests,
+            [
+                (vec!["a".to_string(), "b".to_string()], 1),
+                (vec!["a".to_string(), "c".to_string()], 0),
+                (vec!["a".to_string()], 0),
+            ]
+        );
+        // Without a response every sent entry counts as delivered, skipped ones stay skipped.
+        let results = sitewise_results(next_sitewise_request(&batch), None);
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0], MessageResult::Delivered);
+        assert!(
+            matches!(&results[1], MessageResult::Rejected(why) if why.contains("not a PutAssetPropertyValueEntry"))
+        );
+        assert_eq!(results[2], MessageResult::Delivered);
     }
 
     #[test]
