@@ -807,14 +807,42 @@ def test_stream_deleted_during_ingest(mooring):
     arn = create(kv, "doomed", retention=1)
     pm = PutMedia(mooring, "doomed")
     pm.send(mkv_header() + mkv_cluster(1000))
-    pm.send(mkv_cluster(2000))
-    pm.wait_for(lambda a: a["EventType"] == "PERSISTED")
+    pm.send(mkv_cluster(2000) + mkv_tags([("AWS_KINESISVIDEO_END_OF_FRAGMENT", "")]))
+    # Both fragments stored: the deletion falls between fragments.
+    pm.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == 2000)
     kv.delete_stream(StreamARN=arn)
     pm.send(mkv_cluster(3000))
     pm.send(mkv_cluster(4000))
     acks = pm.all_acks()
     err = error_of(acks)
     assert err["ErrorId"] == 4008 and err["ErrorCode"] == "STREAM_NOT_ACTIVE"
+    # The refused cluster is matched by its timecode; it never got a number (the stream is
+    # gone), unlike a fragment caught mid-way (4507, below).
+    assert err["FragmentTimecode"] == 3000 and "FragmentNumber" not in err
+
+
+def test_stream_deleted_mid_fragment_gives_4507(mooring):
+    """The fragment being received when its stream is deleted is lost with the stream:
+    ERROR 4507 STREAM_DELETED for it (4008 is for fragments starting after the deletion)."""
+    kv = mooring.client("kinesisvideo")
+    arn = create(kv, "doomed-mid", retention=1)
+    pm = PutMedia(mooring, "doomed-mid")
+    second = mkv_cluster(2000, frame=b"y" * 64)
+    pm.send(mkv_header() + mkv_cluster(1000))
+    pm.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == 1000)
+    pm.send(second[:-32])  # up to the middle of the frame
+    pm.wait_for(lambda a: a["EventType"] == "BUFFERING" and a["FragmentTimecode"] == 2000)
+    kv.delete_stream(StreamARN=arn)
+    pm.send(second[-32:])
+    pm.end()
+    acks = pm.all_acks()
+    err = error_of(acks)
+    assert (err["ErrorId"], err["ErrorCode"], err["FragmentTimecode"]) == (4507, "STREAM_DELETED", 2000)
+    assert re.fullmatch(r"\d{47}", err["FragmentNumber"])
+    assert ("RECEIVED", 2000) not in [(a["EventType"], a.get("FragmentTimecode")) for a in acks]
+    with pytest.raises(ClientError) as e:
+        kv.describe_stream(StreamName="doomed-mid")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
 
 
 def test_connection_age_limit_idle_acks_and_idle_close(mooring_factory):
@@ -1173,7 +1201,6 @@ def test_getmedia_error_tags_when_fragment_media_is_gone(mooring_factory):
 
 # ---------------------------------------------------------------- quotas
 
-@pytest.mark.xfail(strict=True, reason="open (issue 7): the TPS admission check does not refuse over-quota calls yet")
 def test_tps_limits_and_point_budgets(mooring_factory):
     m = mooring_factory(extra_args=["--set", "video.rate_limits=true"])
     kv = m.client("kinesisvideo")
@@ -1254,14 +1281,16 @@ def test_putmedia_and_getmedia_bandwidth_caps(mooring_factory, ffmpeg_mkv):
 
 # ---------------------------------------------------------------- one PutMedia connection per stream
 
-@pytest.mark.xfail(strict=True, reason="open (issue 7): the older PutMedia connection is not ended when a newer one takes over")
 def test_newer_putmedia_connection_takes_over(mooring):
     kv = mooring.client("kinesisvideo")
     create(kv, "rotate", retention=1)
     base = int(time.time() * 1000) - 60_000
     old = PutMedia(mooring, "rotate")
     second = mkv_cluster(base + 2000)
-    old.send(mkv_header() + mkv_cluster(base) + second[:10])
+    # Cut inside the frame, after the cluster's Timecode: BUFFERING carries the timecode, so
+    # it can only be sent once the whole Timecode element (bytes 5..13 here) is in.
+    cut = len(second) - 8
+    old.send(mkv_header() + mkv_cluster(base) + second[:cut])
     old.wait_for(lambda a: a["EventType"] == "BUFFERING" and a["FragmentTimecode"] == base + 2000)
 
     # The producer rotates its connection in the middle of a fragment.
@@ -1271,7 +1300,7 @@ def test_newer_putmedia_connection_takes_over(mooring):
 
     # The old connection finishes the fragment it was sending, then its response ends; the
     # cluster it starts afterwards is not taken.
-    old.send(second[10:] + mkv_cluster(base + 6000))
+    old.send(second[cut:] + mkv_cluster(base + 6000))
     rest = old.all_acks(timeout=20)
     events = [(a["EventType"], a.get("FragmentTimecode")) for a in non_idle(rest)]
     assert ("PERSISTED", base + 2000) in events

@@ -1,7 +1,7 @@
 //! KVS quotas: who may call, how often, and how fast.
 //!
-//! - **TPS** (spec 6.1 and 6.2): a token bucket per (operation, account) and per
-//!   (operation, stream), each holding one second's worth; an empty bucket answers 400
+//! - **TPS** (spec 6.1 and 6.2): a sliding one-second window per (operation, account) and
+//!   per (operation, stream); a call that would exceed it answers 400
 //!   `ClientLimitExceededException`. ListFragments draws `MaxResults` points from the
 //!   stream's 10,000/s fragment-metadata budget, GetMediaForFragmentList one point per
 //!   fragment from its 500/s fragment-media budget.
@@ -16,7 +16,7 @@
 //! The TPS limits apply with `rate_limits = true` in `[video]` (off by default); the
 //! bandwidth caps, connection limits and PutMedia ownership always apply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,21 +24,48 @@ use tokio::sync::watch;
 
 use crate::model::{ErrorKind, VideoError, VideoResult};
 
-/// Tokens per second and the bucket holding at most one second of them.
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// What one scope spent in the current window: each admitted call's cost and when it
+/// stops counting.
+#[derive(Default)]
+struct Window {
+    spent: VecDeque<(Instant, f64)>,
+    total: f64,
 }
 
-/// The TPS buckets of every scope.
+impl Window {
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(until, cost)) = self.spent.front() {
+            if until > now {
+                break;
+            }
+            self.total -= cost;
+            self.spent.pop_front();
+        }
+        if self.spent.is_empty() {
+            self.total = 0.0;
+        }
+    }
+}
+
+/// Above this many scopes, the empty windows are dropped.
+const PRUNE_ABOVE: usize = 4096;
+
+/// The sliding one-second windows of every scope.
+///
+/// A limit of N per second means at most N calls (or points) in any one-second span, which
+/// is what a client counting its calls expects: six DescribeStream calls inside a second
+/// are refused however quickly or slowly the first five came. (A refilling token bucket
+/// would let a slow client's sixth call through.) A single call costing more than a whole
+/// second's budget (GetMediaForFragmentList of 1,000 fragments against 500 points/s) is
+/// admitted when nothing else is counted, and counts for as many seconds as it costs.
 #[derive(Default)]
 pub struct RateLimits {
-    buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
+    windows: Mutex<HashMap<(String, &'static str), Window>>,
 }
 
 impl RateLimits {
-    /// Takes `cost` tokens from `scope`'s bucket refilled at `rate` per second; false when
-    /// there are not enough.
+    /// Spends `cost` from `scope`'s window of `rate` per second; false (and nothing spent)
+    /// when that would exceed the rate.
     pub fn take(
         &self,
         scope: &str,
@@ -47,18 +74,21 @@ impl RateLimits {
         cost: f64,
         now: Instant,
     ) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry((scope.to_string(), kind)).or_insert(Bucket {
-            tokens: rate,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
-        bucket.at = now;
-        if bucket.tokens + 1e-9 < cost {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if windows.len() > PRUNE_ABOVE {
+            windows.retain(|_, w| {
+                w.expire(now);
+                !w.spent.is_empty()
+            });
+        }
+        let window = windows.entry((scope.to_string(), kind)).or_default();
+        window.expire(now);
+        if !window.spent.is_empty() && window.total + cost > rate + 1e-9 {
             return false;
         }
-        bucket.tokens -= cost;
+        let counts_for = Duration::from_secs_f64((cost / rate).max(1.0));
+        window.spent.push_back((now + counts_for, cost));
+        window.total += cost;
         true
     }
 }
@@ -76,6 +106,7 @@ pub fn tps_of(path: &str) -> (Option<f64>, Option<f64>) {
         | "/updateStream" => (Some(50.0), Some(5.0)),
         "/listStreams" => (Some(50.0), None),
         "/putMedia" | "/getMedia" => (None, Some(5.0)),
+        "/getHLSStreamingSessionURL" | "/getDASHStreamingSessionURL" => (None, Some(25.0)),
         _ => (None, None),
     }
 }
@@ -125,14 +156,16 @@ impl Admission {
         }
         let now = Instant::now();
         let (account, per_stream) = tps_of(path);
-        if let Some(rate) = account {
-            if !self.rates.take("", kind_of(path), rate, 1.0, now) {
-                return Err(throttled(&format!("{path} on this account")));
-            }
-        }
+        // The stream's window first: refused there (the usual case), the call does not
+        // count against the account. (Stream names are never empty, the account's scope.)
         if let (Some(rate), Some(stream)) = (per_stream, stream) {
             if !self.rates.take(stream, kind_of(path), rate, 1.0, now) {
                 return Err(throttled(&format!("{path} on stream {stream}")));
+            }
+        }
+        if let Some(rate) = account {
+            if !self.rates.take("", kind_of(path), rate, 1.0, now) {
+                return Err(throttled(&format!("{path} on this account")));
             }
         }
         Ok(())
@@ -233,6 +266,8 @@ fn kind_of(path: &str) -> &'static str {
         "/getMedia" => "GetMedia",
         "/listFragments" => "ListFragments",
         "/getMediaForFragmentList" => "GetMediaForFragmentList",
+        "/getHLSStreamingSessionURL" => "GetHLSStreamingSessionURL",
+        "/getDASHStreamingSessionURL" => "GetDASHStreamingSessionURL",
         _ => "other",
     }
 }
@@ -297,6 +332,18 @@ mod tests {
         for _ in 0..100 {
             admission.admit("/listFragments", Some("cam")).unwrap();
         }
+        // Playback session URLs: 25 per second per stream, HLS and DASH counted apart.
+        for _ in 0..25 {
+            admission
+                .admit("/getHLSStreamingSessionURL", Some("cam"))
+                .unwrap();
+        }
+        assert!(admission
+            .admit("/getHLSStreamingSessionURL", Some("cam"))
+            .is_err());
+        admission
+            .admit("/getDASHStreamingSessionURL", Some("cam"))
+            .unwrap();
         let off = Admission::new(false);
         for _ in 0..100 {
             off.admit("/describeStream", Some("cam")).unwrap();
@@ -304,16 +351,40 @@ mod tests {
     }
 
     #[test]
-    fn buckets_refill_at_the_rate() {
+    fn a_window_counts_the_last_second() {
         let rates = RateLimits::default();
         let t0 = Instant::now();
-        for _ in 0..5 {
-            assert!(rates.take("s", "x", 5.0, 1.0, t0));
+        let ms = Duration::from_millis;
+        // Five calls spread over 0.8 s fill the window; a sixth inside the second is
+        // refused however slowly the first five came.
+        for i in 0..5 {
+            assert!(rates.take("s", "x", 5.0, 1.0, t0 + ms(200 * i)));
         }
-        assert!(!rates.take("s", "x", 5.0, 1.0, t0));
-        assert!(rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
-        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
-        assert!(!rates.take("s", "y", 500.0, 501.0, t0));
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + ms(900)));
+        // The first call stops counting one second after it was made.
+        assert!(rates.take("s", "x", 5.0, 1.0, t0 + ms(1000)));
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + ms(1100)));
+        // Scopes and kinds are separate.
+        assert!(rates.take("t", "x", 5.0, 1.0, t0));
+        assert!(rates.take("s", "y", 5.0, 1.0, t0));
+    }
+
+    #[test]
+    fn points_are_spent_by_cost_and_oversized_calls_count_longer() {
+        let rates = RateLimits::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..10 {
+            assert!(rates.take("s", "meta", 10_000.0, 1000.0, t0 + ms(50 * i)));
+        }
+        assert!(!rates.take("s", "meta", 10_000.0, 1.0, t0 + ms(600)));
+        // A refused call spends nothing.
+        assert!(rates.take("s", "meta", 10_000.0, 1000.0, t0 + ms(1000)));
+        // 1,000 fragments against 500 points/s: admitted alone, then counts for 2 s.
+        assert!(rates.take("s", "media", 500.0, 1000.0, t0));
+        assert!(!rates.take("s", "media", 500.0, 1.0, t0 + ms(1500)));
+        assert!(rates.take("s", "media", 500.0, 1.0, t0 + ms(2000)));
+        assert!(!rates.take("s", "media", 500.0, 500.0, t0 + ms(2100)));
     }
 
     #[test]
