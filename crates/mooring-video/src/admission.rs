@@ -4,7 +4,8 @@
 //!   per (operation, stream); a call that would exceed it answers 400
 //!   `ClientLimitExceededException`. ListFragments draws `MaxResults` points from the
 //!   stream's 10,000/s fragment-metadata budget, GetMediaForFragmentList one point per
-//!   fragment from its 500/s fragment-media budget.
+//!   fragment from its 500/s fragment-media budget; GetClip and the HLS/DASH session
+//!   resources draw from the same budgets, and the session resources have per-session TPS.
 //! - **Bandwidth**: PutMedia reads at most `put_media_bytes_per_sec` per stream (12.5 MB/s)
 //!   and GetMedia writes at most `get_media_bytes_per_sec` per session (25 MB/s); both pace
 //!   the connection rather than fail it, which is what a producer or consumer over quota
@@ -220,6 +221,51 @@ impl Admission {
         self.points(stream, "media-points", MEDIA_POINTS, points)
     }
 
+    /// Checks a playback session resource (HLS, DASH): its per-session TPS (spec 6.2: 5
+    /// for playlists, manifests and init fragments, 20 for media and TS fragments), then
+    /// the stream budget points it costs (spec 6.3): a media playlist or manifest its
+    /// fragment limit in metadata points, a media or TS fragment one media point.
+    pub fn admit_session_resource(
+        &self,
+        session_id: &str,
+        stream_arn: &str,
+        resource: &str,
+        max_fragments: usize,
+    ) -> VideoResult<()> {
+        if !self.rate_limits_enabled {
+            return Ok(());
+        }
+        let (kind, tps, metadata, media) = match resource {
+            "getHLSMasterPlaylist.m3u8" => ("GetHLSMasterPlaylist", 5.0, 0, 0),
+            "getMP4InitFragment.mp4" => ("GetMP4InitFragment", 5.0, 0, 0),
+            "getHLSMediaPlaylist.m3u8" => ("GetHLSMediaPlaylist", 5.0, max_fragments, 0),
+            "getDASHManifest.mpd" => ("GetDASHManifest", 5.0, max_fragments, 0),
+            "getMP4MediaFragment.mp4" => ("GetMP4MediaFragment", 20.0, 0, 1),
+            "getTSFragment.ts" => ("GetTSFragment", 20.0, 0, 1),
+            _ => return Ok(()),
+        };
+        // Session ids never contain ':', stream names neither: the scopes stay apart.
+        let scope = format!("session:{session_id}");
+        if !self.rates.take(&scope, kind, tps, 1.0, Instant::now()) {
+            return Err(throttled(&format!("{kind} in this playback session")));
+        }
+        let stream = stream_scope(None, Some(stream_arn)).unwrap_or_default();
+        if metadata > 0 {
+            self.metadata_points(&stream, metadata as f64)?;
+        }
+        if media > 0 {
+            self.media_points(&stream, media as f64)?;
+        }
+        Ok(())
+    }
+
+    /// GetClip: the fragments in the clip, from both of the stream's budgets (spec 6.3).
+    pub fn clip_points(&self, stream_arn: &str, fragments: usize) -> VideoResult<()> {
+        let stream = stream_scope(None, Some(stream_arn)).unwrap_or_default();
+        self.metadata_points(&stream, fragments as f64)?;
+        self.media_points(&stream, fragments as f64)
+    }
+
     fn points(&self, stream: &str, kind: &'static str, rate: f64, points: f64) -> VideoResult<()> {
         if !self.rate_limits_enabled {
             return Ok(());
@@ -385,6 +431,39 @@ mod tests {
         assert!(!rates.take("s", "media", 500.0, 1.0, t0 + ms(1500)));
         assert!(rates.take("s", "media", 500.0, 1.0, t0 + ms(2000)));
         assert!(!rates.take("s", "media", 500.0, 500.0, t0 + ms(2100)));
+    }
+
+    #[test]
+    fn session_resources_have_session_tps_and_share_the_stream_budgets() {
+        let admission = Admission::new(true);
+        let arn = "arn:aws:kinesisvideo:us-east-1:000000000000:stream/cam/1700000000000";
+        for _ in 0..20 {
+            admission
+                .admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+                .unwrap();
+        }
+        assert!(admission
+            .admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+            .is_err());
+        admission
+            .admit_session_resource("s2", arn, "getTSFragment.ts", 5)
+            .unwrap();
+        // 21 media points spent on `cam`; a 480-fragment clip fits, one more does not.
+        admission.clip_points(arn, 479).unwrap();
+        assert!(admission.clip_points(arn, 1).is_err());
+        // Metadata: two 5,000-fragment playlists, then ListFragments is over budget.
+        let other = "arn:aws:kinesisvideo:us-east-1:000000000000:stream/cam2/1700000000000";
+        for _ in 0..2 {
+            admission
+                .admit_session_resource("s3", other, "getHLSMediaPlaylist.m3u8", 5000)
+                .unwrap();
+        }
+        assert!(admission.metadata_points("cam2", 1.0).is_err());
+        let off = Admission::new(false);
+        for _ in 0..50 {
+            off.admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+                .unwrap();
+        }
     }
 
     #[test]
