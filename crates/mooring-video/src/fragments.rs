@@ -2,7 +2,8 @@
 //! and the live edge in memory.
 //!
 //! A fragment is stored as one record: the document's EBML header, its segment-level prefix
-//! (Info, Tracks, …), the Cluster element and the Tags that followed it. Records are appended
+//! (Info, Tracks, …), the Cluster element as received and the level-1 elements (Tags, Cues)
+//! that followed it. Records are appended
 //! to the stream's current segment file, the file is fsynced, and only then is the index row
 //! committed (SQLite with `synchronous = FULL`); the PERSISTED ack follows. After a crash, any
 //! bytes past the last indexed record are unreferenced and never read; each process start
@@ -43,7 +44,7 @@ pub struct StoredFragment {
     pub segment_prefix: Bytes,
     /// The Cluster element (known size).
     pub cluster: Bytes,
-    /// The level-1 Tags elements that followed the cluster.
+    /// The level-1 elements that followed the cluster (its Tags; Cues and the like).
     pub tags: Bytes,
 }
 

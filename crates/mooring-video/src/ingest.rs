@@ -332,6 +332,7 @@ struct OpenFragment {
 struct PendingFragment {
     open: OpenFragment,
     cluster: mkv::Cluster,
+    /// The level-1 elements after the cluster: its Tags, Cues and the like.
     tags: Vec<u8>,
     user_tags: Vec<SimpleTag>,
 }
@@ -363,8 +364,8 @@ struct Session {
     open: Option<OpenFragment>,
     pending: Option<PendingFragment>,
     orphan_tags: Vec<(Bytes, Vec<SimpleTag>)>,
-    /// A cluster refused when it started (its stream was deleted), reported with its
-    /// Timecode.
+    /// A cluster refused when it started (its stream was deleted, or no fragment number
+    /// could be reserved), reported with its Timecode.
     refused: Option<AckError>,
     /// Producer time of the previous fragment's last frame on this connection.
     last_frame_ms: Option<i64>,
@@ -537,11 +538,20 @@ impl Session {
                     }
                     let fragments = self.state.fragments.clone();
                     let live = self.live.clone();
-                    let seq = self
+                    let seq = match self
                         .state
                         .blocking(move |_| fragments.next_seq(&live))
                         .await
-                        .map_err(|_| self.fatal(INTERNAL_ERROR))?;
+                    {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            // No number (the index refused the reservation): like a refused
+                            // cluster, the ERROR goes out with the Timecode.
+                            tracing::warn!(error = %e, "reserving a fragment number failed");
+                            self.refused = Some(INTERNAL_ERROR);
+                            continue;
+                        }
+                    };
                     self.open = Some(OpenFragment {
                         seq,
                         server_ms: self.state.clock().now_millis(),
@@ -580,6 +590,10 @@ impl Session {
                     }
                     self.pending = Some(pending);
                 }
+                MkvEvent::Trailing(bytes) => match self.pending.as_mut() {
+                    Some(p) => p.tags.extend_from_slice(&bytes),
+                    None => self.orphan_tags.push((bytes, Vec::new())),
+                },
                 MkvEvent::Tags { bytes, tags } => {
                     if tags.iter().any(|t| mkv::is_service_output_tag(&t.name)) {
                         continue;
