@@ -291,3 +291,54 @@ def test_session_tokens_and_archived_media_survive_sigkill(mooring, av_mkv):
     _, playlist = fetch_text(media_playlist_url(url, master))
     assert playlist.count("#EXTINF") == DURATION
     assert decode(url) == DURATION * 25
+
+
+def test_playback_tps_and_point_budgets(mooring_factory, av_mkv):
+    """With video.rate_limits: the session resources' per-session TPS (spec 6.2), and the
+    stream's fragment-metadata and fragment-media point budgets (spec 6.3) shared by HLS
+    media playlists, ListFragments, GetMediaForFragmentList and GetClip."""
+    m = mooring_factory(extra_args=["--set", "video.rate_limits=true"])
+    _, start, end = ingest(m, "quota", av_mkv)
+    am = archived(m)
+
+    def refused(url):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            fetch(url)
+        assert e.value.code == 400
+        assert e.value.headers["x-amzn-ErrorType"] == "ClientLimitExceededException"
+
+    def throttled(call):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert e.value.response["Error"]["Code"] == "ClientLimitExceededException"
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+    selector = on_demand(start, end)
+    url = hls_url(m, "quota", PlaybackMode="ON_DEMAND", HLSFragmentSelector=selector,
+                  MaxMediaPlaylistFragmentResults=5000)
+    # Five master playlists per second per session; another session has its own five.
+    for _ in range(5):
+        fetch_text(url)
+    refused(url)
+    fetch_text(hls_url(m, "quota", PlaybackMode="ON_DEMAND", HLSFragmentSelector=selector))
+
+    time.sleep(1.1)
+    # A media playlist costs its MaxMediaPlaylistFragmentResults (5,000) metadata points:
+    # the third in a second is refused for points (not TPS, which is 5), and so is a
+    # ListFragments on the same stream.
+    _, master = fetch_text(url)
+    playlist = media_playlist_url(url, master)
+    fetch_text(playlist)
+    fetch_text(playlist)
+    refused(playlist)
+    throttled(lambda: am.list_fragments(StreamName="quota", MaxResults=1, FragmentSelector=selector))
+
+    time.sleep(1.1)
+    # GetClip costs its fragments (6) in media points, after 495 spent by
+    # GetMediaForFragmentList: 501 > 500.
+    numbers = [f"{91343852333181432392682062607743920146 + i}" for i in range(495)]
+    am.get_media_for_fragment_list(StreamName="quota", Fragments=numbers)["Payload"].read()
+    throttled(lambda: am.get_clip(StreamName="quota", ClipFragmentSelector=selector))
+    time.sleep(1.1)
+    clip = am.get_clip(StreamName="quota", ClipFragmentSelector=selector)
+    assert clip["ContentType"] == "video/mp4" and clip["Payload"].read()[4:8] == b"ftyp"

@@ -1,10 +1,11 @@
 //! KVS quotas: who may call, how often, and how fast.
 //!
-//! - **TPS** (spec 6.1 and 6.2): a token bucket per (operation, account) and per
-//!   (operation, stream), each holding one second's worth; an empty bucket answers 400
+//! - **TPS** (spec 6.1 and 6.2): a sliding one-second window per (operation, account) and
+//!   per (operation, stream); a call that would exceed it answers 400
 //!   `ClientLimitExceededException`. ListFragments draws `MaxResults` points from the
 //!   stream's 10,000/s fragment-metadata budget, GetMediaForFragmentList one point per
-//!   fragment from its 500/s fragment-media budget.
+//!   fragment from its 500/s fragment-media budget; GetClip and the HLS/DASH session
+//!   resources draw from the same budgets, and the session resources have per-session TPS.
 //! - **Bandwidth**: PutMedia reads at most `put_media_bytes_per_sec` per stream (12.5 MB/s)
 //!   and GetMedia writes at most `get_media_bytes_per_sec` per session (25 MB/s); both pace
 //!   the connection rather than fail it, which is what a producer or consumer over quota
@@ -16,7 +17,7 @@
 //! The TPS limits apply with `rate_limits = true` in `[video]` (off by default); the
 //! bandwidth caps, connection limits and PutMedia ownership always apply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,21 +25,48 @@ use tokio::sync::watch;
 
 use crate::model::{ErrorKind, VideoError, VideoResult};
 
-/// Tokens per second and the bucket holding at most one second of them.
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// What one scope spent in the current window: each admitted call's cost and when it
+/// stops counting.
+#[derive(Default)]
+struct Window {
+    spent: VecDeque<(Instant, f64)>,
+    total: f64,
 }
 
-/// The TPS buckets of every scope.
+impl Window {
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(until, cost)) = self.spent.front() {
+            if until > now {
+                break;
+            }
+            self.total -= cost;
+            self.spent.pop_front();
+        }
+        if self.spent.is_empty() {
+            self.total = 0.0;
+        }
+    }
+}
+
+/// Above this many scopes, the empty windows are dropped.
+const PRUNE_ABOVE: usize = 4096;
+
+/// The sliding one-second windows of every scope.
+///
+/// A limit of N per second means at most N calls (or points) in any one-second span, which
+/// is what a client counting its calls expects: six DescribeStream calls inside a second
+/// are refused however quickly or slowly the first five came. (A refilling token bucket
+/// would let a slow client's sixth call through.) A single call costing more than a whole
+/// second's budget (GetMediaForFragmentList of 1,000 fragments against 500 points/s) is
+/// admitted when nothing else is counted, and counts for as many seconds as it costs.
 #[derive(Default)]
 pub struct RateLimits {
-    buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
+    windows: Mutex<HashMap<(String, &'static str), Window>>,
 }
 
 impl RateLimits {
-    /// Takes `cost` tokens from `scope`'s bucket refilled at `rate` per second; false when
-    /// there are not enough.
+    /// Spends `cost` from `scope`'s window of `rate` per second; false (and nothing spent)
+    /// when that would exceed the rate.
     pub fn take(
         &self,
         scope: &str,
@@ -47,18 +75,21 @@ impl RateLimits {
         cost: f64,
         now: Instant,
     ) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry((scope.to_string(), kind)).or_insert(Bucket {
-            tokens: rate,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
-        bucket.at = now;
-        if bucket.tokens + 1e-9 < cost {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if windows.len() > PRUNE_ABOVE {
+            windows.retain(|_, w| {
+                w.expire(now);
+                !w.spent.is_empty()
+            });
+        }
+        let window = windows.entry((scope.to_string(), kind)).or_default();
+        window.expire(now);
+        if !window.spent.is_empty() && window.total + cost > rate + 1e-9 {
             return false;
         }
-        bucket.tokens -= cost;
+        let counts_for = Duration::from_secs_f64((cost / rate).max(1.0));
+        window.spent.push_back((now + counts_for, cost));
+        window.total += cost;
         true
     }
 }
@@ -76,6 +107,7 @@ pub fn tps_of(path: &str) -> (Option<f64>, Option<f64>) {
         | "/updateStream" => (Some(50.0), Some(5.0)),
         "/listStreams" => (Some(50.0), None),
         "/putMedia" | "/getMedia" => (None, Some(5.0)),
+        "/getHLSStreamingSessionURL" | "/getDASHStreamingSessionURL" => (None, Some(25.0)),
         _ => (None, None),
     }
 }
@@ -125,14 +157,16 @@ impl Admission {
         }
         let now = Instant::now();
         let (account, per_stream) = tps_of(path);
-        if let Some(rate) = account {
-            if !self.rates.take("", kind_of(path), rate, 1.0, now) {
-                return Err(throttled(&format!("{path} on this account")));
-            }
-        }
+        // The stream's window first: refused there (the usual case), the call does not
+        // count against the account. (Stream names are never empty, the account's scope.)
         if let (Some(rate), Some(stream)) = (per_stream, stream) {
             if !self.rates.take(stream, kind_of(path), rate, 1.0, now) {
                 return Err(throttled(&format!("{path} on stream {stream}")));
+            }
+        }
+        if let Some(rate) = account {
+            if !self.rates.take("", kind_of(path), rate, 1.0, now) {
+                return Err(throttled(&format!("{path} on this account")));
             }
         }
         Ok(())
@@ -187,6 +221,51 @@ impl Admission {
         self.points(stream, "media-points", MEDIA_POINTS, points)
     }
 
+    /// Checks a playback session resource (HLS, DASH): its per-session TPS (spec 6.2: 5
+    /// for playlists, manifests and init fragments, 20 for media and TS fragments), then
+    /// the stream budget points it costs (spec 6.3): a media playlist or manifest its
+    /// fragment limit in metadata points, a media or TS fragment one media point.
+    pub fn admit_session_resource(
+        &self,
+        session_id: &str,
+        stream_arn: &str,
+        resource: &str,
+        max_fragments: usize,
+    ) -> VideoResult<()> {
+        if !self.rate_limits_enabled {
+            return Ok(());
+        }
+        let (kind, tps, metadata, media) = match resource {
+            "getHLSMasterPlaylist.m3u8" => ("GetHLSMasterPlaylist", 5.0, 0, 0),
+            "getMP4InitFragment.mp4" => ("GetMP4InitFragment", 5.0, 0, 0),
+            "getHLSMediaPlaylist.m3u8" => ("GetHLSMediaPlaylist", 5.0, max_fragments, 0),
+            "getDASHManifest.mpd" => ("GetDASHManifest", 5.0, max_fragments, 0),
+            "getMP4MediaFragment.mp4" => ("GetMP4MediaFragment", 20.0, 0, 1),
+            "getTSFragment.ts" => ("GetTSFragment", 20.0, 0, 1),
+            _ => return Ok(()),
+        };
+        // Session ids never contain ':', stream names neither: the scopes stay apart.
+        let scope = format!("session:{session_id}");
+        if !self.rates.take(&scope, kind, tps, 1.0, Instant::now()) {
+            return Err(throttled(&format!("{kind} in this playback session")));
+        }
+        let stream = stream_scope(None, Some(stream_arn)).unwrap_or_default();
+        if metadata > 0 {
+            self.metadata_points(&stream, metadata as f64)?;
+        }
+        if media > 0 {
+            self.media_points(&stream, media as f64)?;
+        }
+        Ok(())
+    }
+
+    /// GetClip: the fragments in the clip, from both of the stream's budgets (spec 6.3).
+    pub fn clip_points(&self, stream_arn: &str, fragments: usize) -> VideoResult<()> {
+        let stream = stream_scope(None, Some(stream_arn)).unwrap_or_default();
+        self.metadata_points(&stream, fragments as f64)?;
+        self.media_points(&stream, fragments as f64)
+    }
+
     fn points(&self, stream: &str, kind: &'static str, rate: f64, points: f64) -> VideoResult<()> {
         if !self.rate_limits_enabled {
             return Ok(());
@@ -233,6 +312,8 @@ fn kind_of(path: &str) -> &'static str {
         "/getMedia" => "GetMedia",
         "/listFragments" => "ListFragments",
         "/getMediaForFragmentList" => "GetMediaForFragmentList",
+        "/getHLSStreamingSessionURL" => "GetHLSStreamingSessionURL",
+        "/getDASHStreamingSessionURL" => "GetDASHStreamingSessionURL",
         _ => "other",
     }
 }
@@ -297,6 +378,18 @@ mod tests {
         for _ in 0..100 {
             admission.admit("/listFragments", Some("cam")).unwrap();
         }
+        // Playback session URLs: 25 per second per stream, HLS and DASH counted apart.
+        for _ in 0..25 {
+            admission
+                .admit("/getHLSStreamingSessionURL", Some("cam"))
+                .unwrap();
+        }
+        assert!(admission
+            .admit("/getHLSStreamingSessionURL", Some("cam"))
+            .is_err());
+        admission
+            .admit("/getDASHStreamingSessionURL", Some("cam"))
+            .unwrap();
         let off = Admission::new(false);
         for _ in 0..100 {
             off.admit("/describeStream", Some("cam")).unwrap();
@@ -304,16 +397,73 @@ mod tests {
     }
 
     #[test]
-    fn buckets_refill_at_the_rate() {
+    fn a_window_counts_the_last_second() {
         let rates = RateLimits::default();
         let t0 = Instant::now();
-        for _ in 0..5 {
-            assert!(rates.take("s", "x", 5.0, 1.0, t0));
+        let ms = Duration::from_millis;
+        // Five calls spread over 0.8 s fill the window; a sixth inside the second is
+        // refused however slowly the first five came.
+        for i in 0..5 {
+            assert!(rates.take("s", "x", 5.0, 1.0, t0 + ms(200 * i)));
         }
-        assert!(!rates.take("s", "x", 5.0, 1.0, t0));
-        assert!(rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
-        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + Duration::from_millis(200)));
-        assert!(!rates.take("s", "y", 500.0, 501.0, t0));
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + ms(900)));
+        // The first call stops counting one second after it was made.
+        assert!(rates.take("s", "x", 5.0, 1.0, t0 + ms(1000)));
+        assert!(!rates.take("s", "x", 5.0, 1.0, t0 + ms(1100)));
+        // Scopes and kinds are separate.
+        assert!(rates.take("t", "x", 5.0, 1.0, t0));
+        assert!(rates.take("s", "y", 5.0, 1.0, t0));
+    }
+
+    #[test]
+    fn points_are_spent_by_cost_and_oversized_calls_count_longer() {
+        let rates = RateLimits::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..10 {
+            assert!(rates.take("s", "meta", 10_000.0, 1000.0, t0 + ms(50 * i)));
+        }
+        assert!(!rates.take("s", "meta", 10_000.0, 1.0, t0 + ms(600)));
+        // A refused call spends nothing.
+        assert!(rates.take("s", "meta", 10_000.0, 1000.0, t0 + ms(1000)));
+        // 1,000 fragments against 500 points/s: admitted alone, then counts for 2 s.
+        assert!(rates.take("s", "media", 500.0, 1000.0, t0));
+        assert!(!rates.take("s", "media", 500.0, 1.0, t0 + ms(1500)));
+        assert!(rates.take("s", "media", 500.0, 1.0, t0 + ms(2000)));
+        assert!(!rates.take("s", "media", 500.0, 500.0, t0 + ms(2100)));
+    }
+
+    #[test]
+    fn session_resources_have_session_tps_and_share_the_stream_budgets() {
+        let admission = Admission::new(true);
+        let arn = "arn:aws:kinesisvideo:us-east-1:000000000000:stream/cam/1700000000000";
+        for _ in 0..20 {
+            admission
+                .admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+                .unwrap();
+        }
+        assert!(admission
+            .admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+            .is_err());
+        admission
+            .admit_session_resource("s2", arn, "getTSFragment.ts", 5)
+            .unwrap();
+        // 21 media points spent on `cam`; a 480-fragment clip fits, one more does not.
+        admission.clip_points(arn, 479).unwrap();
+        assert!(admission.clip_points(arn, 1).is_err());
+        // Metadata: two 5,000-fragment playlists, then ListFragments is over budget.
+        let other = "arn:aws:kinesisvideo:us-east-1:000000000000:stream/cam2/1700000000000";
+        for _ in 0..2 {
+            admission
+                .admit_session_resource("s3", other, "getHLSMediaPlaylist.m3u8", 5000)
+                .unwrap();
+        }
+        assert!(admission.metadata_points("cam2", 1.0).is_err());
+        let off = Admission::new(false);
+        for _ in 0..50 {
+            off.admit_session_resource("s1", arn, "getTSFragment.ts", 5)
+                .unwrap();
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn clip_blocking(s: &VideoState, req: &JsonRequest) -> VideoResult<Vec<u8>> {
         ));
     }
     fragments.truncate(MAX_CLIP_FRAGMENTS);
+    s.admission.clip_points(&stream.arn, fragments.len())?;
     let mut tracks: Vec<(MediaTrack, Vec<Sample>)> = Vec::new();
     let mut bytes = 0usize;
     for meta in &fragments {

@@ -2,7 +2,8 @@
 //! and the live edge in memory.
 //!
 //! A fragment is stored as one record: the document's EBML header, its segment-level prefix
-//! (Info, Tracks, …), the Cluster element and the Tags that followed it. Records are appended
+//! (Info, Tracks, …), the Cluster element as received and the level-1 elements (Tags, Cues)
+//! that followed it. Records are appended
 //! to the stream's current segment file, the file is fsynced, and only then is the index row
 //! committed (SQLite with `synchronous = FULL`); the PERSISTED ack follows. After a crash, any
 //! bytes past the last indexed record are unreferenced and never read; each process start
@@ -43,7 +44,7 @@ pub struct StoredFragment {
     pub segment_prefix: Bytes,
     /// The Cluster element (known size).
     pub cluster: Bytes,
-    /// The level-1 Tags elements that followed the cluster.
+    /// The level-1 elements that followed the cluster (its Tags; Cues and the like).
     pub tags: Bytes,
 }
 
@@ -247,13 +248,20 @@ impl FragmentStore {
         Ok(seq)
     }
 
-    /// Makes a received fragment visible to live readers.
+    /// Makes a received fragment visible to live readers. The buffer stays in sequence
+    /// order: a fragment numbered before the newest one (finished by an older PutMedia
+    /// connection after a newer one took the stream over) goes into its place.
     pub fn publish(&self, live: &LiveStream, fragment: Arc<StoredFragment>, now_ms: i64) {
         let seq = fragment.meta.seq;
         {
             let mut buffer = live.buffer.lock().unwrap_or_else(|e| e.into_inner());
             buffer.bytes += fragment.memory_size();
-            buffer.fragments.push_back(fragment);
+            let at = buffer
+                .fragments
+                .iter()
+                .rposition(|f| f.meta.seq < seq)
+                .map_or(0, |i| i + 1);
+            buffer.fragments.insert(at, fragment);
             while let Some(front) = buffer.fragments.front() {
                 let too_old = front.meta.server_ms < now_ms - LIVE_BUFFER_MS;
                 if (too_old || buffer.bytes > LIVE_BUFFER_BYTES) && buffer.fragments.len() > 1 {
@@ -264,7 +272,8 @@ impl FragmentStore {
                 }
             }
         }
-        live.latest.send_replace(seq);
+        live.latest
+            .send_modify(|latest| *latest = (*latest).max(seq));
     }
 
     /// Appends a fragment to the stream's segment file, fsyncs, and indexes it (blocking).
@@ -547,5 +556,27 @@ mod tests {
         );
         assert_eq!(fragments.next_after(ARN, 0).unwrap().unwrap().meta.seq, 2);
         assert_eq!(fragments.latest(ARN).unwrap().unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_fragment_finished_late_takes_its_place_in_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, fragments) = setup(dir.path());
+        let live = fragments.live(ARN);
+        let changes = live.subscribe();
+        // Fragment 2 belongs to an older connection that finished it after the newer
+        // connection's fragment 3 was published.
+        for seq in [1, 3, 2] {
+            fragments.publish(&live, Arc::new(fragment(seq, 1000)), 1000);
+        }
+        let order: Vec<i64> = fragments
+            .memory_fragments(ARN)
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(order, vec![1, 2, 3]);
+        assert_eq!(fragments.next_after(ARN, 1).unwrap().unwrap().meta.seq, 2);
+        assert_eq!(fragments.latest(ARN).unwrap().unwrap().seq, 3);
+        assert_eq!(*changes.borrow(), 3);
     }
 }

@@ -13,6 +13,8 @@
 //! cluster boundary (the fragment in flight is finished and acked) and ends its response.
 //! The body is read no faster than `put_media_bytes_per_sec`. A stream whose KMS key is
 //! configured in a failing state gets the matching 45xx ERROR on its first fragment.
+//! When the stream is deleted during ingest, the fragment being received or stored gets
+//! ERROR 4507 `STREAM_DELETED` and a fragment starting afterwards 4008 `STREAM_NOT_ACTIVE`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,6 +171,13 @@ pub fn kms_error(config: &crate::VideoConfig, kms_key_id: &str) -> Option<AckErr
     })
 }
 
+/// The stream was deleted while this fragment was being received or stored: its data went
+/// with the stream. (A fragment that starts after the deletion gets 4008.)
+pub const STREAM_DELETED: AckError = AckError {
+    id: 4507,
+    code: "STREAM_DELETED",
+};
+
 pub const INTERNAL_ERROR: AckError = AckError {
     id: 5000,
     code: "INTERNAL_ERROR",
@@ -288,6 +297,7 @@ pub async fn put_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
         open: None,
         pending: None,
         orphan_tags: Vec::new(),
+        refused: None,
         last_frame_ms: None,
         persist: None,
     };
@@ -322,6 +332,7 @@ struct OpenFragment {
 struct PendingFragment {
     open: OpenFragment,
     cluster: mkv::Cluster,
+    /// The level-1 elements after the cluster: its Tags, Cues and the like.
     tags: Vec<u8>,
     user_tags: Vec<SimpleTag>,
 }
@@ -353,6 +364,9 @@ struct Session {
     open: Option<OpenFragment>,
     pending: Option<PendingFragment>,
     orphan_tags: Vec<(Bytes, Vec<SimpleTag>)>,
+    /// A cluster refused when it started (its stream was deleted, or no fragment number
+    /// could be reserved), reported with its Timecode.
+    refused: Option<AckError>,
     /// Producer time of the previous fragment's last frame on this connection.
     last_frame_ms: Option<i64>,
     persist: Option<(
@@ -496,6 +510,9 @@ impl Session {
     async fn end_of_body(&mut self) -> Result<(), Fatal> {
         let events = self.parser.finish();
         self.handle(events).await?;
+        if let Some(error) = self.refused {
+            return Err(self.fatal(error));
+        }
         self.finish_pending().await
     }
 
@@ -514,15 +531,27 @@ impl Session {
                         return Ok(());
                     }
                     if self.live.is_deleted() {
-                        return Err(self.fatal(STREAM_NOT_ACTIVE));
+                        // No number for it: the stream is gone. The ERROR goes out once
+                        // the Timecode is in, which the producer matches it by.
+                        self.refused = Some(STREAM_NOT_ACTIVE);
+                        continue;
                     }
                     let fragments = self.state.fragments.clone();
                     let live = self.live.clone();
-                    let seq = self
+                    let seq = match self
                         .state
                         .blocking(move |_| fragments.next_seq(&live))
                         .await
-                        .map_err(|_| self.fatal(INTERNAL_ERROR))?;
+                    {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            // No number (the index refused the reservation): like a refused
+                            // cluster, the ERROR goes out with the Timecode.
+                            tracing::warn!(error = %e, "reserving a fragment number failed");
+                            self.refused = Some(INTERNAL_ERROR);
+                            continue;
+                        }
+                    };
                     self.open = Some(OpenFragment {
                         seq,
                         server_ms: self.state.clock().now_millis(),
@@ -531,6 +560,13 @@ impl Session {
                     });
                 }
                 MkvEvent::ClusterTimecode(tc) => {
+                    if let Some(error) = self.refused {
+                        return Err(Fatal {
+                            error,
+                            timecode: Some(tc),
+                            seq: None,
+                        });
+                    }
                     let Some(open) = self.open.as_mut() else {
                         continue;
                     };
@@ -554,6 +590,10 @@ impl Session {
                     }
                     self.pending = Some(pending);
                 }
+                MkvEvent::Trailing(bytes) => match self.pending.as_mut() {
+                    Some(p) => p.tags.extend_from_slice(&bytes),
+                    None => self.orphan_tags.push((bytes, Vec::new())),
+                },
                 MkvEvent::Tags { bytes, tags } => {
                     if tags.iter().any(|t| mkv::is_service_output_tag(&t.name)) {
                         continue;
@@ -587,7 +627,7 @@ impl Session {
             seq: Some(p.open.seq),
         };
         if self.live.is_deleted() {
-            return Err(fail(STREAM_NOT_ACTIVE));
+            return Err(fail(STREAM_DELETED));
         }
         let doc = &p.open.document;
         let max_tracks = self.state.config.max_tracks.max(1);
@@ -736,7 +776,7 @@ impl Session {
                     Ok(()) => ack_line("PERSISTED", tc, seq, None),
                     Err(e) if live.is_deleted() => {
                         tracing::debug!(error = %e, "stream deleted while persisting");
-                        ack_line("ERROR", tc, seq, Some(STREAM_NOT_ACTIVE))
+                        ack_line("ERROR", tc, seq, Some(STREAM_DELETED))
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "persisting a video fragment failed");

@@ -3,7 +3,8 @@
 //! Every fragment goes out as a chunk laid out like real KVS output: its own EBML document
 //! (the producer's EBML header, an unknown-size Segment, the producer's segment-level
 //! elements), a Tags element with the fragment number and the server and producer
-//! timestamps, the Cluster, the producer's Tags that followed it, and for GetMedia a trailing
+//! timestamps, the Cluster as the producer sent it (known or unknown size), the producer's
+//! Tags (and Cues) that followed it, and for GetMedia a trailing
 //! Tags element with MILLIS_BEHIND_NOW and the CONTINUATION_TOKEN.
 //!
 //! A GetMedia that cannot deliver a fragment ends with an error document instead: tags

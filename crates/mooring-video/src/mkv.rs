@@ -5,7 +5,9 @@
 //! Segment of known or unknown size). Level-1 elements before a document's first Cluster (Info,
 //! Tracks, SeekHead, Void, leading Tags) form the document header that every GetMedia chunk
 //! repeats. Each Cluster, of known or unknown size, is one fragment: an unknown-size cluster
-//! ends at the next level-1 element, at a new EBML header or at the end of the body. Cluster
+//! ends at the next level-1 element, at a new EBML header or at the end of the body; its
+//! element header is kept as received, so it goes back out in the same size form. Level-1
+//! elements after a cluster (Tags, Cues, Void, …) are reported so they stay with it. Cluster
 //! children are held until complete (bounded by the fragment size limit) so that blocks can be
 //! checked; nothing else is buffered beyond the element being read.
 //!
@@ -116,17 +118,19 @@ pub struct BlockInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     pub timecode: i64,
+    /// The Cluster element's ID and size exactly as received: known size in whatever width
+    /// the producer chose, or the unknown-size marker. KVS echoes it unchanged in GetMedia.
+    pub header: Bytes,
     /// The cluster's children exactly as received.
     pub body: Bytes,
     pub blocks: Vec<BlockInfo>,
 }
 
 impl Cluster {
-    /// The cluster as a known-size element (8-byte size, as KVS writes it).
+    /// The cluster element as the producer sent it (its own header, then the children).
     pub fn to_element(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 12);
-        ebml::write_id(&mut out, ID_CLUSTER);
-        ebml::write_size_width(&mut out, self.body.len() as u64, 8);
+        let mut out = Vec::with_capacity(self.header.len() + self.body.len());
+        out.extend_from_slice(&self.header);
         out.extend_from_slice(&self.body);
         out
     }
@@ -153,6 +157,9 @@ pub enum MkvEvent {
     ClusterEnd(Cluster),
     /// A level-1 Tags element after the document's first cluster.
     Tags { bytes: Bytes, tags: Vec<SimpleTag> },
+    /// Another level-1 element after the document's first cluster (Cues, Void, …): like
+    /// Tags, it stays with the fragment it follows, as in real GetMedia output.
+    Trailing(Bytes),
 }
 
 #[derive(Debug)]
@@ -181,6 +188,7 @@ pub struct MkvParser {
     ebml_header: Option<Bytes>,
     prefix: Vec<u8>,
     document: Option<Arc<Document>>,
+    cluster_header: Bytes,
     cluster_body: Vec<u8>,
     cluster_timecode: Option<i64>,
     blocks: Vec<BlockInfo>,
@@ -203,6 +211,7 @@ impl MkvParser {
             ebml_header: None,
             prefix: Vec::new(),
             document: None,
+            cluster_header: Bytes::new(),
             cluster_body: Vec::new(),
             cluster_timecode: None,
             blocks: Vec::new(),
@@ -409,7 +418,7 @@ impl MkvParser {
                         d
                     }
                 };
-                self.consume(header.header_len);
+                self.cluster_header = self.consume(header.header_len);
                 let end = header.size.map(|s| self.pos + s);
                 if let (Some(end), Some(segment_end)) = (end, segment_end) {
                     if end > segment_end {
@@ -451,8 +460,9 @@ impl MkvParser {
                 } else if id == ID_TAGS {
                     let tags = parse_tags(&bytes[header.header_len..])?;
                     events.push(MkvEvent::Tags { bytes, tags });
+                } else {
+                    events.push(MkvEvent::Trailing(bytes));
                 }
-                // Other level-1 elements after the first cluster (Cues, Void, …) are dropped.
                 Ok(true)
             }
         }
@@ -566,6 +576,7 @@ impl MkvParser {
             .ok_or_else(|| invalid("cluster without a Timecode"))?;
         Ok(Cluster {
             timecode,
+            header: std::mem::take(&mut self.cluster_header),
             body: Bytes::from(std::mem::take(&mut self.cluster_body)),
             blocks: std::mem::take(&mut self.blocks),
         })
@@ -863,6 +874,42 @@ pub(crate) mod tests {
                     value: "a".into(),
                     targeted: false,
                 }]]
+            );
+        }
+    }
+
+    #[test]
+    fn clusters_keep_their_size_form_and_trailing_elements_stay_in_order() {
+        let mut body = document_header(&[1]);
+        let unknown = cluster(0, &[(1, 0)], false);
+        let known = cluster(1000, &[(1, 0)], true);
+        let mut cues = Vec::new();
+        write_element(&mut cues, ID_CUES, &[0xBB, 0x80]);
+        body.extend(&unknown);
+        body.extend(&cues);
+        body.extend(tags_element(&[("after", "cues")]));
+        body.extend(&known);
+        for piece in [1, 5, 1000] {
+            let events = parse_all(&body, piece).unwrap();
+            let elements: Vec<Vec<u8>> = events
+                .iter()
+                .filter_map(|e| match e {
+                    MkvEvent::ClusterEnd(c) => Some(c.to_element()),
+                    MkvEvent::Trailing(bytes) => Some(bytes.to_vec()),
+                    MkvEvent::Tags { bytes, .. } => Some(bytes.to_vec()),
+                    _ => None,
+                })
+                .collect();
+            // The unknown-size cluster goes back out unknown-size, the known-size one as sent.
+            assert_eq!(
+                elements,
+                vec![
+                    unknown.clone(),
+                    cues.clone(),
+                    tags_element(&[("after", "cues")]),
+                    known.clone()
+                ],
+                "piece size {piece}"
             );
         }
     }

@@ -657,6 +657,12 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
     }
     let track = query_number(query, "TrackNumber")?.unwrap_or(1);
     let resource = path.rsplit('/').next().unwrap_or("");
+    s.admission.admit_session_resource(
+        &session.id,
+        &session.stream_arn,
+        resource,
+        session.max_fragments,
+    )?;
     match (expected_kind, resource) {
         ("hls", "getHLSMasterPlaylist.m3u8") => {
             let reference = reference_fragment(s, &session, now)?;

@@ -85,11 +85,12 @@ pub struct VideoGetArgs {
     #[arg(long, value_name = "NAME")]
     pub stream: Option<String>,
     /// Where to start: now, earliest, after:FRAGMENT_NUMBER, server:EPOCH_SECONDS,
-    /// producer:EPOCH_SECONDS, or token:CONTINUATION_TOKEN.
+    /// producer:EPOCH_SECONDS, or token:CONTINUATION_TOKEN (the StartSelectorType names also
+    /// work, e.g. FRAGMENT_NUMBER:N, SERVER_TIMESTAMP:SECONDS, CONTINUATION_TOKEN:T).
     #[arg(long, default_value = "earliest", value_name = "SELECTOR")]
     pub start: String,
-    /// Output file; "-" for standard output.
-    #[arg(long, short, value_name = "FILE")]
+    /// Output file; "-" (the default) for standard output.
+    #[arg(long, short, default_value = "-", value_name = "FILE")]
     pub out: PathBuf,
     #[command(flatten)]
     pub connect: VideoConnectArgs,
@@ -325,13 +326,13 @@ pub fn start_selector(start: &str) -> Result<serde_json::Value> {
     Ok(match kind.to_ascii_lowercase().as_str() {
         "now" => serde_json::json!({"StartSelectorType": "NOW"}),
         "earliest" => serde_json::json!({"StartSelectorType": "EARLIEST"}),
-        "after" | "fragment" => serde_json::json!({
+        "after" | "fragment" | "fragment_number" => serde_json::json!({
             "StartSelectorType": "FRAGMENT_NUMBER", "AfterFragmentNumber": value}),
-        "server" => serde_json::json!({
+        "server" | "server_timestamp" => serde_json::json!({
             "StartSelectorType": "SERVER_TIMESTAMP", "StartTimestamp": number(value)?}),
-        "producer" => serde_json::json!({
+        "producer" | "producer_timestamp" => serde_json::json!({
             "StartSelectorType": "PRODUCER_TIMESTAMP", "StartTimestamp": number(value)?}),
-        "token" => serde_json::json!({
+        "token" | "continuation_token" => serde_json::json!({
             "StartSelectorType": "CONTINUATION_TOKEN", "ContinuationToken": value}),
         other => bail!(
             "unknown start {other:?}: use now, earliest, after:N, server:SECONDS, producer:SECONDS or token:T"
@@ -416,6 +417,13 @@ mod tests {
         );
         let s = start_selector("producer:1700000000.5").unwrap();
         assert_eq!(s["StartTimestamp"], 1700000000.5);
+        let s = start_selector("CONTINUATION_TOKEN:123").unwrap();
+        assert_eq!(s["StartSelectorType"], "CONTINUATION_TOKEN");
+        assert_eq!(s["ContinuationToken"], "123");
+        assert_eq!(
+            start_selector("EARLIEST").unwrap()["StartSelectorType"],
+            "EARLIEST"
+        );
         assert!(start_selector("yesterday").is_err());
         assert!(start_selector("server:soon").is_err());
     }
