@@ -531,6 +531,7 @@ pub async fn answer_batch(jobs: &Jobs, batch: Vec<Incoming>) -> Vec<Reply> {
             if let Some(base) = r.topic.strip_suffix("/accepted") {
                 r.topic = format!("{base}/rejected");
             }
+            r.accepted = false;
         }
     }
     replies

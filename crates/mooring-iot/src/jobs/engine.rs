@@ -138,6 +138,19 @@ fn validate_configs(
     Ok(())
 }
 
+/// The state as stored: jobs, executions and event configurations.
+fn stored_state(
+    store: &dyn JobStore,
+    arns: mooring_core::Arns,
+    minute_ms: i64,
+) -> anyhow::Result<JobsState> {
+    let loaded = store.load()?;
+    let mut state = JobsState::new(arns, minute_ms.max(1));
+    state.event_configurations = loaded.event_configurations;
+    state.load(loaded.jobs, loaded.executions);
+    Ok(state)
+}
+
 impl Jobs {
     /// Opens the store and loads every job; background work starts with [`Jobs::run`].
     pub fn open(
@@ -165,12 +178,8 @@ impl Jobs {
         groups: ThingGroupRegistry,
         config: JobsConfig,
     ) -> anyhow::Result<Arc<Jobs>> {
-        let loaded = store.load()?;
-        let mut state = JobsState::new(arns, config.minute_ms.max(1));
-        state.event_configurations = loaded.event_configurations;
-        let jobs = loaded.jobs.len();
-        state.load(loaded.jobs, loaded.executions);
-        tracing::info!(jobs, "jobs loaded");
+        let state = stored_state(store.as_ref(), arns, config.minute_ms)?;
+        tracing::info!(jobs = state.jobs.len(), "jobs loaded");
         Ok(Arc::new(Jobs {
             state: tokio::sync::Mutex::new(state),
             store,
@@ -193,12 +202,25 @@ impl Jobs {
     }
 
     /// Writes what changed and publishes the resulting notifications and events.
+    ///
+    /// When the write fails nothing of the change is durable, so the state goes back to what
+    /// the store holds (what a restart would load): no reader sees the change, nothing is
+    /// announced, and the caller answers with an internal error.
     pub async fn commit(&self, state: &mut JobsState) -> Result<(), JobsError> {
         let (batch, outgoing) = state.flush(self.now());
-        self.store
-            .write(batch)
-            .await
-            .map_err(|e| JobsError::Internal(e.to_string()))?;
+        if let Err(e) = self.store.write(batch).await {
+            match stored_state(
+                self.store.as_ref(),
+                state.arns.clone(),
+                self.config.minute_ms,
+            ) {
+                Ok(stored) => *state = stored,
+                Err(reload) => {
+                    tracing::error!(error = ?reload, "reloading jobs after a failed write failed")
+                }
+            }
+            return Err(JobsError::Internal(e.to_string()));
+        }
         self.publish(outgoing);
         Ok(())
     }
