@@ -880,40 +880,166 @@ def test_pattern_engine_differential_against_moto(mooring):
         f"new: {sorted(disagreements - MOTO_DISAGREEMENTS)}, gone: {sorted(MOTO_DISAGREEMENTS - disagreements)}")
 
 
-def test_generated_patterns_agree_with_moto_where_both_define_the_semantics(mooring):
-    """Flat events and the operators both engines implement the same way on scalar leaves."""
-    import random
-    rng = random.Random(7)
+# Generated differential: seeded random patterns and events over the operators both engines
+# implement, compared between Mooring's TestEventPattern and moto's matcher. The generator marks
+# every leaf whose (matchers, event value) combination falls into a class where moto is known to
+# depart from AWS's documented engine behaviour (spec section 6); a pair may disagree only when
+# it carries such a mark, and every unmarked pair must agree. Each class is pinned to AWS's side
+# by a spec vector in test_pattern_engine_differential_against_moto.
+GENERATED_DISAGREEMENT_CLASSES = {
+    # Python's bool is an int: moto lets [1], {"numeric": …} and {"anything-but": [1]} see True
+    # as 1 and False as 0. AWS never matches numbers against booleans (spec 6.3; vector V74).
+    "bool-as-number",
+    # moto's exists means "key present" and it evaluates matchers on an empty object value, so
+    # [] and {} exist for it and {} is "anything but" anything. AWS: [] and {} are not leaves,
+    # exists:true does not match them, exists:false does, and anything-but never matches them
+    # (spec 6.3, 6.5; vectors V103-V106).
+    "empty-container",
+    # moto's cidr hands the value to ipaddress.ip_address, which accepts integers (and bools) as
+    # IPv4 addresses; AWS's cidr is a string matcher and never matches numbers (spec 6.3).
+    "cidr-on-number",
+    # moto flattens only objects, not arrays, so a pattern on fields inside an array of objects
+    # never matches; AWS crosses arrays of objects, all fields from one element (spec 6.7;
+    # vectors V109-V114).
+    "array-of-objects",
+}
+
+
+class PairGenerator:
+    """Seeded generator of (pattern, event, hazard classes) over detail fields k0..k3."""
+
+    STRINGS = ["a", "ab", "b", "ba", "aws.ec2", "AWS.EC2", "", "x*y", "Äbc", "äBC", "10.0.0.1",
+               "10.1.2.3", "192.168.0.7", "2001:db8::1", "file.tmp", "init-3"]
+    NUMBERS = [0, 1, 2.5, -3, 100, 1e3, -0.5]
+    CIDRS = ["10.0.0.0/8", "10.0.0.0/24", "192.168.0.0/16", "2001:db8::/32", "0.0.0.0/0"]
+    WILDCARDS = ["*", "a*", "*b", "a*b", "*.ec2", "x\\*y", "*0*", "Ä*"]
+
+    def __init__(self, seed):
+        import random
+        self.rng = random.Random(seed)
+
+    def scalar(self):
+        r = self.rng.randrange(10)
+        if r < 5:
+            return self.rng.choice(self.STRINGS)
+        if r < 8:
+            return self.rng.choice(self.NUMBERS)
+        if r == 8:
+            return self.rng.choice([True, False])
+        return None
+
+    def event_value(self):
+        r = self.rng.randrange(20)
+        if r < 13:
+            return self.scalar()
+        if r < 16:
+            return [self.scalar() for _ in range(self.rng.randrange(1, 4))]
+        if r == 16:
+            return self.rng.choice([[], {}])
+        return [{"k": self.scalar()} for _ in range(self.rng.randrange(1, 3))]
+
+    def matcher(self):
+        rng, s = self.rng, self.rng.choice
+        kind = rng.randrange(16)
+        if kind <= 2:
+            return self.scalar()
+        return [
+            None, None, None,
+            lambda: {"prefix": s(self.STRINGS)},
+            lambda: {"suffix": s(self.STRINGS)},
+            lambda: {"prefix": {"equals-ignore-case": s(self.STRINGS)}},
+            lambda: {"suffix": {"equals-ignore-case": s(self.STRINGS)}},
+            lambda: {"equals-ignore-case": s(self.STRINGS)},
+            lambda: {"wildcard": s(self.WILDCARDS)},
+            lambda: {"anything-but": s([s(self.STRINGS), s(self.NUMBERS),
+                                        rng.sample(self.STRINGS, 2), rng.sample(self.NUMBERS, 2)])},
+            lambda: {"anything-but": {s(["prefix", "suffix", "equals-ignore-case"]): s(self.STRINGS)}},
+            lambda: {"anything-but": {"wildcard": s(self.WILDCARDS)}},
+            lambda: {"numeric": [s([">", ">=", "<", "<=", "="]), s(self.NUMBERS)]},
+            lambda: {"numeric": [s([">", ">="]), -1, s(["<", "<="]), s([2.5, 100])]},
+            lambda: {"cidr": s(self.CIDRS)},
+            lambda: {"exists": rng.choice([True, False])},
+        ][kind]()
+
+    @staticmethod
+    def hazards(matchers, value):
+        """The disagreement classes the leaf `matchers` against event `value` falls into."""
+        found = set()
+        values = value if isinstance(value, list) else [value]
+        kinds = {next(iter(m)) if isinstance(m, dict) else type(m).__name__ for m in matchers}
+        numeric_side = any(type(m) in (int, float) for m in matchers) or "numeric" in kinds or any(
+            isinstance(m, dict) and "anything-but" in m and (
+                type(m["anything-but"]) in (int, float)
+                or (isinstance(m["anything-but"], list) and type(m["anything-but"][0]) in (int, float)))
+            for m in matchers)
+        bool_side = any(isinstance(m, bool) for m in matchers)
+        if (numeric_side and any(isinstance(v, bool) for v in values)) or (
+                bool_side and any(type(v) in (int, float) for v in values)):
+            found.add("bool-as-number")
+        if value in ([], {}) and (kinds & {"exists", "anything-but"}):
+            found.add("empty-container")
+        if "cidr" in kinds and any(type(v) in (int, bool) for v in values):
+            found.add("cidr-on-number")
+        return found
+
+    def leaf(self, event_fields, key):
+        matchers = [self.matcher() for _ in range(self.rng.randrange(1, 3))]
+        hazards = self.hazards(matchers, event_fields[key]) if key in event_fields else set()
+        return matchers, hazards
+
+    def pair(self):
+        rng = self.rng
+        fields = {f"k{i}": self.event_value() for i in rng.sample(range(4), rng.randrange(0, 5))}
+        pattern, hazards = {}, set()
+        for i in rng.sample(range(4), rng.randrange(1, 3)):
+            key = f"k{i}"
+            value = fields.get(key)
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                # A nested pattern on the elements of an array of objects.
+                matchers, _ = self.leaf({}, "k")
+                pattern[key] = {"k": matchers}
+                hazards.add("array-of-objects")
+                continue
+            matchers, leaf_hazards = self.leaf(fields, key)
+            pattern[key] = matchers
+            hazards |= leaf_hazards
+        if rng.randrange(4) == 0:
+            branches = []
+            for i in rng.sample(range(4), 2):
+                key = f"k{i}"
+                if isinstance(fields.get(key), list) and fields[key] and isinstance(fields[key][0], dict):
+                    hazards.add("array-of-objects")
+                matchers, leaf_hazards = self.leaf(fields, key)
+                branches.append({key: matchers})
+                hazards |= leaf_hazards
+            pattern["$or"] = branches
+        return {"detail": pattern}, with_envelope({"detail": fields}), hazards
+
+
+def test_generated_patterns_and_events_agree_with_moto_except_listed_classes(mooring):
     ev = mooring.client("events")
-    values = ["a", "ab", "b", "ba", "aws.ec2", "", 0, 1, 2.5, -3, True, False]
-    strings = [v for v in values if isinstance(v, str)]
-    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-    def matcher():
-        kind = rng.randrange(6)
-        if kind == 0:
-            return rng.choice(values)
-        if kind == 1:
-            return {"prefix": rng.choice(strings)}
-        if kind == 2:
-            return {"suffix": rng.choice(strings)}
-        if kind == 3:
-            return {"numeric": [rng.choice([">", ">=", "<", "<=", "="]), rng.choice(numbers)]}
-        if kind == 4:
-            return {"equals-ignore-case": rng.choice(strings).upper()}
-        return {"exists": rng.choice([True, False])}
-
-    compared = matched = 0
-    for _ in range(150):
-        pattern = {"detail": {f"k{i}": [matcher() for _ in range(rng.randrange(1, 3))]
-                              for i in rng.sample(range(4), rng.randrange(1, 3))}}
-        event = with_envelope({"detail": {f"k{i}": rng.choice(values) for i in rng.sample(range(4), rng.randrange(0, 4))}})
+    generator = PairGenerator(seed=20261123)
+    total, agreed_unmarked, results = 800, 0, {True: 0, False: 0}
+    by_class = {}
+    for _ in range(total):
+        pattern, event, hazards = generator.pair()
         text = json.dumps(pattern)
         ours, theirs = mooring_result(ev, text, event), moto_result(text, event)
-        assert ours == theirs, (text, event, ours, theirs)
-        compared += 1
-        matched += ours is True
-    assert compared == 150 and 0 < matched < 150
+        assert ours in (True, False), (text, event, ours)
+        results[ours] += 1
+        if ours == theirs:
+            agreed_unmarked += not hazards
+            continue
+        assert hazards, f"unexplained disagreement: pattern {text} event {event['detail']}: mooring {ours}, moto {theirs}"
+        assert hazards <= GENERATED_DISAGREEMENT_CLASSES
+        print("DISAGREE", hazards, text, event["detail"], ours, theirs)
+        for h in hazards:
+            by_class[h] = by_class.get(h, 0) + 1
+    print(f"generated: {total} pairs, {agreed_unmarked} unmarked pairs agree, results {results}, "
+          f"disagreements by class {by_class}")
+    # Not vacuous: most pairs carry no hazard and must agree; both outcomes occur often.
+    assert agreed_unmarked >= total // 2
+    assert results[True] >= 80 and results[False] >= 80
 
 
 def test_events_tail_prints_events_of_a_bus(mooring):

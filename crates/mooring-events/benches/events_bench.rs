@@ -1,11 +1,17 @@
 //! Benchmarks of the event bus, printed as a small report.
 //!
-//! 1. Matcher throughput: one simple event against rule sets of 10, 1,000 and 10,000 rules
-//!    that require other `source` values (plus one rule that matches), single thread; prints
-//!    matches per second and the slowdown from 10 to 10,000 rules (target: ≥ 1,000,000/s per
-//!    core and < 1.5×), beside moto's matcher on the same rules and event in the same run
-//!    (a Python child: `BENCH_PYTHON`, else `.venv/bin/python`, else
-//!    `/tmp/venv-probe/bin/python`), with the ratio.
+//! 1. Matcher throughput: one typical event against rule sets of 10, 1,000 and 10,000 rules,
+//!    in two workloads: *simple* rules (`{"source":["svc-N"],"detail-type":["reading"]}`, the
+//!    issue's "simple match"; all rules share a few detail-types so the index has to pick the
+//!    distinguishing field) and *mixed* rules (`source` plus a numeric range on a detail field).
+//!    In each set exactly one rule matches the event. The loop is one thread, and the rate is
+//!    events routed per second of that thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), so the
+//!    figure is "matches per second per core" even on a shared machine (an event routed
+//!    through the whole rule set and its one matching rule found counts as one match); the
+//!    wall-clock rate is printed beside it. Prints the slowdown from 10
+//!    to 10,000 rules (target: >= 1,000,000/s per core and < 1.5x), beside moto's matcher on
+//!    the same rules and event in the same run (a Python child: `BENCH_PYTHON`, else
+//!    `.venv/bin/python`, else `/tmp/venv-probe/bin/python`), with the ratio.
 //! 2. PutEvents end to end over loopback HTTP: the `mooring` binary (`MOORING_BIN`, else
 //!    `target/release/mooring`, else `target/debug/mooring`; started with `--auth none`) and
 //!    moto's `moto_server` (`MOTO_SERVER`, else `.venv/bin/moto_server`, else
@@ -24,16 +30,43 @@ use mooring_events::pattern;
 use mooring_events::ruleset::RuleSet;
 use serde_json::{json, Value};
 
+/// The two rule workloads of the matcher bench.
+#[derive(Clone, Copy)]
+enum Workload {
+    Simple,
+    Mixed,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Simple => "simple",
+            Workload::Mixed => "mixed",
+        }
+    }
+}
+
 /// The bench's rule set of `rules` patterns: all but one require another `source`.
-fn bench_patterns(rules: usize) -> Vec<String> {
+fn bench_patterns(workload: Workload, rules: usize) -> Vec<String> {
+    let detail_types = ["reading", "alarm", "status"];
     let mut patterns: Vec<String> = (0..rules - 1)
-        .map(|i| {
-            format!(
+        .map(|i| match workload {
+            Workload::Simple => format!(
+                r#"{{"source":["svc-{i}"],"detail-type":["{}"]}}"#,
+                detail_types[i % detail_types.len()]
+            ),
+            Workload::Mixed => format!(
                 r#"{{"source":["svc-{i}"],"detail":{{"temperature":[{{"numeric":[">",{i}]}}]}}}}"#
-            )
+            ),
         })
         .collect();
-    patterns.push(r#"{"source":["sensor.hub"],"detail":{"room":["lab"]}}"#.to_string());
+    patterns.push(match workload {
+        Workload::Simple => r#"{"source":["sensor.hub"],"detail-type":["reading"]}"#.to_string(),
+        Workload::Mixed => r#"{"source":["sensor.hub"],"detail":{"room":["lab"]}}"#.to_string(),
+    });
+    // The matching rule is not always last: file it among the others.
+    let last = patterns.len() - 1;
+    patterns.swap(last / 2, last);
     patterns
 }
 
@@ -100,28 +133,53 @@ fn moto_matcher_rate(python: &Path, patterns: &[String], seconds: f64) -> Option
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
 
-fn matcher_bench() {
+/// CPU time consumed by the calling thread so far, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
+fn matcher_bench(workload: Workload) {
     let event = bench_event();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = venv_python(&repo);
+    let label = workload.name();
     let mut rates = Vec::new();
     for rules in [10usize, 1_000, 10_000] {
         let mut set = RuleSet::new();
-        for (i, p) in bench_patterns(rules).iter().enumerate() {
+        for (i, p) in bench_patterns(workload, rules).iter().enumerate() {
             set.insert(i, Arc::new(pattern::parse(p).unwrap()));
         }
-        let iterations = 2_000_000;
+        // Warm up, then run batches of 1,000 events for at least two seconds.
+        for _ in 0..1_000 {
+            set.for_each_match(std::hint::black_box(&event), |_| {});
+        }
         let start = Instant::now();
+        let cpu_start = thread_cpu_seconds();
         let mut hits = 0usize;
-        for _ in 0..iterations {
-            set.for_each_match(std::hint::black_box(&event), |_| hits += 1);
+        let mut iterations = 0usize;
+        while start.elapsed() < Duration::from_secs(2) {
+            for _ in 0..1_000 {
+                set.for_each_match(std::hint::black_box(&event), |_| hits += 1);
+            }
+            iterations += 1_000;
         }
         let elapsed = start.elapsed();
+        let cpu = thread_cpu_seconds() - cpu_start;
         assert_eq!(hits, iterations);
-        let rate = iterations as f64 / elapsed.as_secs_f64();
+        // Per core: matches per second of CPU time this thread got (the machine may be shared,
+        // so wall-clock time would also count time spent waiting for a core).
+        let rate = iterations as f64 / cpu;
+        let wall_rate = iterations as f64 / elapsed.as_secs_f64();
         let peer = python
             .as_deref()
-            .and_then(|py| moto_matcher_rate(py, &bench_patterns(rules), 2.0));
+            .and_then(|py| moto_matcher_rate(py, &bench_patterns(workload, rules), 2.0));
         let versus = match peer {
             Some(moto) => format!(
                 "moto's matcher {moto:>9.0} events/s, ratio {:.0}x",
@@ -130,15 +188,15 @@ fn matcher_bench() {
             None => "moto's matcher: not available (set BENCH_PYTHON)".to_string(),
         };
         println!(
-            "matcher: {rules:>6} rules: {rate:>12.0} matches/s ({:.0} ns/event) single thread; {versus}",
-            elapsed.as_nanos() as f64 / iterations as f64
+            "matcher {label}: {rules:>6} rules: {rate:>10.0} matches/s per core ({:.0} ns CPU/event, one thread; wall {wall_rate:.0}/s); {versus}",
+            cpu * 1e9 / iterations as f64
         );
         rates.push(rate);
     }
     println!(
-        "matcher: slowdown from 10 to 10,000 rules: {:.2}x (target < 1.5x); 10,000-rule rate vs 1,000,000/s target: {:.2}",
+        "matcher {label}: slowdown from 10 to 10,000 rules: {:.2}x (target < 1.5x); lowest rate / 1,000,000 per core target: {:.2}",
         rates[0] / rates[2],
-        rates[2] / 1_000_000.0
+        rates.iter().cloned().fold(f64::INFINITY, f64::min) / 1_000_000.0
     );
 }
 
@@ -187,6 +245,7 @@ fn start_mooring(repo: &Path, data: &Path) -> Option<Server> {
                 repo.join("target/debug/mooring"),
             ])
         })?;
+    println!("put_events: mooring binary {}", bin.display());
     let port = free_port();
     let child = Command::new(&bin)
         .args([
@@ -373,6 +432,9 @@ fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
     }
-    matcher_bench();
-    put_events_bench();
+    matcher_bench(Workload::Simple);
+    matcher_bench(Workload::Mixed);
+    if std::env::var_os("BENCH_SKIP_PUT_EVENTS").is_none() {
+        put_events_bench();
+    }
 }
