@@ -312,7 +312,6 @@ async fn client_appends(
 }
 
 /// The Python SDK scenario (`benches/sdk_appenders.py`); `Err` says why it could not run.
-#[allow(clippy::too_many_arguments)]
 async fn sdk_appends(
     service: &StreamManagerService,
     addr: std::net::SocketAddr,
