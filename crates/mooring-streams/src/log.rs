@@ -932,6 +932,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_dropped_group_commit_leader_hands_the_role_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = limits();
+        l.flush_on_write = true;
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        let seq = log.append(b"first", 1).unwrap();
+        {
+            let leader = log.sync_through(seq);
+            tokio::pin!(leader);
+            // The first poll takes the leader role and stops before its fsync.
+            assert!(futures::poll!(leader.as_mut()).is_pending());
+            assert!(log.syncing.load(Ordering::Acquire));
+        }
+        assert!(!log.syncing.load(Ordering::Acquire));
+        tokio::time::timeout(std::time::Duration::from_secs(10), log.sync_through(seq))
+            .await
+            .expect("a later caller runs the fsync")
+            .unwrap();
+        assert!(log.durable.load(Ordering::Acquire) >= seq);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn group_commit_makes_concurrent_appends_durable() {
         let dir = tempfile::tempdir().unwrap();
