@@ -34,6 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
@@ -153,6 +154,10 @@ pub struct StreamLog {
     syncing: AtomicBool,
     /// Woken (all at once) whenever an fsync finishes.
     synced: Notify,
+    /// Records the previous fsync covered, and how long it took: the next leader waits (at
+    /// most that long) for as many records before it syncs.
+    last_group: AtomicI64,
+    last_sync_micros: AtomicI64,
     /// Publishes the newest sequence number (and wakes readers on deletion).
     newest: watch::Sender<i64>,
 }
@@ -289,6 +294,8 @@ impl StreamLog {
             durable: AtomicI64::new(newest),
             syncing: AtomicBool::new(false),
             synced: Notify::new(),
+            last_group: AtomicI64::new(1),
+            last_sync_micros: AtomicI64::new(0),
             newest: watch::channel(newest).0,
         }
     }
@@ -480,10 +487,34 @@ impl StreamLog {
         }
     }
 
+    /// Before an fsync: appenders acknowledged by the previous one are likely sending their
+    /// next records right now (over a socket that takes a round trip). Waits until as many
+    /// records are pending as the previous fsync covered, for at most as long as it took,
+    /// so a steady group is not split into a lone leader and everyone else.
+    async fn gather(&self) {
+        tokio::task::yield_now().await;
+        let expected = self.last_group.load(Ordering::Relaxed);
+        let patience = self
+            .last_sync_micros
+            .load(Ordering::Relaxed)
+            .clamp(0, 2_000);
+        let deadline = tokio::time::Instant::now() + Duration::from_micros(patience as u64);
+        let mut newest = self.newest.subscribe();
+        loop {
+            let pending = *newest.borrow_and_update() - self.durable.load(Ordering::Acquire);
+            if pending >= expected || self.is_closed() {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, newest.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+    }
+
     /// One group-commit fsync: everything written before it starts becomes durable.
     async fn sync_written(&self) -> Result<(), LogError> {
-        // Let appenders that are ready to run write first, so this fsync covers them too.
-        tokio::task::yield_now().await;
+        self.gather().await;
         let (file, target) = {
             let state = lock(&self.state);
             let file = match state.segments.back().map(|s| &s.data) {
@@ -492,12 +523,16 @@ impl StreamLog {
             };
             (file, state.next_seq - 1)
         };
+        let started = std::time::Instant::now();
         if let Some(file) = file {
             tokio::task::spawn_blocking(move || file.sync_data())
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
         }
-        self.durable.fetch_max(target, Ordering::AcqRel);
+        let covered = target - self.durable.fetch_max(target, Ordering::AcqRel);
+        self.last_group.store(covered.max(1), Ordering::Relaxed);
+        self.last_sync_micros
+            .store(started.elapsed().as_micros() as i64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -895,6 +930,28 @@ mod tests {
             ReadOutcome::Messages(m) => assert_eq!(m.len(), 2),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_group_commit_leader_hands_the_role_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = limits();
+        l.flush_on_write = true;
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        let seq = log.append(b"first", 1).unwrap();
+        {
+            let leader = log.sync_through(seq);
+            tokio::pin!(leader);
+            // The first poll takes the leader role and stops before its fsync.
+            assert!(futures::poll!(leader.as_mut()).is_pending());
+            assert!(log.syncing.load(Ordering::Acquire));
+        }
+        assert!(!log.syncing.load(Ordering::Acquire));
+        tokio::time::timeout(std::time::Duration::from_secs(10), log.sync_through(seq))
+            .await
+            .expect("a later caller runs the fsync")
+            .unwrap();
+        assert!(log.durable.load(Ordering::Acquire) >= seq);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
