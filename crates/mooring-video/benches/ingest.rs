@@ -147,7 +147,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// The raw peer: `writers` threads, each appending `per_writer` fragments to its own file
 /// with an fsync after each (optionally `pace` apart); returns the elapsed seconds.
-fn raw_writers(dir: &std::path::Path, writers: usize, per_writer: u64, pace: Option<Duration>) -> f64 {
+fn raw_writers(
+    dir: &std::path::Path,
+    writers: usize,
+    per_writer: u64,
+    pace: Option<Duration>,
+) -> f64 {
     let started = Instant::now();
     let threads: Vec<_> = (0..writers)
         .map(|w| {
@@ -183,7 +188,14 @@ async fn ingest_many(
 ) -> (f64, Vec<Duration>) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..streams)
-        .map(|s| tokio::spawn(ingest(service.clone(), format!("{prefix}-{s}"), per_stream, pace)))
+        .map(|s| {
+            tokio::spawn(ingest(
+                service.clone(),
+                format!("{prefix}-{s}"),
+                per_stream,
+                pace,
+            ))
+        })
         .collect();
     let mut latencies = Vec::new();
     for t in tasks {
