@@ -162,7 +162,9 @@ fn raw_writers(
                 for i in 0..per_writer {
                     file.write_all(&cluster(i)).unwrap();
                     file.sync_data().unwrap();
-                    if let Some(p) = pace {
+                    // No pause after the last one: the Mooring side stops its clock at the
+                    // last PERSISTED ack.
+                    if let (Some(p), true) = (pace, i + 1 < per_writer) {
                         std::thread::sleep(p);
                     }
                 }
@@ -211,8 +213,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let dir =
-        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    // BENCH_DIR (default: the workspace's target/) picks the file system; a relative path
+    // is taken from the workspace root, since cargo runs benches in the crate directory.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bench_dir = workspace.join(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()));
+    std::fs::create_dir_all(&bench_dir).unwrap();
+    let dir = tempfile::tempdir_in(&bench_dir).unwrap();
     let fragments: u64 = std::env::var("BENCH_FRAGMENTS")
         .ok()
         .and_then(|v| v.parse().ok())
