@@ -392,6 +392,16 @@ pub async fn get(args: &VideoGetArgs) -> Result<u64> {
     Ok(written)
 }
 
+/// The AWS error type of a failed response (`x-amzn-ErrorType`, without botocore's `:…`
+/// suffix), so the CLI names the exception a user would look up.
+fn aws_error_type(headers: &hyper::HeaderMap) -> String {
+    headers
+        .get("x-amzn-ErrorType")
+        .and_then(|v| v.to_str().ok())
+        .map(|t| t.split(':').next().unwrap_or(t).to_string())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,14 +427,4 @@ mod tests {
         assert!(start_selector("yesterday").is_err());
         assert!(start_selector("server:soon").is_err());
     }
-}
-
-/// The AWS error type of a failed response (`x-amzn-ErrorType`, without botocore's `:…`
-/// suffix), so the CLI names the exception a user would look up.
-fn aws_error_type(headers: &hyper::HeaderMap) -> String {
-    headers
-        .get("x-amzn-ErrorType")
-        .and_then(|v| v.to_str().ok())
-        .map(|t| t.split(':').next().unwrap_or(t).to_string())
-        .unwrap_or_default()
 }
