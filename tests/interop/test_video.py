@@ -540,6 +540,8 @@ def test_ffmpeg_ingest_acks_getmedia_and_archive(mooring, ffmpeg_mkv, tmp_path):
         assert [a["EventType"] for a in group] == ["BUFFERING", "RECEIVED", "PERSISTED"]
         assert {a["FragmentTimecode"] for a in group} == {timecode}
     assert sorted(a["EventType"] for a in acks) == sorted(["BUFFERING", "RECEIVED", "PERSISTED"] * gops)
+    for kind in ("BUFFERING", "RECEIVED", "PERSISTED"):  # each kind in cluster order
+        assert [a["FragmentTimecode"] for a in acks if a["EventType"] == kind] == [tc for tc, _ in clusters]
     assert all(re.fullmatch(r"[0-9]{47}", n) for n in numbers)
     assert [int(n) for n in numbers] == sorted(int(n) for n in numbers)
     assert len(set(numbers)) == gops
@@ -1090,31 +1092,68 @@ def test_broken_connection_mid_fragment(mooring):
 # ---------------------------------------------------------------- durability
 
 def test_persisted_fragments_survive_sigkill(mooring, ffmpeg_mkv):
+    """SIGKILL while a producer is streaming (clusters go out in halves, paced, the last one
+    never completes): every fragment whose PERSISTED ack reached the producer before the kill
+    is readable after the restart, frame for frame, and listed; numbering continues above."""
     kv = mooring.client("kinesisvideo")
     create(kv, "durable", retention=1)
-    pm = PutMedia(mooring, "durable")
-    pm.send(ffmpeg_mkv)
     clusters = producer_clusters(ffmpeg_mkv)
-    persisted = []
+    by_timecode = dict(clusters)
+    docs = documents(ffmpeg_mkv)
+    spans = [(s, e) for i, s, e in docs[0] if i == ID_CLUSTER]
+    pm = PutMedia(mooring, "durable")
+    stop_sending = threading.Event()
+
+    def produce():
+        # Clusters in halves, paced; the last one only half: the upload is never complete.
+        try:
+            pm.send(ffmpeg_mkv[:spans[0][0] - 8])  # header; the cluster starts within 8 bytes
+            pos = spans[0][0] - 8
+            for k, (_, end) in enumerate(spans):
+                middle = (pos + end) // 2
+                pieces = [ffmpeg_mkv[pos:middle]] + ([ffmpeg_mkv[middle:end]] if k < len(spans) - 1 else [])
+                for piece in pieces:
+                    if stop_sending.is_set():
+                        return
+                    pm.send(piece)
+                    time.sleep(0.25)
+                pos = end
+        except OSError:
+            pass  # the server is gone
+
+    sender = threading.Thread(target=produce)
+    sender.start()
     seen = pm.wait_for(lambda a: a["EventType"] == "PERSISTED" and a["FragmentTimecode"] == clusters[2][0])
-    persisted = [a for a in seen if a["EventType"] == "PERSISTED"]
     mooring.kill()
+    stop_sending.set()
+    seen += pm.all_acks(timeout=10)  # every ack that reached the producer before the kill
+    sender.join()
     pm.close()
+    # The last fragment was caught mid-way: nothing beyond BUFFERING for it.
+    assert not [a for a in seen if a.get("FragmentTimecode") == clusters[-1][0] and a["EventType"] != "BUFFERING"]
+    persisted = [a for a in seen if a["EventType"] == "PERSISTED"]
+    assert len(persisted) >= 3
+
     mooring.start()
     kv = mooring.client("kinesisvideo")
     fl = media_client(mooring, kv, "durable", "GET_MEDIA_FOR_FRAGMENT_LIST")
     body = fl.get_media_for_fragment_list(
         StreamName="durable", Fragments=[a["FragmentNumber"] for a in persisted])["Payload"].read()
-    docs = documents(mkvinfo_reads(body))
-    assert len(docs) == len(persisted) >= 3
-    for doc, ack, cluster in zip(docs, persisted, clusters):
+    read_back = documents(mkvinfo_reads(body))
+    assert len(read_back) == len(persisted)
+    for doc, ack in zip(read_back, persisted):
         c = [(s, e) for i, s, e in doc if i == ID_CLUSTER]
         assert c, f"fragment {ack['FragmentNumber']} not readable after restart"
-        assert cluster_frames(body, *c[0]) == cluster
+        timecode, frames = cluster_frames(body, *c[0])
+        assert timecode == ack["FragmentTimecode"] and frames == by_timecode[timecode]
+    listed = media_client(mooring, kv, "durable", "LIST_FRAGMENTS").list_fragments(
+        StreamName="durable", FragmentSelector={"FragmentSelectorType": "SERVER_TIMESTAMP", "TimestampRange": {
+            "StartTimestamp": time.time() - 300, "EndTimestamp": time.time() + 5}})["Fragments"]
+    assert {a["FragmentNumber"] for a in persisted} <= {f["FragmentNumber"] for f in listed}
     # New fragments continue with larger numbers.
     _, acks = put_file(mooring, "durable", mkv_header() + mkv_cluster(int(time.time() * 1000)))
     new = [a for a in acks if a["EventType"] == "PERSISTED"][0]
-    assert int(new["FragmentNumber"]) > max(int(a["FragmentNumber"]) for a in persisted)
+    assert int(new["FragmentNumber"]) > max(int(f["FragmentNumber"]) for f in listed)
 
 
 @pytest.mark.parametrize("name", ["empty-mkv-with-tags.mkv", "test_tags_empty_cluster.mkv"])

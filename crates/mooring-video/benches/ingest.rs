@@ -1,10 +1,13 @@
 //! Ingest benchmark: PutMedia throughput and PERSISTED latency against the raw disk.
 //!
-//! In one run, on the same file system: (1) the raw peer writes the same fragment-sized
-//! buffers to a file with an fsync after each; (2) one PutMedia stream ingests the same
-//! fragments as fast as it can; (3) 100 concurrent streams each ingest 2 Mbps-sized fragments.
-//! It prints MB/s for each, the ratio to the raw disk, and the latency from a fragment's last
-//! byte to its PERSISTED ack (p50/p99). Run with `cargo bench -p mooring-video --bench ingest`.
+//! In one run, on the same file system, each Mooring case beside a raw peer doing the same
+//! writes straight to files with an fsync after each fragment: (1) one stream ingesting
+//! fragments as fast as it can, against one raw writer; (2) 100 concurrent streams at 2 Mbps
+//! (one 250 KB fragment a second each), against 100 raw writer threads on the same pacing;
+//! (3) the same 100 streams unpaced (capacity), against 100 unpaced raw writers. It prints
+//! MB/s for each, the ratio to its raw peer, and the latency from a fragment's last byte to
+//! its PERSISTED ack (p50/p99). Run with
+//! `BENCH_DIR=target BENCH_FRAGMENTS=100 cargo bench -p mooring-video --bench ingest`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -142,13 +145,80 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The raw peer: `writers` threads, each appending `per_writer` fragments to its own file
+/// with an fsync after each (optionally `pace` apart); returns the elapsed seconds.
+fn raw_writers(
+    dir: &std::path::Path,
+    writers: usize,
+    per_writer: u64,
+    pace: Option<Duration>,
+) -> f64 {
+    let started = Instant::now();
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let path = dir.join(format!("raw-{w}.bin"));
+            std::thread::spawn(move || {
+                let mut file = std::fs::File::create(&path).unwrap();
+                for i in 0..per_writer {
+                    file.write_all(&cluster(i)).unwrap();
+                    file.sync_data().unwrap();
+                    // No pause after the last one: the Mooring side stops its clock at the
+                    // last PERSISTED ack.
+                    if let (Some(p), true) = (pace, i + 1 < per_writer) {
+                        std::thread::sleep(p);
+                    }
+                }
+                drop(file);
+                std::fs::remove_file(&path).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// `streams` concurrent PutMedia streams named `{prefix}-{n}`, each sending `per_stream`
+/// fragments; returns the elapsed seconds and every PERSISTED latency, sorted.
+async fn ingest_many(
+    service: &Arc<VideoService>,
+    prefix: &str,
+    streams: usize,
+    per_stream: u64,
+    pace: Option<Duration>,
+) -> (f64, Vec<Duration>) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|s| {
+            tokio::spawn(ingest(
+                service.clone(),
+                format!("{prefix}-{s}"),
+                per_stream,
+                pace,
+            ))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    (secs, latencies)
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let dir =
-        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    // BENCH_DIR (default: the workspace's target/) picks the file system; a relative path
+    // is taken from the workspace root, since cargo runs benches in the crate directory.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bench_dir = workspace.join(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()));
+    std::fs::create_dir_all(&bench_dir).unwrap();
+    let dir = tempfile::tempdir_in(&bench_dir).unwrap();
     let fragments: u64 = std::env::var("BENCH_FRAGMENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -192,42 +262,56 @@ fn main() {
 
         let streams = 100;
         let per_stream = 5u64;
-        for s in 0..streams {
-            assert_eq!(service.call(kv(&format!("bench-{s}"), 1)).await.status(), 200);
+        for prefix in ["paced", "unpaced"] {
+            for s in 0..streams {
+                let created = service.call(kv(&format!("{prefix}-{s}"), 1)).await;
+                assert_eq!(created.status(), 200);
+            }
         }
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..streams)
-            .map(|s| {
-                tokio::spawn(ingest(
-                    service.clone(),
-                    format!("bench-{s}"),
-                    per_stream,
-                    Some(Duration::from_secs(1)),
-                ))
-            })
-            .collect();
-        let mut many = Vec::new();
-        for t in tasks {
-            many.extend(t.await.unwrap());
-        }
-        let many_secs = started.elapsed().as_secs_f64();
-        many.sort();
-        let many_rate = mb(streams * per_stream) / many_secs;
+        let second = Some(Duration::from_secs(1));
+        let (paced_secs, paced) = ingest_many(&service, "paced", streams, per_stream, second).await;
+        let raw_paced_secs = raw_writers(dir.path(), streams, per_stream, second);
+        let (unpaced_secs, unpaced) = ingest_many(&service, "unpaced", streams, per_stream, None).await;
+        let raw_unpaced_secs = raw_writers(dir.path(), streams, per_stream, None);
+        let total = mb(streams as u64 * per_stream);
 
         println!("fragment size: {} bytes (2 Mbps x 1 s), {} fragments", sample.len(), fragments);
-        println!("raw disk, fsync per fragment:    {raw_rate:8.1} MB/s");
+        println!("raw disk, 1 writer, fsync per fragment:  {raw_rate:8.1} MB/s");
         println!(
-            "PutMedia, 1 stream:               {one_rate:8.1} MB/s  ratio to raw {:.2}  PERSISTED latency p50 {:?} p99 {:?}",
+            "PutMedia, 1 stream:                      {one_rate:8.1} MB/s  ratio to raw {:.2}  PERSISTED latency p50 {:?} p99 {:?}",
             one_rate / raw_rate,
             percentile(&one, 0.5),
             percentile(&one, 0.99)
         );
-        let errors_free = many.len() as u64 == streams * per_stream;
+        let all = |l: &[Duration]| l.len() == streams * per_stream as usize;
         println!(
-            "PutMedia, {streams} streams x 2 Mbps: {many_rate:8.1} MB/s over {many_secs:.1} s (each stream sends {per_stream} fragments 1 s apart; offered {:.1} MB/s; all persisted: {errors_free})  PERSISTED latency p50 {:?} p99 {:?}",
-            streams as f64 * sample.len() as f64 / 1e6,
-            percentile(&many, 0.5),
-            percentile(&many, 0.99)
+            "{streams} streams x 2 Mbps, {per_stream} fragments each 1 s apart (offered {:.1} MB/s):",
+            streams as f64 * sample.len() as f64 / 1e6
+        );
+        println!(
+            "  raw disk, {streams} writers, same pacing:  {:8.1} MB/s",
+            total / raw_paced_secs
+        );
+        println!(
+            "  PutMedia:                              {:8.1} MB/s  ratio to raw {:.2}  all persisted: {}  PERSISTED latency p50 {:?} p99 {:?}",
+            total / paced_secs,
+            raw_paced_secs / paced_secs,
+            all(&paced),
+            percentile(&paced, 0.5),
+            percentile(&paced, 0.99)
+        );
+        println!("{streams} streams unpaced (capacity), {per_stream} fragments each:");
+        println!(
+            "  raw disk, {streams} writers:               {:8.1} MB/s",
+            total / raw_unpaced_secs
+        );
+        println!(
+            "  PutMedia:                              {:8.1} MB/s  ratio to raw {:.2}  all persisted: {}  PERSISTED latency p50 {:?} p99 {:?}",
+            total / unpaced_secs,
+            raw_unpaced_secs / unpaced_secs,
+            all(&unpaced),
+            percentile(&unpaced, 0.5),
+            percentile(&unpaced, 0.99)
         );
         ctx.shutdown.trigger();
     });
