@@ -12,7 +12,7 @@
 //!    to 10,000 rules (target: >= 1,000,000/s per core and < 1.5x), beside moto's matcher on
 //!    the same rules and event in the same run (a Python child: `BENCH_PYTHON`, else
 //!    `.venv/bin/python`, else `/tmp/venv-probe/bin/python`), with the ratio.
-//! 2. PutEvents end to end over loopback HTTP: the `mooring` binary (`MOORING_BIN`, else
+//! 2. PutEvents end to end over loopback HTTP: the `mooring` binary (`BENCH_MOORING_BIN`, else
 //!    `target/release/mooring`, else `target/debug/mooring`; started with `--auth none`) and
 //!    moto's `moto_server` (`MOTO_SERVER`, else `.venv/bin/moto_server`, else
 //!    `/tmp/venv-probe/bin/moto_server`) on ephemeral ports in the same run, the same load
@@ -237,7 +237,7 @@ fn wait_ready(port: u16) -> bool {
 }
 
 fn start_mooring(repo: &Path, data: &Path) -> Option<Server> {
-    let bin = std::env::var_os("MOORING_BIN")
+    let bin = std::env::var_os("BENCH_MOORING_BIN")
         .map(PathBuf::from)
         .or_else(|| {
             first_existing(&[
@@ -396,7 +396,7 @@ fn put_events_bench() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let data = tempfile::tempdir().unwrap();
     let Some(mooring) = start_mooring(&repo, data.path()) else {
-        println!("put_events: no mooring binary (build it or set MOORING_BIN); skipped");
+        println!("put_events: no mooring binary (build it or set BENCH_MOORING_BIN); skipped");
         return;
     };
     let Some(moto) = start_moto(&repo) else {
