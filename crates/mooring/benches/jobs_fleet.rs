@@ -475,14 +475,15 @@ fn start_mosquitto() -> Mosquitto {
         .stderr(Stdio::null())
         .spawn()
         .expect("mosquitto is needed as the peer (apt-get install mosquitto)");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // Owned from the start, so that a failed start still kills and reaps the process.
+    let broker = Mosquitto {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        _dir: dir,
+    };
     for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Mosquitto {
-                child,
-                addr,
-                _dir: dir,
-            };
+        if std::net::TcpStream::connect(broker.addr).is_ok() {
+            return broker;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
