@@ -45,6 +45,14 @@ struct Figure {
 }
 
 impl Figure {
+    fn of(messages: u64, size: usize, took: Duration) -> Figure {
+        Figure {
+            messages,
+            bytes: messages * size as u64,
+            took,
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         self.messages as f64 / self.took.as_secs_f64()
     }
@@ -246,14 +254,10 @@ async fn tcp_appends(
         .unwrap();
     let per = count / connections;
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        tasks.push(tokio::spawn(tcp_client(addr, name.to_string(), size, per)));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let took = start.elapsed();
+    let tasks = (0..connections)
+        .map(|_| tokio::spawn(tcp_client(addr, name.to_string(), size, per)))
+        .collect();
+    let took = appenders_done(tasks, start).await;
     let newest = service
         .manager
         .describe(name)
@@ -262,11 +266,15 @@ async fn tcp_appends(
         .newest_sequence_number;
     assert_eq!(newest + 1, (per * connections) as i64);
     service.manager.delete(name).await.unwrap();
-    Figure {
-        messages: per * connections,
-        bytes: per * connections * size as u64,
-        took,
+    Figure::of(per * connections, size, took)
+}
+
+/// Waits for every appender task; returns the time since `start`.
+async fn appenders_done(tasks: Vec<tokio::task::JoinHandle<()>>, start: Instant) -> Duration {
+    for t in tasks {
+        t.await.unwrap();
     }
+    start.elapsed()
 }
 
 /// `appenders` native clients, each appending and awaiting its acknowledgement in turn.
@@ -290,25 +298,20 @@ async fn client_appends(
         clients.push(Client::connect(&addr.to_string(), None).await.unwrap());
     }
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for mut client in clients {
-        let name = name.to_string();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per {
-                client.append(&name, vec![0x37u8; size]).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let took = start.elapsed();
+    let tasks = clients
+        .into_iter()
+        .map(|mut client| {
+            let name = name.to_string();
+            tokio::spawn(async move {
+                for _ in 0..per {
+                    client.append(&name, vec![0x37u8; size]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let took = appenders_done(tasks, start).await;
     service.manager.delete(name).await.unwrap();
-    Figure {
-        messages: per * appenders,
-        bytes: per * appenders * size as u64,
-        took,
-    }
+    Figure::of(per * appenders, size, took)
 }
 
 /// The Python SDK scenario (`benches/sdk_appenders.py`); `Err` says why it could not run.

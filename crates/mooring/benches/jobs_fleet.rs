@@ -298,19 +298,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-/// The Mooring process and its endpoints.
-struct MooringProcess {
+/// A server process of the run, killed and reaped when dropped, with its data directory.
+struct ServerProcess {
     child: Child,
-    http: String,
-    mqtt: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for MooringProcess {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Mooring process and its endpoints.
+struct MooringProcess {
+    _process: ServerProcess,
+    http: String,
+    mqtt: SocketAddr,
 }
 
 fn start_mooring() -> MooringProcess {
@@ -337,12 +342,13 @@ fn start_mooring() -> MooringProcess {
         .stdout(Stdio::null())
         .spawn()
         .expect("starting mooring");
-    let endpoints = wait_for_endpoints(&dir.path().join("endpoints.json"));
+    let endpoints_file = dir.path().join("endpoints.json");
+    let process = ServerProcess { child, _dir: dir };
+    let endpoints = wait_for_endpoints(&endpoints_file);
     MooringProcess {
-        child,
+        _process: process,
         http: endpoints["http_url"].as_str().unwrap().to_string(),
         mqtt: endpoints["mqtt"].as_str().unwrap().parse().unwrap(),
-        _dir: dir,
     }
 }
 
@@ -440,16 +446,8 @@ async fn mooring_fleet(things: &[String]) -> Fleet {
 
 /// mosquitto on an ephemeral port, without persistence.
 struct Mosquitto {
-    child: Child,
+    _process: ServerProcess,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_mosquitto() -> Mosquitto {
@@ -477,9 +475,8 @@ fn start_mosquitto() -> Mosquitto {
         .expect("mosquitto is needed as the peer (apt-get install mosquitto)");
     // Owned from the start, so that a failed start still kills and reaps the process.
     let broker = Mosquitto {
-        child,
+        _process: ServerProcess { child, _dir: dir },
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _dir: dir,
     };
     for _ in 0..200 {
         if std::net::TcpStream::connect(broker.addr).is_ok() {
