@@ -8,7 +8,8 @@ the output of the rule `SELECT * FROM '$aws/events/#'`, and records per client i
 - which chat it is subscribed to (`subscribed` / `unsubscribed` to `chat/{id}`).
 
 Invocations run concurrently and can arrive out of order, so each half of the state is
-only overwritten by an event with a newer timestamp, under a file lock.
+only overwritten by an event with a newer timestamp, under a file lock (readers take it
+shared, so they never see a half-written file).
 
 As a tool: `presence.py show` prints the state, `presence.py route USER CHAT` prints
 `socket` when USER is connected and subscribed to CHAT (send over MQTT), else `push`
@@ -66,6 +67,8 @@ def main(argv):
         return 0
     try:
         with open(STATE) as f:
+            # A writer truncates and rewrites under its exclusive lock: read under a shared one.
+            fcntl.flock(f, fcntl.LOCK_SH)
             state = load(f)
     except FileNotFoundError:
         state = {}
