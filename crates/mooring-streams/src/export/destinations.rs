@@ -65,31 +65,17 @@ impl Destinations {
     #[cfg(feature = "aws")]
     async fn aws_config(&self) -> &aws_config::SdkConfig {
         self.aws
-            .get_or_init(|| async {
-                let https = aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https();
-                let region = if self.settings.region.is_empty() {
-                    self.process_region.clone()
-                } else {
-                    self.settings.region.clone()
-                };
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .http_client(https)
-                    .region(aws_config::Region::new(region));
-                if !self.settings.access_key_id.is_empty() {
-                    loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                        self.settings.access_key_id.clone(),
-                        self.settings.secret_access_key.clone(),
-                        (!self.settings.session_token.is_empty())
-                            .then(|| self.settings.session_token.clone()),
-                        None,
-                        "mooring-streams-config",
-                    ));
-                }
-                loader.load().await
+            .get_or_init(|| {
+                mooring_aws::outbound::sdk_config(
+                    mooring_aws::outbound::OutboundCredentials {
+                        region: &self.settings.region,
+                        access_key_id: &self.settings.access_key_id,
+                        secret_access_key: &self.settings.secret_access_key,
+                        session_token: &self.settings.session_token,
+                    },
+                    &self.process_region,
+                    "mooring-streams-config",
+                )
             })
             .await
     }
