@@ -277,7 +277,9 @@ fn fragment_pictures(
             .map(|ns| (i128::from(ns) * i128::from(track.timescale) / 1_000_000_000) as i64)
             .unwrap_or(i64::from(track.timescale) / 25)
     };
-    let end = (last_pts + frame_ticks.max(1)).max(ticks(start_ms + meta.duration_ms));
+    // The video ends one frame after its last frame (the fragment's own duration may run
+    // on with audio).
+    let end = last_pts + frame_ticks.max(1);
     let mut slots = Vec::new();
     let mut targets = Vec::new();
     let mut results: Vec<Result<Picture, ImageError>> = all(ImageError::NoMedia);
