@@ -246,7 +246,20 @@ fn fragment_pictures(
     clock: TimeClock,
     instants: &[i64],
 ) -> Vec<Result<Picture, ImageError>> {
-    let all = |e: ImageError| instants.iter().map(|_| Err(e)).collect::<Vec<_>>();
+    let start_ms = time_on(clock, meta);
+    // A fragment that cannot be read has MEDIA_ERROR within its own duration; past it,
+    // nothing is known to have been there.
+    let all = |e: ImageError| {
+        instants
+            .iter()
+            .map(|&t| match e {
+                ImageError::MediaError if t >= start_ms + meta.duration_ms.max(1) => {
+                    Err(ImageError::NoMedia)
+                }
+                e => Err(e),
+            })
+            .collect::<Vec<_>>()
+    };
     let fragment = match s.fragments.read(arn, meta.seq) {
         Ok(Some(f)) => f,
         Ok(None) => return all(ImageError::NoMedia),
@@ -261,7 +274,6 @@ fn fragment_pictures(
     let Some(track) = media.tracks.first().filter(|t| t.codec.is_video()) else {
         return all(ImageError::MediaError);
     };
-    let start_ms = time_on(clock, meta);
     let samples = match media.samples(track, start_ms) {
         Ok(samples) if !samples.is_empty() => samples,
         _ => return all(ImageError::MediaError),
@@ -282,7 +294,8 @@ fn fragment_pictures(
     let end = last_pts + frame_ticks.max(1);
     let mut slots = Vec::new();
     let mut targets = Vec::new();
-    let mut results: Vec<Result<Picture, ImageError>> = all(ImageError::NoMedia);
+    let mut results: Vec<Result<Picture, ImageError>> =
+        instants.iter().map(|_| Err(ImageError::NoMedia)).collect();
     for (slot, &instant) in instants.iter().enumerate() {
         let at = ticks(instant);
         if at >= end {
@@ -421,5 +434,163 @@ pub async fn get_images(state: Arc<VideoState>, request: AwsRequest) -> Response
             response
         }
         Err(e) => error_response(&e, OP),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ebml::write_element;
+    use crate::fragments::StoredFragment;
+    use crate::mkv::{
+        ID_CLUSTER, ID_CODEC_ID, ID_CODEC_PRIVATE, ID_INFO, ID_SIMPLE_BLOCK, ID_TIMECODE,
+        ID_TIMECODE_SCALE, ID_TRACKS, ID_TRACK_ENTRY, ID_TRACK_NUMBER, ID_TRACK_TYPE,
+    };
+    use crate::model::Stream;
+    use crate::packaging::Sample;
+    use crate::picture::tests::encoded;
+    use bytes::Bytes;
+    use mooring_core::ServiceContext;
+
+    const ARN: &str = "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam/1700000000000";
+    const GREEN: [u8; 3] = [20, 200, 20];
+
+    fn segment_prefix(codec_private: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        let mut info = Vec::new();
+        write_element(&mut info, ID_TIMECODE_SCALE, &[0x0F, 0x42, 0x40]);
+        write_element(&mut out, ID_INFO, &info);
+        let mut entry = Vec::new();
+        write_element(&mut entry, ID_TRACK_NUMBER, &[1]);
+        write_element(&mut entry, ID_TRACK_TYPE, &[1]);
+        write_element(&mut entry, ID_CODEC_ID, b"V_MPEG4/ISO/AVC");
+        write_element(&mut entry, ID_CODEC_PRIVATE, codec_private);
+        let mut entries = Vec::new();
+        write_element(&mut entries, ID_TRACK_ENTRY, &entry);
+        write_element(&mut out, ID_TRACKS, &entries);
+        Bytes::from(out)
+    }
+
+    /// A known-size cluster at timecode 0 with the samples as SimpleBlocks (ms timecodes).
+    fn cluster(samples: &[Sample]) -> Vec<u8> {
+        let mut body = Vec::new();
+        write_element(&mut body, ID_TIMECODE, &[0]);
+        for sample in samples {
+            let mut block = vec![0x81];
+            block.extend_from_slice(&((sample.pts / 90) as i16).to_be_bytes());
+            block.push(if sample.keyframe { 0x80 } else { 0 });
+            block.extend_from_slice(&sample.data);
+            write_element(&mut body, ID_SIMPLE_BLOCK, &block);
+        }
+        let mut out = Vec::new();
+        write_element(&mut out, ID_CLUSTER, &body);
+        out
+    }
+
+    fn fragment(seq: i64, at_ms: i64, prefix: Bytes, cluster: Vec<u8>) -> StoredFragment {
+        StoredFragment {
+            meta: FragmentMeta {
+                seq,
+                timecode: 0,
+                producer_ms: at_ms,
+                server_ms: at_ms,
+                duration_ms: 1000,
+                size: cluster.len() as i64,
+                tags: Vec::new(),
+            },
+            ebml_header: Bytes::from_static(b"header"),
+            segment_prefix: prefix,
+            cluster: Bytes::from(cluster),
+            tags: Bytes::new(),
+        }
+    }
+
+    /// Fragments damaged in every way a stored fragment can be still give one entry per
+    /// instant: MEDIA_ERROR within them, NO_MEDIA outside, pictures from the intact one.
+    #[tokio::test]
+    async fn damaged_fragments_give_media_error_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ServiceContext::for_tests(dir.path()).unwrap();
+        let service = crate::VideoService::new(&ctx).unwrap();
+        let s = service.state().clone();
+        s.store
+            .insert_stream(&Stream {
+                name: "cam".into(),
+                arn: ARN.into(),
+                device_name: None,
+                media_type: None,
+                kms_key_id: "k".into(),
+                retention_hours: 1,
+                version: "v1".into(),
+                status: "ACTIVE".into(),
+                creation_ms: 0,
+                storage_tier: "HOT".into(),
+                tags: Default::default(),
+            })
+            .unwrap();
+        let (track, samples) = encoded(64, 48, &[GREEN; 25], 25);
+        let prefix = segment_prefix(&track.codec_private);
+        let good = cluster(&samples);
+        // H.264 damage: the keyframe's slice is garbage.
+        let mut bad_frames = samples.clone();
+        let mut garbage = vec![0, 0, 0, 40, 0x65];
+        garbage.extend_from_slice(&[0xA5; 39]);
+        bad_frames[0].data = Bytes::from(garbage);
+        // Matroska damage: the cluster claims more bytes than it has.
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() / 2);
+        let live = s.fragments.live(ARN);
+        let fragments = [
+            fragment(0, 10_000, prefix.clone(), good),
+            fragment(0, 11_000, prefix.clone(), cluster(&bad_frames)),
+            fragment(0, 12_000, prefix, truncated),
+            // Codec private data that is no AVCDecoderConfigurationRecord.
+            fragment(0, 13_000, segment_prefix(&[9, 9, 9]), cluster(&samples)),
+        ];
+        for mut f in fragments {
+            f.meta.seq = s.fragments.next_seq(&live).unwrap();
+            s.fragments.persist(&live, &f).unwrap();
+        }
+        let request = serde_json::json!({
+            "StreamARN": ARN,
+            "ImageSelectorType": "PRODUCER_TIMESTAMP",
+            "StartTimestamp": 9.5,
+            "EndTimestamp": 15.0,
+            "SamplingInterval": 500,
+            "Format": "PNG",
+        });
+        let req = JsonRequest::parse(request.to_string().as_bytes()).unwrap();
+        let body = get_images_blocking(&s, &req).unwrap();
+        let images = body["Images"].as_array().unwrap();
+        let errors: Vec<&str> = images
+            .iter()
+            .map(|i| i["Error"].as_str().unwrap_or("image"))
+            .collect();
+        let expected = [
+            "NO_MEDIA",
+            "image",
+            "image",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "NO_MEDIA",
+            "NO_MEDIA",
+        ];
+        assert_eq!(errors, expected);
+        assert_eq!(images[3]["TimeStamp"], serde_json::json!(11.0));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(images[2]["ImageContent"].as_str().unwrap())
+            .unwrap();
+        let picture = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(picture.dimensions(), (64, 48));
+        let centre = picture.get_pixel(32, 24).0;
+        assert!(
+            centre.iter().zip(GREEN).all(|(a, b)| a.abs_diff(b) <= 24),
+            "{centre:?}"
+        );
+        assert!(body.get("NextToken").is_none());
     }
 }
