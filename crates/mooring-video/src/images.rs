@@ -292,8 +292,9 @@ fn fragment_pictures(
     // The video ends one frame after its last frame (the fragment's own duration may run
     // on with audio).
     let end = last_pts + frame_ticks.max(1);
-    let mut slots = Vec::new();
-    let mut targets = Vec::new();
+    // Targets by the keyframe that starts their GOP: each GOP decodes on its own, so damage
+    // in one does not spread to the next.
+    let mut by_gop: BTreeMap<usize, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
     let mut results: Vec<Result<Picture, ImageError>> =
         instants.iter().map(|_| Err(ImageError::NoMedia)).collect();
     for (slot, &instant) in instants.iter().enumerate() {
@@ -309,17 +310,24 @@ fn fragment_pictures(
             .or_else(|| samples.iter().enumerate().min_by_key(|(i, x)| (x.pts, *i)))
             .map(|(i, _)| i)
             .unwrap_or(0);
+        let gop = (0..=shown)
+            .rev()
+            .find(|&i| samples[i].keyframe)
+            .unwrap_or(0);
+        let (slots, targets) = by_gop.entry(gop).or_default();
         slots.push(slot);
         targets.push(shown);
     }
-    for (slot, picture) in slots
-        .into_iter()
-        .zip(decode_frames(track, &samples, &targets))
-    {
-        results[slot] = picture.map_err(|e| {
-            tracing::debug!(error = %e, fragment = meta.seq, "no picture for GetImages");
-            ImageError::MediaError
-        });
+    for (slots, targets) in by_gop.into_values() {
+        for (slot, picture) in slots
+            .into_iter()
+            .zip(decode_frames(track, &samples, &targets))
+        {
+            results[slot] = picture.map_err(|e| {
+                tracing::debug!(error = %e, fragment = meta.seq, "no picture for GetImages");
+                ImageError::MediaError
+            });
+        }
     }
     results
 }
@@ -539,6 +547,11 @@ mod tests {
         // Matroska damage: the cluster claims more bytes than it has.
         let mut truncated = good.clone();
         truncated.truncate(good.len() / 2);
+        let (_, long) = encoded(64, 48, &[GREEN; 50], 25);
+        let mut long_damaged = long.clone();
+        long_damaged[0].data = bad_frames[0].data.clone();
+        let mut two_gops = fragment(0, 16_000, prefix.clone(), cluster(&long_damaged));
+        two_gops.meta.duration_ms = 2000;
         let live = s.fragments.live(ARN);
         let fragments = [
             fragment(0, 10_000, prefix.clone(), good),
@@ -546,6 +559,8 @@ mod tests {
             fragment(0, 12_000, prefix, truncated),
             // Codec private data that is no AVCDecoderConfigurationRecord.
             fragment(0, 13_000, segment_prefix(&[9, 9, 9]), cluster(&samples)),
+            // Two GOPs, the first damaged: the second still decodes.
+            two_gops,
         ];
         for mut f in fragments {
             f.meta.seq = s.fragments.next_seq(&live).unwrap();
@@ -555,7 +570,7 @@ mod tests {
             "StreamARN": ARN,
             "ImageSelectorType": "PRODUCER_TIMESTAMP",
             "StartTimestamp": 9.5,
-            "EndTimestamp": 15.0,
+            "EndTimestamp": 18.0,
             "SamplingInterval": 500,
             "Format": "PNG",
         });
@@ -578,6 +593,12 @@ mod tests {
             "MEDIA_ERROR",
             "NO_MEDIA",
             "NO_MEDIA",
+            "NO_MEDIA",
+            "NO_MEDIA",
+            "MEDIA_ERROR",
+            "MEDIA_ERROR",
+            "image",
+            "image",
         ];
         assert_eq!(errors, expected);
         assert_eq!(images[3]["TimeStamp"], serde_json::json!(11.0));
