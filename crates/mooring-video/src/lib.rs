@@ -2,7 +2,8 @@
 //! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, the
 //! GetMedia / ListFragments / GetMediaForFragmentList readers, and playback: HLS and DASH
 //! sessions ([`playback`], [`hls`], [`dash`], [`session`]) packaged as fMP4 ([`fmp4`]) or
-//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]) and the [`console`] player.
+//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]), GetImages (`images`, with
+//! `picture` decoding frames; the default-on `images` feature) and the [`console`] player.
 //!
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
@@ -19,12 +20,16 @@ pub mod ebml;
 pub mod fmp4;
 pub mod fragments;
 pub mod hls;
+#[cfg(feature = "images")]
+pub mod images;
 pub mod ingest;
 pub mod media;
 pub mod mkv;
 pub mod model;
 pub mod mpegts;
 pub mod packaging;
+#[cfg(feature = "images")]
+pub mod picture;
 pub mod playback;
 pub mod session;
 pub mod store;
@@ -259,7 +264,8 @@ impl AwsService for VideoService {
         (route.method == Method::POST
             && (CONTROL_PATHS.contains(&route.path)
                 || MEDIA_PATHS.contains(&route.path)
-                || PLAYBACK_PATHS.contains(&route.path)))
+                || PLAYBACK_PATHS.contains(&route.path)
+                || (cfg!(feature = "images") && route.path == "/getImages")))
             || is_unsigned_resource(route)
     }
 
@@ -330,6 +336,8 @@ impl AwsService for VideoService {
                     playback::get_session_url(state, request, true).await
                 }
                 "/getClip" => clip::get_clip(state, request).await,
+                #[cfg(feature = "images")]
+                "/getImages" => images::get_images(state, request).await,
                 p if p.starts_with(console::PLAYER_PREFIX) => {
                     console::player_page(state, request).await
                 }
