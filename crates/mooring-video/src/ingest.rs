@@ -538,11 +538,15 @@ impl Session {
                     }
                     let fragments = self.state.fragments.clone();
                     let live = self.live.clone();
-                    let seq = match self
-                        .state
-                        .blocking(move |_| fragments.next_seq(&live))
-                        .await
-                    {
+                    let reserved = match fragments.next_reserved_seq(&live) {
+                        Some(seq) => Ok(seq),
+                        None => {
+                            self.state
+                                .blocking(move |_| fragments.next_seq(&live))
+                                .await
+                        }
+                    };
+                    let seq = match reserved {
                         Ok(seq) => seq,
                         Err(e) => {
                             // No number (the index refused the reservation): like a refused
@@ -724,7 +728,7 @@ impl Session {
             return Err(fail(FRAGMENT_METADATA_LIMIT_REACHED));
         }
         self.last_frame_ms = Some(base + to_ms(last));
-        let cluster = Bytes::from(p.cluster.to_element());
+        let cluster = p.cluster.to_element();
         let fragment = Arc::new(StoredFragment {
             meta: FragmentMeta {
                 seq: p.open.seq,

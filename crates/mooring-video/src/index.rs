@@ -1,0 +1,392 @@
+//! The fragment index, written behind: a [`VideoStore`] in front of the SQLite store that
+//! takes new index rows into memory and commits them in batches.
+//!
+//! A fragment is durable once its segment record is fsynced: the record carries the
+//! fragment's index entry and a checksum, so [`crate::fragments::FragmentStore::open`]
+//! re-indexes every complete record the index lacks after a crash. Index rows therefore stay
+//! off the PERSISTED path: [`WriteBehindIndex::queue`] only adds the row to memory, where
+//! every query sees it at once, and a background thread commits whatever has accumulated at
+//! most every [`COMMIT_INTERVAL`] in one transaction (one database fsync for all the streams'
+//! fragments of that interval instead of one per fragment). Queries read the queued rows
+//! before the database, so a row committed and dropped from memory in between is still
+//! found. A failed commit keeps the rows queued and is retried; shutdown commits what is left
+//! ([`WriteBehindIndex::flush`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mooring_core::store::StoreResult;
+
+use crate::model::{FragmentMeta, Stream};
+use crate::store::{IndexRow, RecordLocation, TimeClock, VideoStore};
+
+/// How often queued rows are committed.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// The wait before retrying a failed commit.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Queue {
+    /// Rows not committed yet, each with its ticket, oldest first.
+    rows: VecDeque<(u64, IndexRow)>,
+    next_ticket: u64,
+    closed: bool,
+}
+
+struct Shared {
+    inner: Arc<dyn VideoStore>,
+    queue: Mutex<Queue>,
+    queued: Condvar,
+    /// Held while a batch is committed, and by the deletions that must not interleave with
+    /// one (a batch taken before a stream's rows were deleted would bring them back).
+    commit: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn queued_rows(&self, arn: &str) -> Vec<IndexRow> {
+        lock(&self.queue)
+            .rows
+            .iter()
+            .filter(|(_, r)| r.arn == arn)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// Commits every queued row in one transaction.
+    fn commit_queued(&self) -> StoreResult<()> {
+        let _commit = lock(&self.commit);
+        let (batch, last) = {
+            let queue = lock(&self.queue);
+            let Some((last, _)) = queue.rows.back() else {
+                return Ok(());
+            };
+            let batch: Vec<IndexRow> = queue.rows.iter().map(|(_, r)| r.clone()).collect();
+            (batch, *last)
+        };
+        self.inner.insert_fragments(&batch)?;
+        let mut queue = lock(&self.queue);
+        while queue.rows.front().is_some_and(|(t, _)| *t <= last) {
+            queue.rows.pop_front();
+        }
+        Ok(())
+    }
+
+    fn run(&self, interval: Duration) {
+        let mut last_commit = Instant::now();
+        loop {
+            {
+                let mut queue = lock(&self.queue);
+                while queue.rows.is_empty() && !queue.closed {
+                    queue = self.queued.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+                // Let rows accumulate for the rest of the interval.
+                while !queue.closed {
+                    let waited = last_commit.elapsed();
+                    if waited >= interval {
+                        break;
+                    }
+                    queue = self
+                        .queued
+                        .wait_timeout(queue, interval - waited)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                if queue.closed {
+                    return;
+                }
+            }
+            last_commit = Instant::now();
+            if let Err(e) = self.commit_queued() {
+                tracing::warn!(error = %e, "committing video fragment index rows failed; retrying");
+                let queue = lock(&self.queue);
+                let _ = self
+                    .queued
+                    .wait_timeout_while(queue, RETRY_AFTER, |q| !q.closed);
+            }
+        }
+    }
+}
+
+/// The write-behind index (see the module documentation).
+pub struct WriteBehindIndex {
+    shared: Arc<Shared>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriteBehindIndex {
+    /// Puts the write-behind queue in front of `inner` and starts its committer thread.
+    pub fn new(inner: Arc<dyn VideoStore>) -> std::io::Result<WriteBehindIndex> {
+        Self::with_interval(inner, COMMIT_INTERVAL)
+    }
+
+    /// [`new`](Self::new) committing every `interval` (tests use a long one to hold rows).
+    pub fn with_interval(
+        inner: Arc<dyn VideoStore>,
+        interval: Duration,
+    ) -> std::io::Result<WriteBehindIndex> {
+        let shared = Arc::new(Shared {
+            inner,
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            commit: Mutex::new(()),
+        });
+        let runner = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("video-index".into())
+            .spawn(move || runner.run(interval))?;
+        Ok(WriteBehindIndex {
+            shared,
+            committer: Some(committer),
+        })
+    }
+
+    /// Adds a row for a fragment whose record is durable; visible to queries at once,
+    /// committed with the next batch.
+    pub fn queue(&self, row: IndexRow) {
+        let mut queue = lock(&self.shared.queue);
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.rows.push_back((ticket, row));
+        self.shared.queued.notify_all();
+    }
+
+    /// Commits every queued row now (blocking).
+    pub fn flush(&self) -> StoreResult<()> {
+        self.shared.commit_queued()
+    }
+
+    /// Rows queued and not committed yet.
+    pub fn queued_len(&self) -> usize {
+        lock(&self.shared.queue).rows.len()
+    }
+
+    fn queued_rows(&self, arn: &str) -> Vec<IndexRow> {
+        self.shared.queued_rows(arn)
+    }
+
+    fn inner(&self) -> &dyn VideoStore {
+        self.shared.inner.as_ref()
+    }
+}
+
+impl Drop for WriteBehindIndex {
+    /// Stops the committer without committing: whatever is queued is recovered from the
+    /// segment files by the next open (callers that stop cleanly [`flush`](Self::flush)).
+    fn drop(&mut self) {
+        lock(&self.shared.queue).closed = true;
+        self.shared.queued.notify_all();
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+fn time_on(clock: TimeClock, m: &FragmentMeta) -> i64 {
+    match clock {
+        TimeClock::Server => m.server_ms,
+        TimeClock::Producer => m.producer_ms,
+    }
+}
+
+fn contains(clock: TimeClock, m: &FragmentMeta, at: i64) -> bool {
+    time_on(clock, m) <= at && at < time_on(clock, m) + m.duration_ms
+}
+
+impl VideoStore for WriteBehindIndex {
+    fn insert_stream(&self, stream: &Stream) -> StoreResult<bool> {
+        self.inner().insert_stream(stream)
+    }
+
+    fn stream_by_name(&self, name: &str) -> StoreResult<Option<Stream>> {
+        self.inner().stream_by_name(name)
+    }
+
+    fn stream_by_arn(&self, arn: &str) -> StoreResult<Option<Stream>> {
+        self.inner().stream_by_arn(arn)
+    }
+
+    fn list_streams(&self, prefix: &str, after: &str, limit: usize) -> StoreResult<Vec<Stream>> {
+        self.inner().list_streams(prefix, after, limit)
+    }
+
+    fn all_streams(&self) -> StoreResult<Vec<Stream>> {
+        self.inner().all_streams()
+    }
+
+    fn update_stream(&self, stream: &Stream, expected_version: &str) -> StoreResult<bool> {
+        self.inner().update_stream(stream, expected_version)
+    }
+
+    fn delete_stream(&self, arn: &str) -> StoreResult<Vec<String>> {
+        let _commit = lock(&self.shared.commit);
+        let mut segments: Vec<String> = {
+            let mut queue = lock(&self.shared.queue);
+            let mut gone = Vec::new();
+            queue.rows.retain(|(_, r)| {
+                let keep = r.arn != arn;
+                if !keep {
+                    gone.push(r.location.segment.clone());
+                }
+                keep
+            });
+            gone
+        };
+        segments.extend(self.inner().delete_stream(arn)?);
+        segments.sort();
+        segments.dedup();
+        Ok(segments)
+    }
+
+    fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64> {
+        self.inner().reserve_seqs(arn, count)
+    }
+
+    /// Commits at once, past the queue (for recovery at open).
+    fn insert_fragments(&self, rows: &[IndexRow]) -> StoreResult<()> {
+        self.inner().insert_fragments(rows)
+    }
+
+    fn fragment(&self, arn: &str, seq: i64) -> StoreResult<Option<(FragmentMeta, RecordLocation)>> {
+        let queued = self.queued_rows(arn);
+        if let Some(r) = queued.into_iter().find(|r| r.meta.seq == seq) {
+            return Ok(Some((r.meta, r.location)));
+        }
+        self.inner().fragment(arn, seq)
+    }
+
+    fn fragment_after(
+        &self,
+        arn: &str,
+        after: i64,
+    ) -> StoreResult<Option<(FragmentMeta, RecordLocation)>> {
+        let queued = self
+            .queued_rows(arn)
+            .into_iter()
+            .filter(|r| r.meta.seq > after)
+            .min_by_key(|r| r.meta.seq);
+        let stored = self.inner().fragment_after(arn, after)?;
+        Ok(match (queued, stored) {
+            (Some(q), Some(s)) if s.0.seq < q.meta.seq => Some(s),
+            (Some(q), _) => Some((q.meta, q.location)),
+            (None, s) => s,
+        })
+    }
+
+    fn last_fragment(&self, arn: &str) -> StoreResult<Option<FragmentMeta>> {
+        let queued = self
+            .queued_rows(arn)
+            .into_iter()
+            .map(|r| r.meta)
+            .max_by_key(|m| m.seq);
+        let stored = self.inner().last_fragment(arn)?;
+        Ok(match (queued, stored) {
+            (Some(q), Some(s)) if s.seq > q.seq => Some(s),
+            (Some(q), _) => Some(q),
+            (None, s) => s,
+        })
+    }
+
+    fn fragment_at(&self, arn: &str, clock: TimeClock, at: i64) -> StoreResult<Option<i64>> {
+        let queued = self.queued_rows(arn);
+        let queued_containing = queued
+            .iter()
+            .filter(|r| contains(clock, &r.meta, at))
+            .map(|r| r.meta.seq)
+            .min();
+        let queued_after = queued
+            .iter()
+            .filter(|r| time_on(clock, &r.meta) >= at)
+            .map(|r| r.meta.seq)
+            .min();
+        let Some(stored) = self.inner().fragment_at(arn, clock, at)? else {
+            return Ok(queued_containing.or(queued_after));
+        };
+        let stored_contains = match self.inner().fragment(arn, stored)? {
+            Some((m, _)) => contains(clock, &m, at),
+            None => false,
+        };
+        Ok(Some(match (stored_contains, queued_containing) {
+            (true, Some(q)) => stored.min(q),
+            (true, None) => stored,
+            (false, Some(q)) => q,
+            (false, None) => queued_after.map_or(stored, |q| stored.min(q)),
+        }))
+    }
+
+    fn fragments_in_range(
+        &self,
+        arn: &str,
+        clock: TimeClock,
+        start: i64,
+        end: i64,
+        after_seq: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<FragmentMeta>> {
+        let queued: Vec<FragmentMeta> = self
+            .queued_rows(arn)
+            .into_iter()
+            .map(|r| r.meta)
+            .filter(|m| {
+                let t = time_on(clock, m);
+                t >= start && t <= end && m.seq > after_seq
+            })
+            .collect();
+        let mut all = self
+            .inner()
+            .fragments_in_range(arn, clock, start, end, after_seq, limit)?;
+        if queued.is_empty() {
+            return Ok(all);
+        }
+        all.extend(queued);
+        all.sort_by_key(|m| m.seq);
+        all.dedup_by_key(|m| m.seq);
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    fn expire_fragments(&self, arn: &str, before_ms: i64) -> StoreResult<Vec<String>> {
+        let _commit = lock(&self.shared.commit);
+        let still_queued: Vec<String> = {
+            let mut queue = lock(&self.shared.queue);
+            queue
+                .rows
+                .retain(|(_, r)| r.arn != arn || r.meta.server_ms >= before_ms);
+            queue
+                .rows
+                .iter()
+                .filter(|(_, r)| r.arn == arn)
+                .map(|(_, r)| r.location.segment.clone())
+                .collect()
+        };
+        let mut unreferenced = self.inner().expire_fragments(arn, before_ms)?;
+        unreferenced.retain(|s| !still_queued.contains(s));
+        Ok(unreferenced)
+    }
+
+    fn referenced_segments(&self, arn: &str) -> StoreResult<Vec<String>> {
+        let mut segments: Vec<String> = self
+            .queued_rows(arn)
+            .into_iter()
+            .map(|r| r.location.segment)
+            .collect();
+        segments.extend(self.inner().referenced_segments(arn)?);
+        segments.sort();
+        segments.dedup();
+        Ok(segments)
+    }
+
+    fn indexed_segment_ends(&self, arn: &str) -> StoreResult<HashMap<String, u64>> {
+        let mut ends = self.inner().indexed_segment_ends(arn)?;
+        for r in self.queued_rows(arn) {
+            let end = r.location.offset + r.location.length;
+            let e = ends.entry(r.location.segment).or_insert(0);
+            *e = (*e).max(end);
+        }
+        Ok(ends)
+    }
+}
