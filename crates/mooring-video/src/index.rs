@@ -390,3 +390,153 @@ impl VideoStore for WriteBehindIndex {
         Ok(ends)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteVideoStore;
+    use mooring_core::Db;
+
+    const ARN: &str = "arn:aws:kinesisvideo:us-east-1:123456789012:stream/cam/1700000000000";
+
+    fn index(interval: Duration) -> WriteBehindIndex {
+        let inner = SqliteVideoStore::open(Db::open_in_memory().unwrap()).unwrap();
+        inner
+            .insert_stream(&Stream {
+                name: "cam".into(),
+                arn: ARN.into(),
+                device_name: None,
+                media_type: None,
+                kms_key_id: "k".into(),
+                retention_hours: 1,
+                version: "v1".into(),
+                status: "ACTIVE".into(),
+                creation_ms: 0,
+                storage_tier: "HOT".into(),
+                tags: Default::default(),
+            })
+            .unwrap();
+        WriteBehindIndex::with_interval(Arc::new(inner), interval).unwrap()
+    }
+
+    /// Fragment `seq` spans `[seq * 1000, seq * 1000 + 1000)` on both clocks.
+    fn row(seq: i64) -> IndexRow {
+        IndexRow {
+            arn: ARN.into(),
+            meta: FragmentMeta {
+                seq,
+                timecode: seq * 1000,
+                producer_ms: seq * 1000,
+                server_ms: seq * 1000,
+                duration_ms: 1000,
+                size: 10,
+                tags: vec![],
+            },
+            location: RecordLocation {
+                segment: "s".into(),
+                offset: seq as u64 * 100,
+                length: 100,
+            },
+        }
+    }
+
+    fn seqs(metas: &[FragmentMeta]) -> Vec<i64> {
+        metas.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn queued_and_committed_rows_answer_queries_together() {
+        let index = index(Duration::from_secs(3600));
+        for seq in [1, 2, 3] {
+            index.queue(row(seq));
+        }
+        index.flush().unwrap();
+        for seq in [4, 5] {
+            index.queue(row(seq));
+        }
+        assert_eq!(index.queued_len(), 2);
+        let all = index
+            .fragments_in_range(ARN, TimeClock::Producer, 0, 10_000, 0, 100)
+            .unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+        let page = index
+            .fragments_in_range(ARN, TimeClock::Server, 2000, 10_000, 2, 2)
+            .unwrap();
+        assert_eq!(seqs(&page), vec![3, 4]);
+        assert_eq!(index.fragment(ARN, 4).unwrap().unwrap().0.seq, 4);
+        assert_eq!(index.fragment(ARN, 2).unwrap().unwrap().1.offset, 200);
+        assert_eq!(index.fragment_after(ARN, 2).unwrap().unwrap().0.seq, 3);
+        assert_eq!(index.fragment_after(ARN, 3).unwrap().unwrap().0.seq, 4);
+        assert!(index.fragment_after(ARN, 5).unwrap().is_none());
+        assert_eq!(index.last_fragment(ARN).unwrap().unwrap().seq, 5);
+        // Containing fragment first, from either side; else the first starting after.
+        assert_eq!(
+            index.fragment_at(ARN, TimeClock::Server, 2500).unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            index.fragment_at(ARN, TimeClock::Server, 4500).unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            index.fragment_at(ARN, TimeClock::Server, 0).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            index.fragment_at(ARN, TimeClock::Server, 9000).unwrap(),
+            None
+        );
+        assert_eq!(
+            index.indexed_segment_ends(ARN).unwrap().get("s"),
+            Some(&600)
+        );
+        index.flush().unwrap();
+        assert_eq!(index.queued_len(), 0);
+        let all = index
+            .fragments_in_range(ARN, TimeClock::Producer, 0, 10_000, 0, 100)
+            .unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn the_committer_commits_queued_rows_on_its_own() {
+        let index = index(Duration::from_millis(10));
+        index.queue(row(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while index.queued_len() > 0 {
+            assert!(Instant::now() < deadline, "the row was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(index.inner().last_fragment(ARN).unwrap().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn deleting_a_stream_drops_its_queued_rows() {
+        let index = index(Duration::from_secs(3600));
+        index.queue(row(1));
+        index.flush().unwrap();
+        index.queue(row(2));
+        assert_eq!(index.delete_stream(ARN).unwrap(), vec!["s".to_string()]);
+        assert_eq!(index.queued_len(), 0);
+        // A row queued after the deletion (a persist that raced it) is not committed.
+        index.queue(row(3));
+        index.flush().unwrap();
+        assert!(index.inner().last_fragment(ARN).unwrap().is_none());
+    }
+
+    #[test]
+    fn expiry_drops_old_queued_rows_and_keeps_their_segments_while_queued() {
+        let index = index(Duration::from_secs(3600));
+        index.queue(row(1));
+        index.flush().unwrap();
+        index.queue(row(2));
+        index.queue(row(5));
+        // Rows 1 (committed) and 2 (queued) expire; 5 still references segment "s".
+        assert!(index.expire_fragments(ARN, 3000).unwrap().is_empty());
+        assert_eq!(index.queued_len(), 1);
+        let left = index
+            .fragments_in_range(ARN, TimeClock::Server, 0, 10_000, 0, 100)
+            .unwrap();
+        assert_eq!(seqs(&left), vec![5]);
+    }
+}
