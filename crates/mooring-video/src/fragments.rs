@@ -19,6 +19,7 @@
 //! Readers get whole fragments by number ([`FragmentStore::read`]) or by time range through
 //! the index, which is what the HLS/DASH/clip packagers of the next issue need.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
@@ -398,52 +399,71 @@ impl FragmentStore {
     /// Appends a fragment's record to the stream's segment file and fsyncs it: from then on
     /// it is durable. Its index row is queued on the write-behind index (blocking).
     pub fn persist(&self, live: &LiveStream, fragment: &StoredFragment) -> VideoResult<()> {
+        self.persist_all(live, std::slice::from_ref(fragment))
+    }
+
+    /// [`persist`](Self::persist) for several fragments of a stream, in order, with one
+    /// write and one fsync for all of them (a group commit): all are durable, or none is
+    /// acknowledged.
+    pub fn persist_all<F: Borrow<StoredFragment>>(
+        &self,
+        live: &LiveStream,
+        fragments: &[F],
+    ) -> VideoResult<()> {
         if live.is_deleted() {
             return Err(VideoError::not_found("stream was deleted"));
         }
-        let head = fragment.record_head();
-        let mut slices = [IoSlice::new(&head); 5];
-        for (slice, part) in slices[1..].iter_mut().zip(fragment.parts()) {
-            *slice = IoSlice::new(part);
-        }
-        let length = slices.iter().map(|s| s.len() as u64).sum::<u64>();
-        let location = {
-            let mut writer = live.writer.lock().unwrap_or_else(|e| e.into_inner());
-            if writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
-                std::fs::create_dir_all(&live.dir).map_err(io_error)?;
-                let name = format!("{:020}.seg", fragment.meta.seq);
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(live.dir.join(&name))
-                    .map_err(io_error)?;
-                let len = file.metadata().map_err(io_error)?.len();
-                sync_dir(&live.dir).map_err(io_error)?;
-                sync_dir(&self.root).map_err(io_error)?;
-                *writer = Some(SegmentWriter { name, file, len });
-            }
-            let w = writer.as_mut().expect("writer opened above");
-            let offset = w.len;
-            let written =
-                write_all_vectored(&mut w.file, &mut slices).and_then(|()| w.file.sync_data());
-            if let Err(e) = written {
-                // What reached the file is unknown: start a fresh segment for the next record
-                // rather than append after a partial one.
-                *writer = None;
-                return Err(io_error(e));
-            }
-            w.len += length;
-            RecordLocation {
-                segment: w.name.clone(),
-                offset,
-                length,
-            }
+        let Some(first) = fragments.first() else {
+            return Ok(());
         };
-        self.store.queue(IndexRow {
-            arn: live.arn.clone(),
-            meta: fragment.meta.clone(),
-            location,
-        });
+        let heads: Vec<Vec<u8>> = fragments.iter().map(|f| f.borrow().record_head()).collect();
+        let mut slices = Vec::with_capacity(fragments.len() * 5);
+        let mut lengths = Vec::with_capacity(fragments.len());
+        for (fragment, head) in fragments.iter().zip(&heads) {
+            let parts = fragment.borrow().parts();
+            lengths.push((head.len() + parts.iter().map(|p| p.len()).sum::<usize>()) as u64);
+            slices.push(IoSlice::new(head));
+            slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+        }
+        let mut writer = live.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
+            match std::fs::create_dir(&live.dir) {
+                // A new stream directory: its entry in the root must be durable too.
+                Ok(()) => sync_dir(&self.root).map_err(io_error)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error(e)),
+            }
+            let name = format!("{:020}.seg", first.borrow().meta.seq);
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(live.dir.join(&name))
+                .map_err(io_error)?;
+            let len = file.metadata().map_err(io_error)?.len();
+            sync_dir(&live.dir).map_err(io_error)?;
+            *writer = Some(SegmentWriter { name, file, len });
+        }
+        let w = writer.as_mut().expect("writer opened above");
+        let written =
+            write_all_vectored(&mut w.file, &mut slices).and_then(|()| w.file.sync_data());
+        if let Err(e) = written {
+            // What reached the file is unknown: start a fresh segment for the next record
+            // rather than append after a partial one.
+            *writer = None;
+            return Err(io_error(e));
+        }
+        for (fragment, length) in fragments.iter().zip(lengths) {
+            self.store.queue(IndexRow {
+                arn: live.arn.clone(),
+                meta: fragment.borrow().meta.clone(),
+                location: RecordLocation {
+                    segment: w.name.clone(),
+                    offset: w.len,
+                    length,
+                },
+            });
+            w.len += length;
+        }
         Ok(())
     }
 
@@ -807,6 +827,26 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    #[test]
+    fn a_group_commit_writes_every_record_of_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let never = std::time::Duration::from_secs(3600);
+        let (_, fragments) = setup_committing_every(dir.path(), never);
+        let live = fragments.live(ARN);
+        let batch: Vec<Arc<StoredFragment>> =
+            (1..=3).map(|seq| Arc::new(fragment(seq, 1000))).collect();
+        fragments.persist_all(&live, &batch).unwrap();
+        fragments.persist(&live, &fragment(4, 1000)).unwrap();
+        drop(fragments);
+        let (_, fragments) = setup_committing_every(dir.path(), never);
+        for seq in 1..=4 {
+            assert_eq!(
+                *fragments.read(ARN, seq).unwrap().unwrap(),
+                fragment(seq, 1000)
+            );
+        }
     }
 
     #[test]
