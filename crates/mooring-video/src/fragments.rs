@@ -537,8 +537,10 @@ impl FragmentStore {
             .map_err(io_error)?;
         let mut data = vec![0u8; location.length as usize];
         file.read_exact(&mut data).map_err(io_error)?;
-        StoredFragment::decode(Some(meta), Bytes::from(data))
-            .map_err(|_| VideoError::internal("fragment record is corrupt"))
+        StoredFragment::decode(Some(meta), Bytes::from(data)).map_err(|e| match e {
+            RecordError::Damaged => VideoError::internal(DAMAGED_MEDIA),
+            RecordError::Truncated => VideoError::internal("fragment record is corrupt"),
+        })
     }
 
     /// Drops fragments older than the stream's retention (blocking).
@@ -661,6 +663,14 @@ fn recover_segment(
         );
     }
     Ok(rows)
+}
+
+/// The message of the error a read gives for a record whose bytes are not the ones written.
+const DAMAGED_MEDIA: &str = "fragment media is damaged: its checksum does not match";
+
+/// Whether a read failed because the fragment's stored bytes are damaged (rather than gone).
+pub fn is_damaged_media(e: &VideoError) -> bool {
+    e.message == DAMAGED_MEDIA
 }
 
 fn io_error(e: std::io::Error) -> VideoError {
@@ -864,7 +874,10 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&segment, &bytes).unwrap();
         // Not in memory (never published): read from disk, where the checksum fails.
-        assert!(fragments.read(ARN, 1).is_err());
+        assert!(is_damaged_media(&fragments.read(ARN, 1).unwrap_err()));
+        // Gone rather than damaged: a different error.
+        std::fs::write(&segment, b"").unwrap();
+        assert!(!is_damaged_media(&fragments.read(ARN, 1).unwrap_err()));
     }
 
     #[test]
