@@ -11,12 +11,17 @@
 //! before the database, so a row committed and dropped from memory in between is still
 //! found. A failed commit keeps the rows queued and is retried; shutdown commits what is left
 //! ([`WriteBehindIndex::flush`]).
+//!
+//! Fragment-number reservations (a block of numbers per stream, durable before any is used)
+//! are group-committed too: callers that arrive while one reservation commits are served
+//! together by the next, so many streams starting at once wait for a few database fsyncs,
+//! not one each in turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mooring_core::store::StoreResult;
+use mooring_core::store::{StoreError, StoreResult};
 
 use crate::model::{FragmentMeta, Stream};
 use crate::store::{IndexRow, RecordLocation, TimeClock, VideoStore};
@@ -34,8 +39,20 @@ struct Queue {
     closed: bool,
 }
 
+/// Fragment-number reservations waiting for their commit, and the outcomes of committed ones.
+#[derive(Default)]
+struct Reservations {
+    waiting: Vec<(u64, String, i64)>,
+    done: HashMap<u64, Result<i64, String>>,
+    next_id: u64,
+    /// A caller is committing a batch.
+    committing: bool,
+}
+
 struct Shared {
     inner: Arc<dyn VideoStore>,
+    reservations: Mutex<Reservations>,
+    reserved: Condvar,
     queue: Mutex<Queue>,
     queued: Condvar,
     /// Held while a batch is committed, and by the deletions that must not interleave with
@@ -131,6 +148,8 @@ impl WriteBehindIndex {
     ) -> std::io::Result<WriteBehindIndex> {
         let shared = Arc::new(Shared {
             inner,
+            reservations: Mutex::new(Reservations::default()),
+            reserved: Condvar::new(),
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             commit: Mutex::new(()),
@@ -242,8 +261,48 @@ impl VideoStore for WriteBehindIndex {
         Ok(segments)
     }
 
+    /// Joins the next reservation batch; the first caller to find no batch committing
+    /// commits everything waiting, itself included.
     fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64> {
-        self.inner().reserve_seqs(arn, count)
+        let shared = &self.shared;
+        let mut r = lock(&shared.reservations);
+        let id = r.next_id;
+        r.next_id += 1;
+        r.waiting.push((id, arn.to_string(), count));
+        loop {
+            if let Some(outcome) = r.done.remove(&id) {
+                return outcome.map_err(StoreError::Task);
+            }
+            if r.committing {
+                r = shared.reserved.wait(r).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            r.committing = true;
+            let batch = std::mem::take(&mut r.waiting);
+            drop(r);
+            let requests: Vec<(String, i64)> =
+                batch.iter().map(|(_, a, c)| (a.clone(), *c)).collect();
+            let outcome = self.inner().reserve_seqs_many(&requests);
+            r = lock(&shared.reservations);
+            r.committing = false;
+            match outcome {
+                Ok(firsts) => {
+                    for ((id, _, _), first) in batch.iter().zip(firsts) {
+                        r.done.insert(*id, Ok(first));
+                    }
+                }
+                Err(e) => {
+                    for (id, _, _) in &batch {
+                        r.done.insert(*id, Err(e.to_string()));
+                    }
+                }
+            }
+            shared.reserved.notify_all();
+        }
+    }
+
+    fn reserve_seqs_many(&self, requests: &[(String, i64)]) -> StoreResult<Vec<i64>> {
+        self.inner().reserve_seqs_many(requests)
     }
 
     /// Commits at once, past the queue (for recovery at open).
@@ -508,6 +567,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(index.inner().last_fragment(ARN).unwrap().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn concurrent_reservations_get_disjoint_blocks() {
+        let index = Arc::new(index(Duration::from_secs(3600)));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let index = index.clone();
+                std::thread::spawn(move || {
+                    (0..5)
+                        .map(|_| index.reserve_seqs(ARN, 10).unwrap())
+                        .collect::<Vec<i64>>()
+                })
+            })
+            .collect();
+        let mut firsts: Vec<i64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        firsts.sort();
+        assert_eq!(firsts, (0..80).map(|i| 1 + i * 10).collect::<Vec<_>>());
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub trait VideoStore: Send + Sync + 'static {
     fn delete_stream(&self, arn: &str) -> StoreResult<Vec<String>>;
     /// Reserves `count` fragment sequence numbers of a stream; returns the first.
     fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64>;
+    /// [`reserve_seqs`](Self::reserve_seqs) for several streams (or several times for one)
+    /// in one transaction; the firsts in request order.
+    fn reserve_seqs_many(&self, requests: &[(String, i64)]) -> StoreResult<Vec<i64>>;
     /// Indexes many fragments in one transaction. Rows already indexed, and rows of streams
     /// that no longer exist, are skipped.
     fn insert_fragments(&self, rows: &[IndexRow]) -> StoreResult<()>;
@@ -298,20 +301,29 @@ impl VideoStore for SqliteVideoStore {
     }
 
     fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64> {
+        let firsts = self.reserve_seqs_many(&[(arn.to_string(), count)])?;
+        Ok(firsts[0])
+    }
+
+    fn reserve_seqs_many(&self, requests: &[(String, i64)]) -> StoreResult<Vec<i64>> {
         self.db.write_blocking(|tx| {
-            let seq: i64 = tx
-                .query_row(
-                    "SELECT next_seq FROM video_sequences WHERE stream_arn = ?1",
-                    [arn],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(1);
-            tx.execute(
-                "INSERT OR REPLACE INTO video_sequences (stream_arn, next_seq) VALUES (?1, ?2)",
-                params![arn, seq + count],
-            )?;
-            Ok(seq)
+            let mut firsts = Vec::with_capacity(requests.len());
+            for (arn, count) in requests {
+                let seq: i64 = tx
+                    .query_row(
+                        "SELECT next_seq FROM video_sequences WHERE stream_arn = ?1",
+                        [arn],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(1);
+                tx.execute(
+                    "INSERT OR REPLACE INTO video_sequences (stream_arn, next_seq) VALUES (?1, ?2)",
+                    params![arn, seq + count],
+                )?;
+                firsts.push(seq);
+            }
+            Ok(firsts)
         })
     }
 
