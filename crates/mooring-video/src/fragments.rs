@@ -426,10 +426,12 @@ impl FragmentStore {
             slices.extend(parts.iter().map(|p| IoSlice::new(p)));
         }
         let mut writer = live.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // A new segment file: its directory entry (and the stream directory's, when that is
+        // new too) must be durable before anything in it is acknowledged.
+        let mut directories_to_sync: Vec<&Path> = Vec::new();
         if writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
             match std::fs::create_dir(&live.dir) {
-                // A new stream directory: its entry in the root must be durable too.
-                Ok(()) => sync_dir(&self.root).map_err(io_error)?,
+                Ok(()) => directories_to_sync.push(&self.root),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_error(e)),
             }
@@ -440,12 +442,25 @@ impl FragmentStore {
                 .open(live.dir.join(&name))
                 .map_err(io_error)?;
             let len = file.metadata().map_err(io_error)?.len();
-            sync_dir(&live.dir).map_err(io_error)?;
+            directories_to_sync.push(&live.dir);
             *writer = Some(SegmentWriter { name, file, len });
         }
         let w = writer.as_mut().expect("writer opened above");
-        let written =
-            write_all_vectored(&mut w.file, &mut slices).and_then(|()| w.file.sync_data());
+        // The directory fsyncs run beside the data write and its fsync, so the file system
+        // can commit them together rather than one after the other.
+        let written = std::thread::scope(|scope| {
+            let directories = (!directories_to_sync.is_empty())
+                .then(|| scope.spawn(|| directories_to_sync.iter().try_for_each(|d| sync_dir(d))));
+            let data =
+                write_all_vectored(&mut w.file, &mut slices).and_then(|()| w.file.sync_data());
+            let directories = match directories {
+                Some(sync) => sync
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("directory fsync panicked"))),
+                None => Ok(()),
+            };
+            data.and(directories)
+        });
         if let Err(e) = written {
             // What reached the file is unknown: start a fresh segment for the next record
             // rather than append after a partial one.
