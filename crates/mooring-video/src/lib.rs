@@ -7,7 +7,8 @@
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
 //! rules, [`api`] one function per control-plane operation, [`ingest`] PutMedia, [`media`] the
-//! readers, [`store`] the metadata persistence, [`fragments`] the media persistence, and
+//! readers, [`store`] the metadata persistence (with [`index`] writing fragment index rows
+//! behind in batches), [`fragments`] the media persistence, and
 //! [`mkv`] / [`ebml`] the incremental Matroska parser.
 
 pub mod admission;
