@@ -8,7 +8,8 @@
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
 //! rules, [`api`] one function per control-plane operation, [`ingest`] PutMedia, [`media`] the
-//! readers, [`store`] the metadata persistence, [`fragments`] the media persistence, and
+//! readers, [`store`] the metadata persistence (with [`index`] writing fragment index rows
+//! behind in batches), [`fragments`] the media persistence, and
 //! [`mkv`] / [`ebml`] the incremental Matroska parser.
 
 pub mod admission;
@@ -22,6 +23,7 @@ pub mod fragments;
 pub mod hls;
 #[cfg(feature = "images")]
 pub mod images;
+pub mod index;
 pub mod ingest;
 pub mod media;
 pub mod mkv;
@@ -48,6 +50,7 @@ use mooring_core::{Clock, ServiceContext};
 use serde::Deserialize;
 
 use crate::fragments::FragmentStore;
+use crate::index::WriteBehindIndex;
 use crate::model::{VideoError, VideoResult};
 use crate::store::{SqliteVideoStore, VideoStore};
 
@@ -182,11 +185,23 @@ impl VideoService {
             ingest::kms_state_error(kms_state)
                 .map_err(|e| anyhow::anyhow!("video.kms_keys.{key}: {e}"))?;
         }
-        let store: Arc<dyn VideoStore> = Arc::new(SqliteVideoStore::open(ctx.db.clone())?);
+        let index = Arc::new(WriteBehindIndex::new(Arc::new(SqliteVideoStore::open(
+            ctx.db.clone(),
+        )?))?);
         let fragments = Arc::new(
-            FragmentStore::open(ctx.service_dir("video")?, store.clone())
+            FragmentStore::open(ctx.service_dir("video")?, index.clone())
                 .map_err(|e| anyhow::anyhow!("opening the video fragment store: {e}"))?,
         );
+        let store: Arc<dyn VideoStore> = index.clone();
+        // On shutdown the queued index rows are committed (a crash leaves them to recovery).
+        let shutdown = ctx.shutdown.clone();
+        ctx.shutdown.spawn(async move {
+            shutdown.triggered().await;
+            let flushed = tokio::task::spawn_blocking(move || index.flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "committing the video fragment index at shutdown failed");
+            }
+        });
         let keys = session::SessionKeys::load_or_create(&ctx.service_dir("video-sessions")?)
             .map_err(|e| anyhow::anyhow!("loading the video session key: {e}"))?;
         let state = Arc::new(VideoState {
