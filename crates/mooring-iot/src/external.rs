@@ -12,7 +12,9 @@
 //!   unknown functions give Undefined. The call runs on the evaluating thread (the broker's
 //!   connection task), so a slow function slows that publisher down, as on AWS where the
 //!   rule waits for it.
-//! - `get_thing_shadow` answers Undefined: Mooring has no device shadow service.
+//! - `get_thing_shadow(thing[, shadowName], roleArn)` answers the shadow's GET document
+//!   (state with delta, metadata, version, timestamp) from the shadow store; Undefined when
+//!   the shadow does not exist.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use crate::actions::find_function;
 use crate::config::LocalFunction;
 use crate::registry::api::render_thing;
 use crate::registry::things::ThingRegistry;
+use crate::shadow::model::ShadowKey;
+use crate::shadow::Shadows;
 use crate::sql::{ExternalFunctions, Value};
 
 /// AWS's bound on an `aws_lambda` call from SQL.
@@ -32,14 +36,20 @@ pub const AWS_LAMBDA_TIMEOUT: Duration = Duration::from_millis(2_000);
 /// [`ExternalFunctions`] over the thing registry and the local functions.
 pub struct MooringFunctions {
     things: ThingRegistry,
+    shadows: Arc<Shadows>,
     functions: Arc<BTreeMap<String, LocalFunction>>,
     http: reqwest::Client,
 }
 
 impl MooringFunctions {
-    pub fn new(things: ThingRegistry, functions: BTreeMap<String, LocalFunction>) -> Self {
+    pub fn new(
+        things: ThingRegistry,
+        shadows: Arc<Shadows>,
+        functions: BTreeMap<String, LocalFunction>,
+    ) -> Self {
         MooringFunctions {
             things,
+            shadows,
             functions: Arc::new(functions),
             http: reqwest::Client::builder()
                 .timeout(AWS_LAMBDA_TIMEOUT)
@@ -153,8 +163,21 @@ impl ExternalFunctions for MooringFunctions {
         }
     }
 
-    fn get_thing_shadow(&self, _thing_name: &str, _shadow_name: Option<&str>) -> Value {
-        Value::Undefined
+    fn get_thing_shadow(&self, thing_name: &str, shadow_name: Option<&str>) -> Value {
+        let Ok(key) = ShadowKey::new(thing_name, shadow_name) else {
+            return Value::Undefined;
+        };
+        let read = || self.shadows.get_blocking(&key);
+        let shadow = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(read)
+            }
+            _ => read(),
+        };
+        match shadow {
+            Some(shadow) => Value::from_serde(&shadow.render(self.shadows.now(), None)),
+            None => Value::Undefined,
+        }
     }
 
     fn get_registry_data(&self, api: &str, thing_name: &str) -> Value {

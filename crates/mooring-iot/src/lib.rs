@@ -9,7 +9,8 @@
 //! until their actions have run.
 //! [`registry`] holds things and the other registry resources. [`security`] holds
 //! certificates, policies and principals and enforces policies on the broker; [`iot_data`]
-//! serves the `iot-data` HTTP API (publish, retained messages).
+//! serves the `iot-data` HTTP API (publish, retained messages); [`shadow`] is the Device
+//! Shadow service over MQTT and HTTP.
 
 pub mod actions;
 pub mod api;
@@ -25,6 +26,7 @@ pub mod outbound;
 pub mod registry;
 pub mod security;
 pub mod service;
+pub mod shadow;
 pub mod sql;
 pub mod store;
 pub mod topic;

@@ -22,6 +22,8 @@ use crate::jobs::Jobs;
 use crate::model::TopicRules;
 use crate::registry::groups::ThingGroupRegistry;
 use crate::registry::things::ThingRegistry;
+use crate::shadow::api::ShadowDataService;
+use crate::shadow::Shadows;
 use crate::store::SqliteRuleStore;
 
 /// The `iot` control-plane API.
@@ -95,6 +97,10 @@ pub struct Iot {
     pub jobs: Arc<Jobs>,
     /// The `iot-jobs-data` HTTP device API.
     pub jobs_data: Arc<JobsDataService>,
+    /// Device shadows; attach the broker with [`Shadows::attach_broker`].
+    pub shadows: Arc<Shadows>,
+    /// The shadow operations of `iot-data`.
+    pub shadow_data: Arc<ShadowDataService>,
 }
 
 impl Iot {
@@ -134,8 +140,11 @@ impl Iot {
             jobs: jobs.clone(),
         });
         let jobs_data = Arc::new(JobsDataService::new(state.clone()));
+        let shadows = Shadows::open(ctx).context("opening the shadow store")?;
+        let shadow_data = ShadowDataService::new(shadows.clone());
         engine.set_external_functions(Arc::new(MooringFunctions::new(
             things.clone(),
+            shadows.clone(),
             config.functions.clone(),
         )));
         engine.replay_pending();
@@ -152,6 +161,8 @@ impl Iot {
             groups,
             jobs,
             jobs_data,
+            shadows,
+            shadow_data,
         })
     }
 }

@@ -3,7 +3,22 @@
 //! `FILTERED` when the WHERE clause is not true). Cases follow the examples and type tables
 //! of the AWS IoT SQL reference as summarized in the spec (section 3).
 
-use mooring_iot::sql::{self, EvalOutcome, MessageFacts, NoExternalFunctions, SqlVersion};
+use mooring_iot::sql::{self, EvalOutcome, ExternalFunctions, MessageFacts, SqlVersion, Value};
+
+/// The shadow store the `get_thing_shadow` cases see: thing `thing` has a classic shadow and
+/// a named shadow `cfg`; every other shadow is missing (Undefined).
+struct StoredShadows;
+
+impl ExternalFunctions for StoredShadows {
+    fn get_thing_shadow(&self, thing_name: &str, shadow_name: Option<&str>) -> Value {
+        let document = match (thing_name, shadow_name) {
+            ("thing", None) => r#"{"state":{"reported":{"t":21}},"version":3}"#,
+            ("thing", Some("cfg")) => r#"{"state":{"desired":{"mode":"eco"}},"version":1}"#,
+            _ => return Value::Undefined,
+        };
+        Value::from_json_bytes(document.as_bytes()).unwrap_or(Value::Undefined)
+    }
+}
 
 const PAYLOAD: &str = r#"{"n":5,"d":2.5,"neg":-7,"s":"hello","up":"HELLO","pad":"  h i  ","b":true,"nl":null,"num_str":"12","dec_str":"2.5","arr":[1,2,3],"words":["a","b","c"],"obj":{"k":"v","nested":{"x":1}},"color":"yellow","mydata":{"item2":{"0":"zero"}},"e":[{"n":"temperature","u":"Cel","t":1234,"v":22.5},{"n":"light","u":"lm","t":1235,"v":135},{"n":"acidity","u":"pH","t":1235,"v":7}],"whole":10.0,"big":9223372036854775807}"#;
 
@@ -412,7 +427,11 @@ fn cases() -> Vec<Case> {
         v("get_user_properties('o')", r#"["x"]"#),
         v("get_user_properties('missing')", U),
         v("aws_lambda('arn:aws:lambda:us-east-1:1:function:f', *)", U),
-        v("get_thing_shadow('thing', 'arn:aws:iam::1:role/r')", U),
+        v("get_thing_shadow('thing', 'arn:aws:iam::1:role/r')", r#"{"state":{"reported":{"t":21}},"version":3}"#),
+        v("get_thing_shadow('thing', 'arn:aws:iam::1:role/r').state.reported.t", "21"),
+        v("get_thing_shadow('thing', 'cfg', 'arn:aws:iam::1:role/r').state.desired.mode", r#""eco""#),
+        v("get_thing_shadow('thing', 'other', 'arn:aws:iam::1:role/r')", U),
+        v("get_thing_shadow('nothing', 'arn:aws:iam::1:role/r')", U),
         // --- Time ---------------------------------------------------------------------------------
         v("parse_time(\"yyyy.MM.dd G 'at' HH:mm:ss z\", 100)", r#""1970.01.01 AD at 00:00:00 UTC""#),
         v("parse_time(\"yyyy.MM.dd G 'at' HH:mm:ss z\", 100, 'America/Belize')", r#""1969.12.31 AD at 18:00:00 CST""#),
@@ -486,7 +505,7 @@ fn conformance_table() {
             }
         };
         let facts = facts(case.payload);
-        let got = match sql::evaluate(&statement, &facts, &NoExternalFunctions) {
+        let got = match sql::evaluate(&statement, &facts, &StoredShadows) {
             EvalOutcome::Filtered => FILTERED.to_string(),
             EvalOutcome::Matched { output, .. } => {
                 let bytes = output.to_payload();

@@ -92,9 +92,11 @@ pub async fn serve(config: Config) -> Result<()> {
     mooring_iot::broker_bridge::connect(&broker, iot.engine.clone());
     iot.security.install(&broker);
     iot.jobs.attach_broker(&broker)?;
+    iot.shadows.attach_broker(&broker)?;
     let services: Vec<Arc<dyn AwsService>> = vec![
         iot.service.clone(),
         iot.jobs_data.clone(),
+        iot.shadow_data.clone(),
         mooring_video::VideoService::new(&ctx)?,
         mooring_events::EventsService::start(&ctx).context("starting the event bus")?,
         mooring_iot::iot_data::IotDataService::new(&ctx, broker.clone())?,
