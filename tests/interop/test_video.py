@@ -643,6 +643,71 @@ def test_ffmpeg_ingest_acks_getmedia_and_archive(mooring, ffmpeg_mkv, tmp_path):
     assert cluster_frames(body, *c) == clusters[0]
 
 
+def decoded_video_frames(data):
+    """Decodes an MKV document with ffmpeg -xerror from stdin; returns its video frame count."""
+    r = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", "pipe:0", "-map", "0:v", "-fps_mode",
+                        "passthrough", "-f", "framemd5", "-"], input=data, capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    return len([line for line in r.stdout.decode().splitlines() if line and not line.startswith("#")])
+
+
+def block_timecodes(data):
+    """[(cluster timecode, [(track, absolute block timecode)])] of every cluster in data."""
+    out = []
+    for doc in documents(data):
+        for i, s, e in doc:
+            if i != ID_CLUSTER:
+                continue
+            tc, blocks = None, []
+            for cid, cs, ce in elements(data, s, e):
+                if cid == ID_TIMECODE:
+                    tc = int.from_bytes(data[cs:ce], "big")
+                elif cid == ID_SIMPLE_BLOCK:
+                    track, n = read_vint(data, cs, False)
+                    blocks.append((track, tc + int.from_bytes(data[cs + n:cs + n + 2], "big", signed=True)))
+            out.append((tc, blocks))
+    return out
+
+
+def test_ffmpeg_default_x264_with_b_frames_and_aac_ingests(mooring, tmp_path):
+    """ffmpeg's default x264 output (B-frames, here -bf 3) with AAC: ffmpeg interleaves by
+    decode time, so a cluster starts with audio (and the keyframe's PTS is ahead of its DTS)
+    earlier than the previous cluster's last reordered video frame. 4004 is about fragment
+    (Cluster) timecodes, so every fragment is PERSISTED and GetMedia plays back."""
+    src = tmp_path / "bframes.mkv"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=duration=6:size=320x240:rate=25",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=6", "-c:v", "libx264", "-bf", "3",
+         "-g", "25", "-keyint_min", "25", "-sc_threshold", "0", "-c:a", "aac", "-shortest",
+         "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000", "-cluster_time_limit", "20000",
+         str(src)], check=True)
+    data = src.read_bytes()
+    types = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pict_type",
+                            "-of", "csv=p=0", str(src)], capture_output=True, text=True, check=True).stdout.split()
+    assert "B" in types
+    gops = keyframe_count(src)
+    clusters = block_timecodes(data)
+    assert gops == 6 and len(clusters) == gops
+    # The case that used to be refused: some cluster has a frame before the previous
+    # cluster's latest frame, while the cluster timecodes themselves increase.
+    assert any(min(t for _, t in b) < max(t for _, t in a[1]) for a, (_, b) in zip(clusters, clusters[1:]))
+    assert [tc for tc, _ in clusters] == sorted({tc for tc, _ in clusters})
+
+    kv = mooring.client("kinesisvideo")
+    create(kv, "bframes", retention=1)
+    pm, acks = put_file(mooring, "bframes", data)
+    assert pm.status == 200
+    acks = non_idle(acks)
+    assert "ERROR" not in [a["EventType"] for a in acks], acks
+    persisted = [a["FragmentTimecode"] for a in acks if a["EventType"] == "PERSISTED"]
+    assert persisted == [tc for tc, _ in clusters]
+
+    out = get_media(mooring, kv, "bframes", {"StartSelectorType": "EARLIEST"})
+    chunks = document_bytes(out)
+    assert len(chunks) == gops
+    assert sum(decoded_video_frames(chunk) for chunk in chunks) == decoded_video_frames(data) == len(types)
+
+
 def test_getmedia_layout_matches_real_kvs_output(mooring, ffmpeg_mkv):
     """Element by element: each chunk is EBML header, unknown-size Segment, the producer's
     segment-level elements, AWS tags (3), one Cluster, AWS tags (2), as in the recorded file."""
@@ -895,6 +960,9 @@ CASES = {
     "invalid_mkv": (b"this is certainly not matroska" * 10, 4006, "INVALID_MKV_DATA"),
     "timecode_backwards": (mkv_header() + mkv_cluster(5000) + mkv_cluster(3000), 4004,
                            "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS"),
+    # A repeated fragment timecode is refused too: producers match ACKs by it.
+    "timecode_repeated": (mkv_header() + mkv_cluster(5000) + mkv_cluster(5000, ((1, 40),)), 4004,
+                          "FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS"),
     "track_number_mismatch": (mkv_header((1,)) + mkv_cluster(0, ((1, 0), (2, 10))), 4010,
                               "TRACK_NUMBER_MISMATCH"),
     "frames_missing_for_track": (mkv_header((1, 2)) + mkv_cluster(0, ((1, 0), (1, 40))), 4011,

@@ -302,7 +302,7 @@ pub async fn put_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
         pending: None,
         orphan_tags: Vec::new(),
         refused: None,
-        last_frame_ms: None,
+        last_fragment_ms: None,
         persist: None,
     };
     let body = request.request.into_body();
@@ -371,8 +371,8 @@ struct Session {
     /// A cluster refused when it started (its stream was deleted, or no fragment number
     /// could be reserved), reported with its Timecode.
     refused: Option<AckError>,
-    /// Producer time of the previous fragment's last frame on this connection.
-    last_frame_ms: Option<i64>,
+    /// Producer time of the previous fragment (its Cluster Timecode) on this connection.
+    last_fragment_ms: Option<i64>,
     persist: Option<(
         mpsc::Sender<Arc<StoredFragment>>,
         tokio::task::JoinHandle<()>,
@@ -683,13 +683,6 @@ impl Session {
             .map(|b| b.timecode)
             .min()
             .unwrap_or(tc);
-        let last = p
-            .cluster
-            .blocks
-            .iter()
-            .map(|b| b.timecode)
-            .max()
-            .unwrap_or(tc);
         let end = p.cluster.blocks.iter().map(block_end).max().unwrap_or(tc);
         let duration_ms = to_ms(end - tc.min(first)).max(0);
         if duration_ms > MAX_FRAGMENT_DURATION_MS {
@@ -700,9 +693,10 @@ impl Session {
             TimecodeType::Relative => self.start_ms,
         };
         let producer_ms = base + to_ms(tc);
-        let first_ms = base + to_ms(first);
-        if let Some(previous) = self.last_frame_ms {
-            if first_ms <= previous {
+        // 4004 compares fragment (Cluster) timecodes, not frames: B-frames and audio that
+        // ffmpeg interleaves by decode time may sit before the previous cluster's last frame.
+        if let Some(previous) = self.last_fragment_ms {
+            if producer_ms <= previous {
                 return Err(fail(FRAGMENT_TIMECODE_LESSER_THAN_PREVIOUS));
             }
         }
@@ -731,7 +725,7 @@ impl Session {
         {
             return Err(fail(FRAGMENT_METADATA_LIMIT_REACHED));
         }
-        self.last_frame_ms = Some(base + to_ms(last));
+        self.last_fragment_ms = Some(producer_ms);
         let cluster = p.cluster.to_element();
         let fragment = Arc::new(StoredFragment {
             meta: FragmentMeta {
