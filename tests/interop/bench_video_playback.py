@@ -79,7 +79,7 @@ def persisted_to_playlist(m, name, cam_acks):
     path = media_playlist_path(session_url(m, name, MaxMediaPlaylistFragmentResults=5))
     conn = Http(m.url)
     latencies, round_trips = [], []
-    seen = 0
+    seen = len(cam_acks)  # only acks that arrive while measuring
     while len(latencies) < FRAGMENTS:
         while seen >= len(cam_acks):
             time.sleep(0.0005)

@@ -238,6 +238,13 @@ fn render_media_playlist(
             );
         }
     }
+    let hint = |out: &mut String, seq: i64, part: usize| {
+        let _ = writeln!(
+            out,
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"getMP4MediaPart.mp4?FragmentNumber={}&PartNumber={part}&SessionToken={token}&TrackNumber={track}\"",
+            crate::model::fragment_number(seq),
+        );
+    };
     if let Some(growing) = parts.and_then(|p| p.growing.as_ref()) {
         if growing.discontinuity && !window.fragments.is_empty() {
             out.push_str("#EXT-X-DISCONTINUITY\n");
@@ -252,12 +259,12 @@ fn render_media_playlist(
         for (index, part) in growing.parts.iter().enumerate() {
             part_line(&mut out, token, track, growing.seq, index, part);
         }
-        let _ = writeln!(
-            out,
-            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"getMP4MediaPart.mp4?FragmentNumber={}&PartNumber={}&SessionToken={token}&TrackNumber={track}\"",
-            crate::model::fragment_number(growing.seq),
-            growing.parts.len()
-        );
+        hint(&mut out, growing.seq, growing.parts.len());
+    } else if let (Some(_), Some((last, _))) = (parts, window.fragments.last()) {
+        // Between fragments: the next one's first part (numbers usually follow on). A
+        // low-latency playlist always ends with a hint; hls.js reads one that ends with a
+        // segment as if that segment were still growing.
+        hint(&mut out, last.seq + 1, 0);
     }
     if window.complete {
         out.push_str("#EXT-X-ENDLIST\n");
@@ -368,6 +375,16 @@ mod tests {
                 .as_str(),
                 format!("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{}\"", uri(9, 1)).as_str(),
             ]
+        );
+        // Between fragments the playlist still ends with a hint: the next fragment's first part.
+        let between = PartialSegments {
+            complete: parts.complete.clone(),
+            growing: None,
+        };
+        let text_between = low_latency_playlist(&session, "T", 1, &window, &between);
+        assert_eq!(
+            text_between.lines().last().unwrap(),
+            format!("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{}\"", uri(9, 0))
         );
         // The fragment before the newest ones keeps its plain listing.
         assert_eq!(text.matches("#EXT-X-PART:").count(), 3);

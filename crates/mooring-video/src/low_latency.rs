@@ -402,7 +402,11 @@ fn part_attempt(
         }),
         // The next fragment has not started yet (a preload hint's part).
         Some(e) if e.meta.seq < seq && seq - e.meta.seq <= 1 => Ok(not_yet),
-        _ => Err(missing()),
+        Some(_) => Err(missing()),
+        None => match s.fragments.latest(arn)? {
+            Some(latest) if latest.seq + 1 == seq => Ok(not_yet),
+            _ => Err(missing()),
+        },
     }
 }
 
