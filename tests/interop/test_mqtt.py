@@ -1109,3 +1109,50 @@ def test_broker_section_keep_alive_cap_and_refused_subscriptions(mooring_factory
     assert [g.value for g in c.sub([("test/nosubscribe", 2), ("test/ok", 2)])] == [0x80, 2]
     c3 = Client(m, keepalive=120)
     assert c3.sub("test/nosubscribe", 1)[0].value == 0x80
+
+
+def test_delete_connection_with_boto3(mooring):
+    """iot-data DeleteConnection: closes the connection as API_INITIATED_DISCONNECT (MQTT 5
+    reason 0x98), sends the will unless preventWillMessage, keeps or ends the session."""
+    data = mooring.client("iot-data")
+    obs = observer(mooring)
+    wsub = Client(mooring)
+    wsub.sub("dc/will/#", 1)
+
+    # Default: the will is sent and a persistent session is kept.
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    dev = Client(mooring, client_id="dc-dev", protocol=V5, clean=False, props=props,
+                 will=("dc/will/1", b"bye", 1), connect=False)
+    dev.c.reconnect_delay_set(min_delay=120, max_delay=240)
+    dev.connect()
+    dev.sub("dc/queue", 1)
+    reply = data.delete_connection(clientId="dc-dev")
+    assert reply["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert dev.disconnects.get(timeout=10).value == 0x98
+    assert wsub.expect("dc/will/1").payload == b"bye"
+    gone = event(obs.expect("$aws/events/presence/disconnected/dc-dev"))
+    assert gone["disconnectReason"] == "API_INITIATED_DISCONNECT"
+    assert gone["clientInitiatedDisconnect"] is False
+    dev.c.loop_stop()
+    Client(mooring).pub("dc/queue", b"kept", 1)
+    back = Client(mooring, client_id="dc-dev", protocol=V5, clean=False, props=props)
+    assert back.session_present
+    assert back.expect("dc/queue").payload == b"kept"
+
+    # preventWillMessage and cleanSession: no will, and the session is gone.
+    data.delete_connection(clientId="dc-dev", preventWillMessage=True, cleanSession=True)
+    assert back.disconnects.get(timeout=10).value == 0x98
+    back.c.loop_stop()
+    wsub.nothing()
+    again = Client(mooring, client_id="dc-dev", protocol=V5, clean=False, props=props)
+    assert not again.session_present
+    again.stop()
+
+    # A client id that is not connected, and one that can never be.
+    with pytest.raises(data.exceptions.ResourceNotFoundException):
+        data.delete_connection(clientId="nobody-here")
+    with pytest.raises(data.exceptions.InvalidRequestException):
+        data.delete_connection(clientId="$reserved")
+    obs.stop()
+    wsub.stop()

@@ -1454,6 +1454,38 @@ def test_getmedia_error_tags_when_fragment_media_is_gone(mooring_factory):
     assert "PERSISTED" in [a["EventType"] for a in acks]
 
 
+def test_getmedia_error_3002_when_fragment_media_is_damaged(mooring_factory):
+    """A stored fragment whose segment bytes were damaged behind Mooring's back (one byte
+    flipped inside its record) fails its checksum on the way out: GetMedia cannot write it
+    into the stream and ends with error 3002 for that fragment; the intact fragment after it
+    is still served."""
+    m = mooring_factory()
+    kv = m.client("kinesisvideo")
+    create(kv, "damaged", retention=1)
+    _, acks = put_file(m, "damaged", mkv_header() + mkv_cluster(1000) + mkv_cluster(2000))
+    first, second = [a["FragmentNumber"] for a in acks if a["EventType"] == "PERSISTED"]
+    m.stop()
+    segments = [p for p in (m.data_dir / "video").rglob("*.seg")]
+    assert len(segments) == 1
+    data = bytearray(segments[0].read_bytes())
+    data[len(data) // 4] ^= 0xFF  # the middle of the first of two similar records
+    segments[0].write_bytes(bytes(data))
+    m.start()
+    kv = m.client("kinesisvideo")
+    body = get_media(m, kv, "damaged", {"StartSelectorType": "EARLIEST"})
+    assert error_document_tags(body) == {
+        "AWS_KINESISVIDEO_FRAGMENT_NUMBER": first,
+        "AWS_KINESISVIDEO_ERROR_ID": "3002",
+        "AWS_KINESISVIDEO_ERROR_CODE": "ERROR_WRITING_TO_STREAM",
+    }
+    body = get_media(m, kv, "damaged", {"StartSelectorType": "FRAGMENT_NUMBER", "AfterFragmentNumber": first})
+    docs = documents(body)
+    assert len(docs) == 1 and [1 for i, _, _ in docs[0] if i == ID_CLUSTER]
+    tags = dict(t for i, s, e in docs[0] if i == ID_TAGS for t in simple_tags(body, s, e))
+    assert tags["AWS_KINESISVIDEO_FRAGMENT_NUMBER"] == second
+    assert "AWS_KINESISVIDEO_ERROR_ID" not in tags
+
+
 # ---------------------------------------------------------------- quotas
 
 def test_tps_limits_and_point_budgets(mooring_factory):

@@ -1,5 +1,8 @@
 //! The `iot-data` HTTP API (signing name `iotdata`): Publish into the live broker,
-//! GetRetainedMessage and ListRetainedMessages over the broker's retained store.
+//! GetRetainedMessage and ListRetainedMessages over the broker's retained store, and
+//! DeleteConnection, which closes a client's connection as `API_INITIATED_DISCONNECT`
+//! (MQTT 5 reason 0x98), sends its will unless `preventWillMessage=true` and ends its
+//! persistent session when `cleanSession=true`.
 //!
 //! Publish takes the topic from the percent-decoded path (`POST /topics/a%2Fb`), QoS,
 //! retain and MQTT 5 properties from the query and the `x-amz-mqtt5-*` headers, and the raw
@@ -21,6 +24,8 @@ use mooring_aws::{
     json_response, AwsError, AwsRequest, AwsService, OperationName, Protocol, Route,
 };
 use mooring_core::ServiceContext;
+use mooring_mqtt::broker::Kick;
+use mooring_mqtt::lifecycle::DisconnectReason;
 use mooring_mqtt::{Broker, Message, MessageProperties, Origin};
 use serde::Deserialize;
 use serde_json::json;
@@ -139,6 +144,9 @@ fn operation(path: &str) -> Option<(&'static str, Option<String>)> {
     if let Some(raw) = path.strip_prefix("/retainedMessage/") {
         return Some(("GetRetainedMessage", Some(decode(raw))));
     }
+    if let Some(raw) = path.strip_prefix("/connections/") {
+        return (!raw.is_empty()).then(|| ("DeleteConnection", Some(decode(raw))));
+    }
     None
 }
 
@@ -177,10 +185,10 @@ impl AwsService for IotDataService {
         let result = match found {
             None => Err(AwsError::unknown_operation(request.request.uri().path())),
             Some((op, topic)) => {
-                let expected = if op == "Publish" {
-                    Method::POST
-                } else {
-                    Method::GET
+                let expected = match op {
+                    "Publish" => Method::POST,
+                    "DeleteConnection" => Method::DELETE,
+                    _ => Method::GET,
                 };
                 let outcome = if method != expected {
                     Err(AwsError::new(
@@ -193,6 +201,9 @@ impl AwsService for IotDataService {
                         "Publish" => Ok(self.publish(&request, topic.unwrap_or_default())),
                         "GetRetainedMessage" => {
                             self.get_retained_message(&topic.unwrap_or_default())
+                        }
+                        "DeleteConnection" => {
+                            self.delete_connection(&request, &topic.unwrap_or_default())
                         }
                         _ => self.list_retained_messages(&request),
                     }
@@ -364,6 +375,31 @@ impl IotDataService {
             expires_at_ms,
             origin: Origin::default(),
         })
+    }
+
+    fn delete_connection(&self, request: &AwsRequest, client_id: &str) -> Result<Reply, AwsError> {
+        if client_id.starts_with('$') {
+            return Err(invalid("clientId must not start with '$'"));
+        }
+        let flag = |name: &str| match request.query_param(name).as_deref() {
+            None => Ok(false),
+            Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+            Some(v) => Err(invalid(format!("{name} must be true or false, got {v:?}"))),
+        };
+        let kick = Kick {
+            reason: DisconnectReason::ApiInitiatedDisconnect,
+            send_will: !flag("preventWillMessage")?,
+            end_session: flag("cleanSession")?,
+        };
+        if !self.broker.disconnect_client(client_id, kick) {
+            return Err(AwsError::new(
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                format!("No connection found for client id {client_id}"),
+            ));
+        }
+        Ok(Reply::Ready(json_response(Protocol::RestJson1, &json!({}))))
     }
 
     fn get_retained_message(&self, topic: &str) -> Result<Reply, AwsError> {

@@ -119,10 +119,29 @@ fn raw_per_record(dir: &std::path::Path, size: usize, count: u64) -> Figure {
     }
 }
 
-fn raw_fsync_batches(dir: &std::path::Path, size: usize, count: u64, batch: u64) -> Figure {
+/// `write` + `fdatasync` per batch, into a growing file or, `preallocated`, into one
+/// zero-filled (and synced) beforehand, which is how Mooring writes flushOnWrite segments.
+fn raw_fsync_batches(
+    dir: &std::path::Path,
+    size: usize,
+    count: u64,
+    batch: u64,
+    preallocated: bool,
+) -> Figure {
     let path = dir.join(format!("raw-fsync-{size}"));
     let mut file = File::create(&path).unwrap();
     let record = vec![0xcdu8; size + 24];
+    if preallocated {
+        let zeros = vec![0u8; 1 << 20];
+        let total = count * record.len() as u64;
+        let mut done = 0;
+        while done < total {
+            file.write_all(&zeros).unwrap();
+            done += zeros.len() as u64;
+        }
+        file.sync_all().unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+    }
     let start = Instant::now();
     let mut written = 0;
     while written < count {
@@ -442,9 +461,11 @@ fn main() {
                 Ok(f) => print("Python SDK, flushOnWrite=false, 16 appenders", &f, Some(&raw)),
                 Err(why) => println!("  Python SDK scenario not run: {why}"),
             }
-            let (mut raw_syncs, mut groups, mut client_groups) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw_syncs, mut raw_pre_syncs, mut groups, mut client_groups) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for round in 0..rounds {
-                raw_syncs.push(raw_fsync_batches(dir.path(), size, fsync_count, 16));
+                raw_syncs.push(raw_fsync_batches(dir.path(), size, fsync_count, 16, false));
+                raw_pre_syncs.push(raw_fsync_batches(dir.path(), size, fsync_count, 16, true));
                 let name = format!("b3-{round}");
                 groups.push(mooring_appends(&service, &name, true, size, fsync_count, 16).await);
                 let name = format!("b6-{round}");
@@ -453,6 +474,12 @@ fn main() {
             }
             let raw_sync = best(raw_syncs);
             print("raw write + fdatasync per batch of 16 (best)", &raw_sync, None);
+            let raw_pre_sync = best(raw_pre_syncs);
+            print(
+                "raw, same into a preallocated file (best)",
+                &raw_pre_sync,
+                None,
+            );
             let g = best(groups);
             print(
                 "mooring append, flushOnWrite=true, 16 appenders (best)",
@@ -490,8 +517,10 @@ fn main() {
                     "k",
                 );
                 println!(
-                    "  (ceiling on this disk for 16 awaiting appenders: 16 per fdatasync = {:.1}k/s)",
-                    raw_sync.per_sec() / 1000.0
+                    "  (ceiling on this disk for 16 awaiting appenders: 16 per fdatasync = {:.1}k/s growing the file, {:.1}k/s preallocated; mooring / preallocated raw {:.2})",
+                    raw_sync.per_sec() / 1000.0,
+                    raw_pre_sync.per_sec() / 1000.0,
+                    g.per_sec().max(cg.per_sec()) / raw_pre_sync.per_sec()
                 );
             }
         }

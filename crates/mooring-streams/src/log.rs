@@ -22,6 +22,14 @@
 //! together and the next fsync covers them all. A new segment's directory entry is fsynced
 //! only for streams that promise durability (`flushOnWrite`, or when it is switched on).
 //!
+//! Segments of `flushOnWrite` streams are preallocated: the file is filled with zeros a
+//! chunk ahead of the write position and records are written in place (`pwrite`), so the
+//! group commit's `fdatasync` only flushes data. Appending instead grows the file on every
+//! record and makes each fsync also commit the inode's new size to the filesystem journal,
+//! which on the disks measured here doubles its cost. The zeros after the last record read
+//! as an invalid record (sequence number 0 where another is expected), so recovery treats them
+//! exactly like a torn tail; a segment is cut to its records' length when the next one starts.
+//!
 //! Recovery ([`StreamLog::open`]) scans every segment, checks each record's length, CRC and
 //! sequence number, and truncates the file at the first bad record (a torn tail after a
 //! crash). Damage inside an older segment (not something a crash produces) leaves a gap in
@@ -86,9 +94,27 @@ struct RecordIndex {
 }
 
 enum SegmentData {
-    File { file: Arc<File>, path: PathBuf },
-    Memory { payloads: Vec<Bytes> },
+    File {
+        file: Arc<File>,
+        path: PathBuf,
+        writes: SegmentWrites,
+    },
+    Memory {
+        payloads: Vec<Bytes>,
+    },
 }
+
+/// How records reach a segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegmentWrites {
+    /// Opened `O_APPEND`: one `writev` per record, the file grows with it.
+    Appending,
+    /// Zero-filled up to `zeroed_end`; records are written in place at their offsets.
+    Preallocated { zeroed_end: u64 },
+}
+
+/// How far ahead of the write position a preallocated segment is zero-filled.
+const PREALLOCATION_CHUNK: u64 = 4 << 20;
 
 struct Segment {
     first_seq: i64,
@@ -180,6 +206,40 @@ fn record_header(seq: i64, ingest: i64, payload: &[u8]) -> [u8; RECORD_HEADER] {
     header[8..16].copy_from_slice(&seq.to_be_bytes());
     header[16..24].copy_from_slice(&ingest.to_be_bytes());
     header
+}
+
+/// Writes one record at `offset` of a preallocated segment, first zero-filling the next
+/// chunk when the record would pass the zeroed end (returned, possibly moved).
+fn write_record_in_place(
+    file: &File,
+    offset: u64,
+    zeroed_end: u64,
+    header: &[u8],
+    payload: &[u8],
+) -> std::io::Result<u64> {
+    let end = offset + (header.len() + payload.len()) as u64;
+    let mut zeroed = zeroed_end;
+    if end > zeroed {
+        let target = end.div_ceil(PREALLOCATION_CHUNK) * PREALLOCATION_CHUNK;
+        let zeros = vec![0u8; (target - zeroed).min(1 << 20) as usize];
+        while zeroed < target {
+            let n = (target - zeroed).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], zeroed)?;
+            zeroed += n as u64;
+        }
+    }
+    // Small records go down in one write; large ones as header then payload rather than
+    // copying the payload (a torn pair fails its CRC like any torn record).
+    if payload.len() <= 16 * 1024 {
+        let mut record = Vec::with_capacity(header.len() + payload.len());
+        record.extend_from_slice(header);
+        record.extend_from_slice(payload);
+        file.write_all_at(&record, offset)?;
+    } else {
+        file.write_all_at(header, offset)?;
+        file.write_all_at(payload, offset + header.len() as u64)?;
+    }
+    Ok(zeroed)
 }
 
 /// Appends header and payload to a segment opened for appending, with as few `writev`
@@ -330,8 +390,21 @@ impl StreamLog {
                 }
             }
             let scanned = scan_segment(&path, first_seq)?;
-            // O_APPEND: every record lands at the end, wherever recovery truncated it.
-            let file = OpenOptions::new().read(true).append(true).open(&path)?;
+            // Appending (O_APPEND) lands every record at the end, wherever recovery truncated
+            // it; a flushOnWrite stream's segments are written in place instead (only the last
+            // one is ever written again, from the truncated end).
+            let writes = if limits.flush_on_write {
+                SegmentWrites::Preallocated {
+                    zeroed_end: scanned.valid_len,
+                }
+            } else {
+                SegmentWrites::Appending
+            };
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .append(writes == SegmentWrites::Appending)
+                .open(&path)?;
             if scanned.valid_len < scanned.file_len {
                 tracing::warn!(
                     path = %path.display(),
@@ -351,6 +424,7 @@ impl StreamLog {
                 data: SegmentData::File {
                     file: Arc::new(file),
                     path,
+                    writes,
                 },
             });
         }
@@ -418,8 +492,12 @@ impl StreamLog {
         }
         let active = state.segments.back().expect("a log always has a segment");
         if active.bytes > 0 && active.bytes + record_len > limits.segment_size {
-            if limits.flush_on_write {
-                if let SegmentData::File { file, .. } = &active.data {
+            if let SegmentData::File { file, writes, .. } = &active.data {
+                if matches!(writes, SegmentWrites::Preallocated { .. }) {
+                    // The zeros past the last record are not kept in a finished segment.
+                    file.set_len(active.bytes as u64)?;
+                }
+                if limits.flush_on_write {
                     file.sync_data()?;
                 }
             }
@@ -432,13 +510,27 @@ impl StreamLog {
             .expect("a log always has a segment");
         let offset = active.bytes as u64;
         match &mut active.data {
-            SegmentData::File { file, .. } => {
+            SegmentData::File {
+                file,
+                writes: SegmentWrites::Appending,
+                ..
+            } => {
                 let header = record_header(seq, now_millis, payload);
                 if let Err(e) = append_record(file, &header, payload) {
                     // Leave no partial record behind for the next append to follow.
                     let _ = file.set_len(offset);
                     return Err(e.into());
                 }
+            }
+            SegmentData::File {
+                file,
+                writes: SegmentWrites::Preallocated { zeroed_end },
+                ..
+            } => {
+                // A failed write leaves at most a torn record past the last good one, which
+                // the next append overwrites at the same offset.
+                let header = record_header(seq, now_millis, payload);
+                *zeroed_end = write_record_in_place(file, offset, *zeroed_end, &header, payload)?;
             }
             SegmentData::Memory { payloads } => payloads.push(Bytes::copy_from_slice(payload)),
         }
@@ -686,9 +778,15 @@ impl LogState {
         let data = match &self.dir {
             Some(dir) => {
                 let path = segment_path(dir, self.next_seq);
+                let writes = if self.limits.flush_on_write {
+                    SegmentWrites::Preallocated { zeroed_end: 0 }
+                } else {
+                    SegmentWrites::Appending
+                };
                 let file = OpenOptions::new()
                     .read(true)
-                    .append(true)
+                    .write(true)
+                    .append(writes == SegmentWrites::Appending)
                     .create(true)
                     .open(&path)?;
                 // A leftover file of that name holds nothing this log still indexes.
@@ -699,6 +797,7 @@ impl LogState {
                 SegmentData::File {
                     file: Arc::new(file),
                     path,
+                    writes,
                 }
             }
             None => SegmentData::Memory {
@@ -822,6 +921,55 @@ mod tests {
         drop(log);
         let log = StreamLog::open(dir.path(), limits()).unwrap();
         assert_eq!(read_all(&log).last().unwrap().payload, &b"after"[..]);
+    }
+
+    #[test]
+    fn flush_on_write_segments_are_preallocated_and_recover_like_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = limits();
+        l.flush_on_write = true;
+        l.segment_size = 64 * 1024;
+        let record = RECORD_HEADER as u64 + 100;
+        let path = dir.path().join("00000000000000000000.seg");
+        {
+            let log = StreamLog::open(dir.path(), l).unwrap();
+            for i in 0..5 {
+                log.append(&[i as u8; 100], 1).unwrap();
+            }
+            // Zero-filled ahead of the records, written in place.
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), PREALLOCATION_CHUNK);
+            // A torn sixth record past the fifth (a crash mid-write).
+            let file = OpenOptions::new().write(true).open(&path).unwrap();
+            file.write_all_at(&[0xee; 40], 5 * record).unwrap();
+        }
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        let all = read_all(&log);
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[4].payload, &[4u8; 100][..]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 5 * record);
+        // Writing resumes in place after the last good record, through a new zero chunk.
+        assert_eq!(log.append(b"after", 2).unwrap(), 5);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), PREALLOCATION_CHUNK);
+        // Rolling to a new segment cuts the finished one to its records.
+        let mut appended = 6;
+        while std::fs::read_dir(dir.path()).unwrap().count() < 2 {
+            log.append(&[9u8; 1000], 3).unwrap();
+            appended += 1;
+        }
+        let first = log.storage_status();
+        let finished_len = std::fs::metadata(&path).unwrap().len();
+        assert!(finished_len < 64 * 1024 + 1024, "{finished_len}");
+        drop(log);
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        assert_eq!(log.storage_status(), first);
+        let all = read_all(&log);
+        assert_eq!(all.len(), appended);
+        assert_eq!(all[5].payload, &b"after"[..]);
+        // A stream switched to appending mode keeps reading and writing the same files.
+        drop(log);
+        let log = StreamLog::open(dir.path(), limits()).unwrap();
+        assert_eq!(log.append(b"appended", 4).unwrap(), appended as i64);
+        assert_eq!(read_all(&log).len(), appended + 1);
     }
 
     #[test]

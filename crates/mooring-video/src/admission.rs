@@ -314,6 +314,7 @@ fn kind_of(path: &str) -> &'static str {
         "/getMediaForFragmentList" => "GetMediaForFragmentList",
         "/getHLSStreamingSessionURL" => "GetHLSStreamingSessionURL",
         "/getDASHStreamingSessionURL" => "GetDASHStreamingSessionURL",
+        "/getImages" => "GetImages",
         _ => "other",
     }
 }

@@ -5,7 +5,8 @@
 //! fragment: BUFFERING when its Timecode arrives (the fragment number is assigned then),
 //! RECEIVED once it and the Tags following it are complete and valid (the fragment is then
 //! visible to live readers), and PERSISTED once a separate task has appended it to the
-//! segment file, fsynced and indexed it (retention > 0 only). Each ack is its own HTTP chunk.
+//! segment file and fsynced it (retention > 0 only; fragments that queue up behind an fsync
+//! share the next one). Each ack is its own HTTP chunk.
 //! While the body is quiet IDLE acks are sent; after `idle_timeout_secs` without data the
 //! response ends. A fatal error ends the response after its ERROR ack.
 //!
@@ -43,6 +44,9 @@ const RESERVED_TAGS: &[&str] = &[
 /// How long a complete cluster waits for Tags that belong to it.
 const TRAILING_TAGS_WAIT: Duration = Duration::from_millis(100);
 const MAX_FRAGMENT_DURATION_MS: i64 = 20_000;
+/// At most this many fragments, or about this many bytes, share one segment write and fsync.
+const PERSIST_BATCH_FRAGMENTS: usize = 32;
+const PERSIST_BATCH_BYTES: i64 = 16 << 20;
 
 /// An ERROR ack id and code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,11 +567,15 @@ impl Session {
                     }
                     let fragments = self.state.fragments.clone();
                     let live = self.live.clone();
-                    let seq = match self
-                        .state
-                        .blocking(move |_| fragments.next_seq(&live))
-                        .await
-                    {
+                    let reserved = match fragments.next_reserved_seq(&live) {
+                        Some(seq) => Ok(seq),
+                        None => {
+                            self.state
+                                .blocking(move |_| fragments.next_seq(&live))
+                                .await
+                        }
+                    };
+                    let seq = match reserved {
                         Ok(seq) => seq,
                         Err(e) => {
                             // No number (the index refused the reservation): like a refused
@@ -749,7 +757,7 @@ impl Session {
             return Err(fail(FRAGMENT_METADATA_LIMIT_REACHED));
         }
         self.last_frame_ms = Some(base + to_ms(last));
-        let cluster = Bytes::from(p.cluster.to_element());
+        let cluster = p.cluster.to_element();
         let fragment = Arc::new(StoredFragment {
             meta: FragmentMeta {
                 seq: p.open.seq,
@@ -793,24 +801,43 @@ impl Session {
         let acks = self.acks.clone();
         let task = tokio::spawn(async move {
             while let Some(fragment) = rx.recv().await {
-                let f = fragment.clone();
+                // Whatever queued up while the previous write was being fsynced goes to disk
+                // together, under one fsync.
+                let mut batch = vec![fragment];
+                let mut bytes = batch[0].meta.size;
+                while batch.len() < PERSIST_BATCH_FRAGMENTS && bytes < PERSIST_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(f) => {
+                            bytes += f.meta.size;
+                            batch.push(f);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let written = batch.clone();
                 let l = live.clone();
-                let result = state.blocking(move |s| s.fragments.persist(&l, &f)).await;
-                let (tc, seq) = (Some(fragment.meta.timecode), Some(fragment.meta.seq));
-                let line = match result {
-                    Ok(()) => ack_line("PERSISTED", tc, seq, None),
+                let result = state
+                    .blocking(move |s| s.fragments.persist_all(&l, &written))
+                    .await;
+                let error = match result {
+                    Ok(()) => None,
                     Err(e) if live.is_deleted() => {
                         tracing::debug!(error = %e, "stream deleted while persisting");
-                        ack_line("ERROR", tc, seq, Some(STREAM_DELETED))
+                        Some(STREAM_DELETED)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "persisting a video fragment failed");
-                        ack_line("ERROR", tc, seq, Some(ARCHIVAL_ERROR))
+                        Some(ARCHIVAL_ERROR)
                     }
                 };
-                if acks.send(line).await.is_err() {
-                    // The producer is gone; keep persisting what was received.
-                    continue;
+                for fragment in batch {
+                    let (tc, seq) = (Some(fragment.meta.timecode), Some(fragment.meta.seq));
+                    let line = match error {
+                        None => ack_line("PERSISTED", tc, seq, None),
+                        Some(e) => ack_line("ERROR", tc, seq, Some(e)),
+                    };
+                    // When the producer is gone, keep persisting what was received.
+                    let _ = acks.send(line).await;
                 }
             }
         });

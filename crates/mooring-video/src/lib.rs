@@ -2,12 +2,14 @@
 //! endpoints), PutMedia ingest with streamed acknowledgements, the fragment store, the
 //! GetMedia / ListFragments / GetMediaForFragmentList readers, and playback: HLS and DASH
 //! sessions ([`playback`], [`hls`], [`dash`], [`session`]) packaged as fMP4 ([`fmp4`]) or
-//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]) and the [`console`] player.
+//! MPEG-TS ([`mpegts`]) from [`packaging`], GetClip ([`clip`]), GetImages (`images`, with
+//! `picture` decoding frames; the default-on `images` feature) and the [`console`] player.
 //!
 //! [`VideoService`] is registered with the AWS front door (restJson1, signing name
 //! `kinesisvideo`). The split follows the project's convention: [`model`] holds the values and
 //! rules, [`api`] one function per control-plane operation, [`ingest`] PutMedia, [`media`] the
-//! readers, [`store`] the metadata persistence, [`fragments`] the media persistence, and
+//! readers, [`store`] the metadata persistence (with [`index`] writing fragment index rows
+//! behind in batches), [`fragments`] the media persistence, and
 //! [`mkv`] / [`ebml`] the incremental Matroska parser.
 
 pub mod admission;
@@ -19,6 +21,9 @@ pub mod ebml;
 pub mod fmp4;
 pub mod fragments;
 pub mod hls;
+#[cfg(feature = "images")]
+pub mod images;
+pub mod index;
 pub mod ingest;
 pub mod low_latency;
 pub mod media;
@@ -26,6 +31,8 @@ pub mod mkv;
 pub mod model;
 pub mod mpegts;
 pub mod packaging;
+#[cfg(feature = "images")]
+pub mod picture;
 pub mod playback;
 pub mod session;
 pub mod store;
@@ -44,6 +51,7 @@ use mooring_core::{Clock, ServiceContext};
 use serde::Deserialize;
 
 use crate::fragments::FragmentStore;
+use crate::index::WriteBehindIndex;
 use crate::model::{VideoError, VideoResult};
 use crate::store::{SqliteVideoStore, VideoStore};
 
@@ -184,11 +192,23 @@ impl VideoService {
             ingest::kms_state_error(kms_state)
                 .map_err(|e| anyhow::anyhow!("video.kms_keys.{key}: {e}"))?;
         }
-        let store: Arc<dyn VideoStore> = Arc::new(SqliteVideoStore::open(ctx.db.clone())?);
+        let index = Arc::new(WriteBehindIndex::new(Arc::new(SqliteVideoStore::open(
+            ctx.db.clone(),
+        )?))?);
         let fragments = Arc::new(
-            FragmentStore::open(ctx.service_dir("video")?, store.clone())
+            FragmentStore::open(ctx.service_dir("video")?, index.clone())
                 .map_err(|e| anyhow::anyhow!("opening the video fragment store: {e}"))?,
         );
+        let store: Arc<dyn VideoStore> = index.clone();
+        // On shutdown the queued index rows are committed (a crash leaves them to recovery).
+        let shutdown = ctx.shutdown.clone();
+        ctx.shutdown.spawn(async move {
+            shutdown.triggered().await;
+            let flushed = tokio::task::spawn_blocking(move || index.flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "committing the video fragment index at shutdown failed");
+            }
+        });
         let keys = session::SessionKeys::load_or_create(&ctx.service_dir("video-sessions")?)
             .map_err(|e| anyhow::anyhow!("loading the video session key: {e}"))?;
         let state = Arc::new(VideoState {
@@ -267,7 +287,8 @@ impl AwsService for VideoService {
         (route.method == Method::POST
             && (CONTROL_PATHS.contains(&route.path)
                 || MEDIA_PATHS.contains(&route.path)
-                || PLAYBACK_PATHS.contains(&route.path)))
+                || PLAYBACK_PATHS.contains(&route.path)
+                || (cfg!(feature = "images") && route.path == "/getImages")))
             || is_unsigned_resource(route)
     }
 
@@ -338,6 +359,8 @@ impl AwsService for VideoService {
                     playback::get_session_url(state, request, true).await
                 }
                 "/getClip" => clip::get_clip(state, request).await,
+                #[cfg(feature = "images")]
+                "/getImages" => images::get_images(state, request).await,
                 p if p.starts_with(console::PLAYER_PREFIX) => {
                     console::player_page(state, request).await
                 }

@@ -238,12 +238,17 @@ pub async fn get_media(state: Arc<VideoState>, request: AwsRequest) -> Response<
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "GetMedia read failed");
-                    // The index still lists the fragment: its media is gone (4000).
+                    // The index still lists the fragment: its media is gone (4000), or its
+                    // stored bytes fail their checksum so it cannot be written into the
+                    // stream (3002).
                     let a = arn.clone();
                     let indexed = task_state
                         .blocking(move |s| Ok(s.store.fragment_after(&a, after)?))
                         .await;
                     let (number, id, code) = match indexed {
+                        Ok(Some((meta, _))) if crate::fragments::is_damaged_media(&e) => {
+                            (meta.number(), "3002", "ERROR_WRITING_TO_STREAM")
+                        }
                         Ok(Some((meta, _))) => (meta.number(), "4000", "FRAGMENT_NOT_FOUND"),
                         _ => (model::fragment_number(after + 1), "5000", "INTERNAL_ERROR"),
                     };

@@ -124,15 +124,14 @@ pub struct Cluster {
     /// The cluster's children exactly as received.
     pub body: Bytes,
     pub blocks: Vec<BlockInfo>,
+    /// The whole element, `header` then `body` (both are slices of it).
+    pub element: Bytes,
 }
 
 impl Cluster {
     /// The cluster element as the producer sent it (its own header, then the children).
-    pub fn to_element(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.header.len() + self.body.len());
-        out.extend_from_slice(&self.header);
-        out.extend_from_slice(&self.body);
-        out
+    pub fn to_element(&self) -> Bytes {
+        self.element.clone()
     }
 }
 
@@ -177,6 +176,9 @@ enum State {
     },
 }
 
+/// The most a cluster buffer is sized ahead of its data.
+const MAX_PREALLOCATED_CLUSTER_BYTES: usize = 8 << 20;
+
 /// The push parser. Feed it with [`push`](MkvParser::push), end with
 /// [`finish`](MkvParser::finish).
 #[derive(Debug)]
@@ -188,8 +190,11 @@ pub struct MkvParser {
     ebml_header: Option<Bytes>,
     prefix: Vec<u8>,
     document: Option<Arc<Document>>,
-    cluster_header: Bytes,
-    cluster_body: Vec<u8>,
+    /// The open cluster's element header, then its children as they complete.
+    cluster_element: Vec<u8>,
+    cluster_header_len: usize,
+    /// Size of the previous cluster element, to size the next one's buffer.
+    last_cluster_len: usize,
     cluster_timecode: Option<i64>,
     blocks: Vec<BlockInfo>,
     /// Whether any complete document byte was seen (an empty body is not MKV).
@@ -211,8 +216,9 @@ impl MkvParser {
             ebml_header: None,
             prefix: Vec::new(),
             document: None,
-            cluster_header: Bytes::new(),
-            cluster_body: Vec::new(),
+            cluster_element: Vec::new(),
+            cluster_header_len: 0,
+            last_cluster_len: 0,
             cluster_timecode: None,
             blocks: Vec::new(),
             documents_seen: 0,
@@ -240,7 +246,7 @@ impl MkvParser {
 
     /// Bytes of the open cluster held so far.
     pub fn open_cluster_bytes(&self) -> usize {
-        self.cluster_body.len()
+        self.cluster_body_len()
     }
 
     /// Feeds bytes; returns the events they complete.
@@ -281,6 +287,10 @@ impl MkvParser {
             return Err(invalid("body holds no EBML document"));
         }
         Ok(events)
+    }
+
+    fn cluster_body_len(&self) -> usize {
+        self.cluster_element.len() - self.cluster_header_len
     }
 
     fn consume(&mut self, n: usize) -> Bytes {
@@ -427,7 +437,7 @@ impl MkvParser {
                         d
                     }
                 };
-                self.cluster_header = self.consume(header.header_len);
+                let cluster_header = self.consume(header.header_len);
                 let end = header.size.map(|s| self.pos + s);
                 if let (Some(end), Some(segment_end)) = (end, segment_end) {
                     if end > segment_end {
@@ -437,7 +447,16 @@ impl MkvParser {
                 if header.size.is_some_and(|s| s > MAX_FRAGMENT_BYTES) {
                     return Err(MkvError::FragmentTooLarge);
                 }
-                self.cluster_body.clear();
+                // Room for the whole cluster up front (its declared size, else the size of the
+                // previous one), within reason: a declared size is not yet data.
+                let capacity = match header.size {
+                    Some(size) => size as usize,
+                    None => self.last_cluster_len,
+                }
+                .min(MAX_PREALLOCATED_CLUSTER_BYTES);
+                self.cluster_element = Vec::with_capacity(cluster_header.len() + capacity);
+                self.cluster_element.extend_from_slice(&cluster_header);
+                self.cluster_header_len = cluster_header.len();
                 self.cluster_timecode = None;
                 self.blocks.clear();
                 self.state = State::Cluster { end, segment_end };
@@ -511,7 +530,7 @@ impl MkvParser {
         let size = header
             .size
             .ok_or_else(|| invalid(format!("cluster child {:#x} has unknown size", header.id)))?;
-        if self.cluster_body.len() as u64 + header.header_len as u64 + size > MAX_FRAGMENT_BYTES {
+        if self.cluster_body_len() as u64 + header.header_len as u64 + size > MAX_FRAGMENT_BYTES {
             return Err(MkvError::FragmentTooLarge);
         }
         let total = header.header_len + size as usize;
@@ -524,7 +543,7 @@ impl MkvParser {
             return Ok(false);
         }
         let bytes = self.consume(total);
-        let offset = self.cluster_body.len();
+        let offset = self.cluster_body_len();
         let data = &bytes[header.header_len..];
         match header.id {
             ID_TIMECODE => {
@@ -549,7 +568,7 @@ impl MkvParser {
             }
             _ => {}
         }
-        self.cluster_body.extend_from_slice(&bytes);
+        self.cluster_element.extend_from_slice(&bytes);
         Ok(true)
     }
 
@@ -583,10 +602,13 @@ impl MkvParser {
             .cluster_timecode
             .take()
             .ok_or_else(|| invalid("cluster without a Timecode"))?;
+        let element = Bytes::from(std::mem::take(&mut self.cluster_element));
+        self.last_cluster_len = element.len();
         Ok(Cluster {
             timecode,
-            header: std::mem::take(&mut self.cluster_header),
-            body: Bytes::from(std::mem::take(&mut self.cluster_body)),
+            header: element.slice(..self.cluster_header_len),
+            body: element.slice(self.cluster_header_len..),
+            element,
             blocks: std::mem::take(&mut self.blocks),
         })
     }
@@ -903,7 +925,7 @@ pub(crate) mod tests {
             let elements: Vec<Vec<u8>> = events
                 .iter()
                 .filter_map(|e| match e {
-                    MkvEvent::ClusterEnd(c) => Some(c.to_element()),
+                    MkvEvent::ClusterEnd(c) => Some(c.to_element().to_vec()),
                     MkvEvent::Trailing(bytes) => Some(bytes.to_vec()),
                     MkvEvent::Tags { bytes, .. } => Some(bytes.to_vec()),
                     _ => None,

@@ -74,7 +74,7 @@ pub struct Window {
     pub complete: bool,
 }
 
-fn time_on(clock: TimeClock, m: &FragmentMeta) -> i64 {
+pub(crate) fn time_on(clock: TimeClock, m: &FragmentMeta) -> i64 {
     match clock {
         TimeClock::Server => m.server_ms,
         TimeClock::Producer => m.producer_ms,
@@ -88,13 +88,13 @@ impl Session {
     }
 }
 
-fn enum_error(field: &str, value: &str, allowed: &str) -> VideoError {
+pub(crate) fn enum_error(field: &str, value: &str, allowed: &str) -> VideoError {
     VideoError::invalid(format!(
         "1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: Member must satisfy enum value set: [{allowed}]"
     ))
 }
 
-fn range_error(field: &str, low: i64, high: i64) -> VideoError {
+pub(crate) fn range_error(field: &str, low: i64, high: i64) -> VideoError {
     VideoError::invalid(format!(
         "1 validation error detected: Value at '{field}' failed to satisfy constraint: Member must have value between {low} and {high}"
     ))

@@ -3,7 +3,7 @@
 //! ([`crate::fragments`]); each index row says where (segment, offset, length). Methods are
 //! blocking: callers run them on the blocking pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use mooring_core::store::StoreResult;
 use mooring_core::Db;
@@ -55,6 +55,14 @@ pub struct RecordLocation {
     pub length: u64,
 }
 
+/// One fragment index row: the fragment of a stream and where its record lies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexRow {
+    pub arn: String,
+    pub meta: FragmentMeta,
+    pub location: RecordLocation,
+}
+
 /// Which clock a time-range query uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeClock {
@@ -86,12 +94,12 @@ pub trait VideoStore: Send + Sync + 'static {
     fn delete_stream(&self, arn: &str) -> StoreResult<Vec<String>>;
     /// Reserves `count` fragment sequence numbers of a stream; returns the first.
     fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64>;
-    fn insert_fragment(
-        &self,
-        arn: &str,
-        meta: &FragmentMeta,
-        location: &RecordLocation,
-    ) -> StoreResult<()>;
+    /// [`reserve_seqs`](Self::reserve_seqs) for several streams (or several times for one)
+    /// in one transaction; the firsts in request order.
+    fn reserve_seqs_many(&self, requests: &[(String, i64)]) -> StoreResult<Vec<i64>>;
+    /// Indexes many fragments in one transaction. Rows already indexed, and rows of streams
+    /// that no longer exist, are skipped.
+    fn insert_fragments(&self, rows: &[IndexRow]) -> StoreResult<()>;
     fn fragment(&self, arn: &str, seq: i64) -> StoreResult<Option<(FragmentMeta, RecordLocation)>>;
     /// The first fragment with a sequence greater than `after`.
     fn fragment_after(
@@ -117,6 +125,9 @@ pub trait VideoStore: Send + Sync + 'static {
     fn expire_fragments(&self, arn: &str, before_ms: i64) -> StoreResult<Vec<String>>;
     /// Every segment the index references for a stream.
     fn referenced_segments(&self, arn: &str) -> StoreResult<Vec<String>>;
+    /// For each segment the index references for a stream, where its last indexed record
+    /// ends.
+    fn indexed_segment_ends(&self, arn: &str) -> StoreResult<HashMap<String, u64>>;
 }
 
 /// [`VideoStore`] on the shared SQLite database.
@@ -290,35 +301,45 @@ impl VideoStore for SqliteVideoStore {
     }
 
     fn reserve_seqs(&self, arn: &str, count: i64) -> StoreResult<i64> {
+        let firsts = self.reserve_seqs_many(&[(arn.to_string(), count)])?;
+        Ok(firsts[0])
+    }
+
+    fn reserve_seqs_many(&self, requests: &[(String, i64)]) -> StoreResult<Vec<i64>> {
         self.db.write_blocking(|tx| {
-            let seq: i64 = tx
-                .query_row(
-                    "SELECT next_seq FROM video_sequences WHERE stream_arn = ?1",
-                    [arn],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(1);
-            tx.execute(
-                "INSERT OR REPLACE INTO video_sequences (stream_arn, next_seq) VALUES (?1, ?2)",
-                params![arn, seq + count],
-            )?;
-            Ok(seq)
+            let mut firsts = Vec::with_capacity(requests.len());
+            for (arn, count) in requests {
+                let seq: i64 = tx
+                    .query_row(
+                        "SELECT next_seq FROM video_sequences WHERE stream_arn = ?1",
+                        [arn],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(1);
+                tx.execute(
+                    "INSERT OR REPLACE INTO video_sequences (stream_arn, next_seq) VALUES (?1, ?2)",
+                    params![arn, seq + count],
+                )?;
+                firsts.push(seq);
+            }
+            Ok(firsts)
         })
     }
 
-    fn insert_fragment(
-        &self,
-        arn: &str,
-        m: &FragmentMeta,
-        loc: &RecordLocation,
-    ) -> StoreResult<()> {
-        let tags = serde_json::to_string(&m.tags)?;
+    fn insert_fragments(&self, rows: &[IndexRow]) -> StoreResult<()> {
+        let tags = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.meta.tags))
+            .collect::<Result<Vec<_>, _>>()?;
         self.db.write_blocking(|tx| {
-            tx.execute(
-                &format!("INSERT INTO video_fragments (stream_arn, {FRAGMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-                params![arn, m.seq, m.timecode, m.producer_ms, m.server_ms, m.duration_ms, m.size, tags, loc.segment, loc.offset as i64, loc.length as i64],
-            )?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO video_fragments (stream_arn, {FRAGMENT_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 WHERE EXISTS (SELECT 1 FROM video_streams WHERE arn = ?1)"
+            ))?;
+            for (r, tags) in rows.iter().zip(&tags) {
+                let (m, loc) = (&r.meta, &r.location);
+                stmt.execute(params![r.arn, m.seq, m.timecode, m.producer_ms, m.server_ms, m.duration_ms, m.size, tags, loc.segment, loc.offset as i64, loc.length as i64])?;
+            }
             Ok(())
         })
     }
@@ -446,6 +467,20 @@ impl VideoStore for SqliteVideoStore {
             let rows = stmt
                 .query_map([arn], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn indexed_segment_ends(&self, arn: &str) -> StoreResult<HashMap<String, u64>> {
+        self.db.read_blocking(|c| {
+            let mut stmt = c.prepare(
+                "SELECT segment, MAX(offset + length) FROM video_fragments WHERE stream_arn = ?1 GROUP BY segment",
+            )?;
+            let rows = stmt
+                .query_map([arn], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<HashMap<_, _>, _>>()?;
             Ok(rows)
         })
     }
