@@ -241,7 +241,8 @@ impl MkvParser {
         if !self.in_cluster() {
             return None;
         }
-        self.cluster_timecode.map(|tc| (tc, &self.cluster_body[..]))
+        self.cluster_timecode
+            .map(|tc| (tc, &self.cluster_element[self.cluster_header_len..]))
     }
 
     /// Bytes of the open cluster held so far.
