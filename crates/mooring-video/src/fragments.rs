@@ -244,6 +244,11 @@ impl LiveStream {
         taken.ok().map(|_| ReaderSlot(self.clone()))
     }
 
+    /// The stream's ARN.
+    pub fn arn(&self) -> &str {
+        &self.arn
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::SeqCst)
     }

@@ -452,6 +452,7 @@ impl Session {
                     if let Err(f) = self.handle(Ok(events)).await {
                         break Err(f);
                     }
+                    self.share_live_edge();
                     if self.stopped {
                         break Ok(());
                     }
@@ -470,10 +471,34 @@ impl Session {
             ))
             .await;
         }
+        self.state.live_edges.grow(self.live.arn(), None);
         if let Some((tx, task)) = self.persist.take() {
             drop(tx);
             let _ = task.await;
         }
+    }
+
+    /// Shows the frames of the cluster being received to low-latency HLS.
+    fn share_live_edge(&self) {
+        let update = match (&self.open, self.parser.open_cluster()) {
+            (Some(open), Some((tc, body))) => {
+                let base = match self.timecode_type {
+                    TimecodeType::Absolute => 0,
+                    TimecodeType::Relative => self.start_ms,
+                };
+                let scale = open.document.timecode_scale as i128;
+                Some(crate::low_latency::EdgeUpdate {
+                    seq: open.seq,
+                    timecode: tc,
+                    producer_ms: base + (tc as i128 * scale / 1_000_000) as i64,
+                    server_ms: open.server_ms,
+                    document: &open.document,
+                    body,
+                })
+            }
+            _ => None,
+        };
+        self.state.live_edges.grow(self.live.arn(), update);
     }
 
     async fn send(&self, line: Bytes) -> bool {

@@ -25,6 +25,7 @@ pub mod hls;
 pub mod images;
 pub mod index;
 pub mod ingest;
+pub mod low_latency;
 pub mod media;
 pub mod mkv;
 pub mod model;
@@ -86,6 +87,9 @@ pub struct VideoConfig {
     /// NotFound). Mooring has no KMS; listed keys in a non-Enabled state make PutMedia
     /// and GetMedia fail with the 45xx errors KVS reports. Unlisted keys are Enabled.
     pub kms_keys: std::collections::HashMap<String, String>,
+    /// Serve every LIVE fMP4 HLS session as Low-Latency HLS (without it, a client adds
+    /// `&LowLatency=ON` to the session URL); see [`low_latency`].
+    pub low_latency_hls: bool,
 }
 
 impl Default for VideoConfig {
@@ -102,6 +106,7 @@ impl Default for VideoConfig {
             get_media_bytes_per_sec: 25_000_000,
             max_tracks: 3,
             kms_keys: Default::default(),
+            low_latency_hls: false,
         }
     }
 }
@@ -115,6 +120,8 @@ pub struct VideoState {
     pub admission: admission::Admission,
     /// Playback session keys and live-session numbering (HLS, DASH).
     pub playback: playback::PlaybackState,
+    /// The fragments still being received, for low-latency HLS.
+    pub live_edges: low_latency::LiveEdges,
 }
 
 impl VideoState {
@@ -211,6 +218,7 @@ impl VideoService {
             store,
             fragments,
             playback: playback::PlaybackState::new(keys),
+            live_edges: low_latency::LiveEdges::default(),
         });
         let sweeper = state.clone();
         ctx.shutdown.spawn(async move {

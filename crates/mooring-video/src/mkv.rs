@@ -235,6 +235,16 @@ impl MkvParser {
         matches!(self.state, State::Cluster { .. })
     }
 
+    /// The open cluster's Timecode (once read) and the children received so far: whole
+    /// elements only, growing until the cluster ends (low-latency HLS reads frames from it).
+    pub fn open_cluster(&self) -> Option<(i64, &[u8])> {
+        if !self.in_cluster() {
+            return None;
+        }
+        self.cluster_timecode
+            .map(|tc| (tc, &self.cluster_element[self.cluster_header_len..]))
+    }
+
     /// Bytes of the open cluster held so far.
     pub fn open_cluster_bytes(&self) -> usize {
         self.cluster_body_len()

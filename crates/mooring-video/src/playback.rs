@@ -24,7 +24,7 @@ use crate::model::{
 use crate::packaging::MediaFragment;
 use crate::session::{Container, Discontinuity, PlaybackMode, Session, SessionKeys};
 use crate::store::TimeClock;
-use crate::{dash, error_response, fmp4, hls, mpegts, VideoState};
+use crate::{dash, error_response, fmp4, hls, low_latency, mpegts, VideoState};
 
 /// LIVE sessions need a fragment this recent.
 const LIVE_RECENT_MS: i64 = 30_000;
@@ -194,7 +194,11 @@ fn selected(s: &VideoState, session: &Session, now: i64) -> VideoResult<(Vec<Fra
     }
 }
 
-fn is_discontinuity(session: &Session, prev: &FragmentMeta, next: &FragmentMeta) -> bool {
+pub(crate) fn is_discontinuity(
+    session: &Session,
+    prev: &FragmentMeta,
+    next: &FragmentMeta,
+) -> bool {
     match session.discontinuity {
         Discontinuity::Always => true,
         Discontinuity::Never => false,
@@ -565,7 +569,7 @@ pub struct Resource {
     pub body: Vec<u8>,
 }
 
-fn query_number(query: &[(String, String)], name: &str) -> VideoResult<Option<u64>> {
+pub(crate) fn query_number(query: &[(String, String)], name: &str) -> VideoResult<Option<u64>> {
     match query.iter().find(|(k, _)| k == name) {
         None => Ok(None),
         Some((_, v)) => v
@@ -575,7 +579,7 @@ fn query_number(query: &[(String, String)], name: &str) -> VideoResult<Option<u6
     }
 }
 
-fn fragment_param(query: &[(String, String)]) -> VideoResult<i64> {
+pub(crate) fn fragment_param(query: &[(String, String)]) -> VideoResult<i64> {
     let number = query
         .iter()
         .find(|(k, _)| k == "FragmentNumber")
@@ -630,9 +634,14 @@ fn ts_fragment(s: &VideoState, session: &Session, seq: i64) -> VideoResult<Resou
     })
 }
 
-/// Serves one session resource (blocking).
-fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<Resource> {
-    let now = s.clock().now_millis();
+/// Checks a session resource request's token, kind and stream; returns the session and its
+/// token (blocking).
+pub(crate) fn authorize<'q>(
+    s: &VideoState,
+    path: &str,
+    query: &'q [(String, String)],
+    now: i64,
+) -> VideoResult<(Session, &'q str)> {
     let token = query
         .iter()
         .find(|(k, _)| k == "SessionToken")
@@ -655,6 +664,15 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
             "The session's stream no longer exists",
         ));
     }
+    Ok((session, token))
+}
+
+/// Serves one session resource (blocking).
+fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<Resource> {
+    let now = s.clock().now_millis();
+    let (session, token) = authorize(s, path, query, now)?;
+    let session = low_latency::adjust(s, session, query);
+    let expected_kind = session.kind.as_str();
     let track = query_number(query, "TrackNumber")?.unwrap_or(1);
     let resource = path.rsplit('/').next().unwrap_or("");
     s.admission.admit_session_resource(
@@ -670,7 +688,14 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
             let window = window(s, &session, now)?;
             Ok(Resource {
                 content_type: "application/vnd.apple.mpegurl",
-                body: hls::master_playlist(&session, token, &media, &window).into_bytes(),
+                body: hls::master_playlist(
+                    &session,
+                    token,
+                    &media,
+                    &window,
+                    low_latency::requested(s, &session, query),
+                )
+                .into_bytes(),
             })
         }
         ("hls", "getHLSMediaPlaylist.m3u8") => {
@@ -717,6 +742,7 @@ fn resource_operation(path: &str) -> &'static str {
         "getMP4MediaFragment.mp4" => "GetMP4MediaFragment",
         "getTSFragment.ts" => "GetTSFragment",
         "getDASHManifest.mpd" => "GetDASHManifest",
+        "getMP4MediaPart.mp4" => "GetMP4MediaPart",
         _ => "SessionResource",
     }
 }
@@ -727,7 +753,11 @@ pub async fn session_resource(state: Arc<VideoState>, request: AwsRequest) -> Re
     let query = request.query();
     let op = resource_operation(&path);
     let p = path.clone();
-    let result = state.blocking(move |s| serve(s, &p, &query)).await;
+    let result = if low_latency::handles(&state, &path, &query) {
+        low_latency::serve(state.clone(), path.clone(), query).await
+    } else {
+        state.blocking(move |s| serve(s, &p, &query)).await
+    };
     match result {
         Ok(resource) => resource_response(resource, op),
         Err(e) => {

@@ -1,0 +1,214 @@
+"""Kinesis Video Streams playback in a real browser: a live camera (ffmpeg testsrc2 in real
+time, the frame number burned in) is pushed with `mooring video put`; Debian's chromium,
+driven by playwright-core, plays the LIVE HLS session URL boto3 returns in hls.js, in KVS's
+plain HLS and in Mooring's Low-Latency HLS (`&LowLatency=ON`). Each run asserts that playback
+starts and advances with no hls.js errors and no dropped frames over 10 s, and measures the
+glass-to-glass delay: the page reads the frame number back from every presented frame and
+the camera knows when it sent that frame.
+
+The delays are printed (run with -s); tests/interop/bench_video_playback.py reports them as
+benchmark figures against the targets (HLS <= 3 s, LL-HLS <= 1.5 s with 1 s GOPs). For
+debugging, BROWSER_HLS_CONFIG='{"debug": true}' passes hls.js settings to the LL-HLS run and
+BROWSER_CONSOLE_FILE=path keeps the page's console."""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from live_producer import BITS, BLOCK, LiveCamera
+from conftest import mooring_binary
+from test_video import create
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+CHROMIUM = "/usr/bin/chromium"
+SECONDS = 10
+
+
+def node_ready():
+    missing = [p for p in (NODE_DIR / "node_modules" / "hls.js", NODE_DIR / "node_modules" / "playwright-core",
+                           Path(CHROMIUM)) if not p.exists()]
+    assert not missing, f"scripts/test installs these: {missing}"
+
+
+@pytest.fixture
+def camera(mooring):
+    """A stream with a live camera pushing into it; yields (stream name, camera)."""
+    name = "browser-cam"
+    create(mooring.client("kinesisvideo"), name, retention=1)
+    cam = LiveCamera(mooring_binary(), mooring.data_dir, mooring.url, name)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and sum('"PERSISTED"' in a for a in cam.acks) < 2:
+            assert cam.put.poll() is None, cam.put.stderr.read().decode()
+            time.sleep(0.2)
+        assert sum('"PERSISTED"' in a for a in cam.acks) >= 2, cam.acks
+        yield name, cam
+    finally:
+        cam.stop()
+    assert cam.error is None or isinstance(cam.error, (EOFError, BrokenPipeError)), cam.error
+    assert not [a for a in cam.acks if '"ERROR"' in a], cam.acks
+
+
+def live_session_url(m, name):
+    archived = m.client("kinesis-video-archived-media")
+    return archived.get_hls_streaming_session_url(
+        StreamName=name, PlaybackMode="LIVE", ContainerFormat="FRAGMENTED_MP4",
+        DisplayFragmentTimestamp="ALWAYS")["HLSStreamingSessionURL"]
+
+
+def play(url, low_latency, hls_config=None):
+    node_ready()
+    r = subprocess.run(
+        ["node", str(NODE_DIR / "play.js"),
+         json.dumps({"url": url, "lowLatency": low_latency, "seconds": SECONDS, "chromium": CHROMIUM,
+                     "bits": BITS, "block": BLOCK, "hlsConfig": hls_config or {},
+                     "consoleFile": os.environ.get("BROWSER_CONSOLE_FILE")})],
+        capture_output=True, text=True, timeout=SECONDS + 90, cwd=NODE_DIR)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "exception" not in out, out
+    return out
+
+
+def glass_to_glass(out, cam):
+    """Delays (s) from the camera sending a frame to chromium presenting it, in the window."""
+    frames = [(shown / 1000.0, n) for shown, n in out["report"]["frames"] if shown >= out["start_wall"]]
+    assert len(frames) >= SECONDS * 20, f"only {len(frames)} frames presented"
+    known = [(shown - cam.frames[n], n) for shown, n in frames if n in cam.frames]
+    # The numbers read back are the camera's own: (almost) every one matches a sent frame
+    # and they only move forward.
+    assert len(known) >= 0.95 * len(frames), (len(known), len(frames), frames[:10])
+    numbers = [n for _, n in known]
+    assert all(b >= a for a, b in zip(numbers, numbers[1:])), numbers
+    return [d for d, _ in known]
+
+
+def check_playback(out):
+    before, after = out["before"], out["after"]
+    assert out["mse_h264"], "this chromium cannot play H.264 through MSE"
+    assert out["started"], json.dumps({k: v for k, v in out.items() if k != "report"} | {"errors": out["report"]["errors"]})
+    errors = out["report"]["errors"]
+    assert not [e for e in errors if e["fatal"]], errors
+    assert not [e for e in errors if e["type"] != "play" and e["details"] not in (
+        "bufferStalledError", "bufferNudgeOnStall")], errors
+    assert after["readyState"] >= 3, after
+    assert after["currentTime"] - before["currentTime"] >= SECONDS * 0.8, (before, after)
+    assert after["dropped"] - before["dropped"] == 0, (before, after)
+    assert after["total"] - before["total"] >= SECONDS * 20, (before, after)
+
+
+def report(label, delays, out):
+    median = statistics.median(delays)
+    p90 = sorted(delays)[int(len(delays) * 0.9)]
+    print(f"\n{label}: glass-to-glass median {median:.3f} s, p90 {p90:.3f} s, "
+          f"min {min(delays):.3f} s over {len(delays)} frames; hls.js latency "
+          f"{out['report']['latency']}, fragments {out['report']['fragments']}, parts {out['report']['parts']}")
+    return median
+
+
+def test_live_hls_plays_in_chromium_without_errors_or_dropped_frames(mooring, camera):
+    name, cam = camera
+    url = live_session_url(mooring, name)
+    out = play(url, low_latency=False)
+    check_playback(out)
+    delays = glass_to_glass(out, cam)
+    median = report("HLS", delays, out)
+    assert out["report"]["parts"] == 0
+    # KVS-style HLS plays a few fragments behind the live edge.
+    assert 0.2 < median < 8.0, median
+
+
+def fetch_text(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def test_low_latency_hls_plays_in_chromium_about_a_second_behind(mooring, camera):
+    name, cam = camera
+    url = live_session_url(mooring, name) + "&LowLatency=ON"
+    out = play(url, low_latency=True, hls_config=json.loads(os.environ.get("BROWSER_HLS_CONFIG", "{}")))
+    check_playback(out)
+    delays = glass_to_glass(out, cam)
+    median = report("LL-HLS", delays, out)
+    # hls.js fetched partial segments, and stays much closer to the camera than plain HLS.
+    assert out["report"]["parts"] >= SECONDS * 2, out["report"]
+    assert 0.05 < median < 4.0, median
+
+
+def test_low_latency_playlist_blocks_and_its_parts_decode(mooring, camera, tmp_path):
+    name, cam = camera
+    master_url = live_session_url(mooring, name) + "&LowLatency=ON"
+    master = fetch_text(master_url)
+    media_uri = [line for line in master.splitlines() if line and not line.startswith("#")][0]
+    assert "LowLatency=ON" in media_uri
+    base = master_url.rsplit("/", 1)[0] + "/"
+    playlist = fetch_text(base + media_uri)
+    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK=0.750" in playlist
+    assert "#EXT-X-PART-INF:PART-TARGET=0.250" in playlist
+    assert "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=" in playlist
+    parts = re.findall(r'#EXT-X-PART:DURATION=([0-9.]+),URI="([^"]+)"', playlist)
+    assert parts and all(float(d) <= 0.25 for d, _ in parts), playlist
+    sequence = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", playlist).group(1))
+    segments = [line for line in playlist.splitlines() if line.startswith("getMP4MediaFragment")]
+    last_msn = sequence + len(segments) - 1
+
+    # Blocking reload: asking for the segment after the next one holds the request until
+    # it is complete (about two 1 s GOPs), then the playlist lists it.
+    started = time.time()
+    held = fetch_text(base + media_uri + f"&_HLS_msn={last_msn + 2}")
+    waited = time.time() - started
+    assert 0.5 < waited < 3.5, waited
+    held_sequence = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", held).group(1))
+    held_segments = [line for line in held.splitlines() if line.startswith("getMP4MediaFragment")]
+    assert held_sequence + len(held_segments) - 1 >= last_msn + 2, held
+    # ... and for a part: the first part of the growing segment.
+    started = time.time()
+    held = fetch_text(base + media_uri + f"&_HLS_msn={last_msn + 3}&_HLS_part=0")
+    assert time.time() - started < 3.5
+    tail = held.split("#EXT-X-PRELOAD-HINT")[0].splitlines()
+    assert tail[-1].startswith("#EXT-X-PART:"), held
+
+    # The parts of a complete segment, concatenated after the init segment, are the same
+    # frames as the segment: ffmpeg decodes both without an error.
+    lines = held.splitlines()
+    init_uri = re.search(r'#EXT-X-MAP:URI="([^"]+)"', held).group(1)
+    seg_index = max(i for i, line in enumerate(lines) if line.startswith("getMP4MediaFragment"))
+    seg_parts = []
+    for line in reversed(lines[:seg_index]):
+        if line.startswith("#EXTINF") or line.startswith("#EXT-X-PROGRAM-DATE-TIME"):
+            continue
+        if not line.startswith("#EXT-X-PART:"):
+            break
+        seg_parts.insert(0, re.search(r'URI="([^"]+)"', line).group(1))
+    assert len(seg_parts) >= 4, held
+    with urllib.request.urlopen(base + init_uri) as r:
+        init = r.read()
+    joined = init + b"".join(urllib.request.urlopen(base + p).read() for p in seg_parts)
+    whole = init + urllib.request.urlopen(base + lines[seg_index]).read()
+    counts = []
+    for label, data in (("parts", joined), ("segment", whole)):
+        path = tmp_path / f"{label}.mp4"
+        path.write_bytes(data)
+        counts.append(decode_frames(str(path)))
+    assert counts[0] == counts[1] == 25, counts
+
+    # ffmpeg plays the low-latency playlist itself as a live HLS stream.
+    r = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", master_url, "-t", "3", "-map", "0:v",
+                        "-f", "framemd5", "-"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    assert len([x for x in r.stdout.splitlines() if x and not x.startswith("#")]) >= 50
+
+
+def decode_frames(path):
+    r = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", path, "-map", "0:v", "-f", "framemd5", "-"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    return len([x for x in r.stdout.splitlines() if x and not x.startswith("#")])
