@@ -116,6 +116,11 @@ enum SegmentWrites {
 /// How far ahead of the write position a preallocated segment is zero-filled.
 const PREALLOCATION_CHUNK: u64 = 4 << 20;
 
+/// Records at least this large are not worth zero-filling for: their fsyncs are bound by the
+/// bytes written, not by the journal commit, and zeros written first would double those bytes.
+/// They extend the file as an append would.
+const ZERO_FILL_BELOW: usize = 16 * 1024;
+
 struct Segment {
     first_seq: i64,
     records: Vec<RecordIndex>,
@@ -209,7 +214,8 @@ fn record_header(seq: i64, ingest: i64, payload: &[u8]) -> [u8; RECORD_HEADER] {
 }
 
 /// Writes one record at `offset` of a preallocated segment, first zero-filling the next
-/// chunk when the record would pass the zeroed end (returned, possibly moved).
+/// chunk when a small record would pass the zeroed end; returns the new end of the file's
+/// written (zeroed or recorded) bytes.
 fn write_record_in_place(
     file: &File,
     offset: u64,
@@ -219,7 +225,7 @@ fn write_record_in_place(
 ) -> std::io::Result<u64> {
     let end = offset + (header.len() + payload.len()) as u64;
     let mut zeroed = zeroed_end;
-    if end > zeroed {
+    if end > zeroed && payload.len() < ZERO_FILL_BELOW {
         let target = end.div_ceil(PREALLOCATION_CHUNK) * PREALLOCATION_CHUNK;
         let zeros = vec![0u8; (target - zeroed).min(1 << 20) as usize];
         while zeroed < target {
@@ -239,7 +245,7 @@ fn write_record_in_place(
         file.write_all_at(header, offset)?;
         file.write_all_at(payload, offset + header.len() as u64)?;
     }
-    Ok(zeroed)
+    Ok(zeroed.max(end))
 }
 
 /// Appends header and payload to a segment opened for appending, with as few `writev`
@@ -970,6 +976,29 @@ mod tests {
         let log = StreamLog::open(dir.path(), limits()).unwrap();
         assert_eq!(log.append(b"appended", 4).unwrap(), appended as i64);
         assert_eq!(read_all(&log).len(), appended + 1);
+    }
+
+    #[test]
+    fn large_flush_on_write_records_extend_the_file_without_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = limits();
+        l.flush_on_write = true;
+        l.max_size = 64 << 20;
+        l.segment_size = 16 << 20;
+        let path = dir.path().join("00000000000000000000.seg");
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        let big = vec![3u8; ZERO_FILL_BELOW];
+        log.append(&big, 1).unwrap();
+        let big_end = (RECORD_HEADER + big.len()) as u64;
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), big_end);
+        log.append(b"small", 2).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), PREALLOCATION_CHUNK);
+        drop(log);
+        let log = StreamLog::open(dir.path(), l).unwrap();
+        let all = read_all(&log);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].payload, &big[..]);
+        assert_eq!(all[1].payload, &b"small"[..]);
     }
 
     #[test]
