@@ -725,21 +725,7 @@ mod tests {
             .unwrap(),
         );
         if store.stream_by_arn(ARN).unwrap().is_none() {
-            store
-                .insert_stream(&Stream {
-                    name: "cam".into(),
-                    arn: ARN.into(),
-                    device_name: None,
-                    media_type: None,
-                    kms_key_id: "k".into(),
-                    retention_hours: 1,
-                    version: "v1".into(),
-                    status: "ACTIVE".into(),
-                    creation_ms: 0,
-                    storage_tier: "HOT".into(),
-                    tags: Default::default(),
-                })
-                .unwrap();
+            store.insert_stream(&Stream::for_tests("cam", ARN)).unwrap();
         }
         let fragments = FragmentStore::open(dir.join("video"), store.clone()).unwrap();
         (store, fragments)

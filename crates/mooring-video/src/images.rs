@@ -522,19 +522,7 @@ mod tests {
         let service = crate::VideoService::new(&ctx).unwrap();
         let s = service.state().clone();
         s.store
-            .insert_stream(&Stream {
-                name: "cam".into(),
-                arn: ARN.into(),
-                device_name: None,
-                media_type: None,
-                kms_key_id: "k".into(),
-                retention_hours: 1,
-                version: "v1".into(),
-                status: "ACTIVE".into(),
-                creation_ms: 0,
-                storage_tier: "HOT".into(),
-                tags: Default::default(),
-            })
+            .insert_stream(&Stream::for_tests("cam", ARN))
             .unwrap();
         let (track, samples) = encoded(64, 48, &[GREEN; 25], 25);
         let prefix = segment_prefix(&track.codec_private);

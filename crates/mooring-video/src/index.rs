@@ -460,21 +460,7 @@ mod tests {
 
     fn index(interval: Duration) -> WriteBehindIndex {
         let inner = SqliteVideoStore::open(Db::open_in_memory().unwrap()).unwrap();
-        inner
-            .insert_stream(&Stream {
-                name: "cam".into(),
-                arn: ARN.into(),
-                device_name: None,
-                media_type: None,
-                kms_key_id: "k".into(),
-                retention_hours: 1,
-                version: "v1".into(),
-                status: "ACTIVE".into(),
-                creation_ms: 0,
-                storage_tier: "HOT".into(),
-                tags: Default::default(),
-            })
-            .unwrap();
+        inner.insert_stream(&Stream::for_tests("cam", ARN)).unwrap();
         WriteBehindIndex::with_interval(Arc::new(inner), interval).unwrap()
     }
 

@@ -111,6 +111,26 @@ pub struct Stream {
     pub tags: BTreeMap<String, String>,
 }
 
+#[cfg(test)]
+impl Stream {
+    /// An ACTIVE stream with one hour of retention, for unit tests of the stores and readers.
+    pub(crate) fn for_tests(name: &str, arn: &str) -> Stream {
+        Stream {
+            name: name.into(),
+            arn: arn.into(),
+            device_name: None,
+            media_type: None,
+            kms_key_id: "k".into(),
+            retention_hours: 1,
+            version: "v1".into(),
+            status: "ACTIVE".into(),
+            creation_ms: 0,
+            storage_tier: "HOT".into(),
+            tags: Default::default(),
+        }
+    }
+}
+
 /// How a request names a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamRef {
