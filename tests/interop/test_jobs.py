@@ -27,6 +27,7 @@ import botocore.exceptions
 import pytest
 
 from test_mqtt import V5, Client, issue_client_certificate
+from sdk_events import SdkEvents
 
 MINUTE_MS = 1000
 
@@ -146,24 +147,8 @@ def test_awsiotsdk_jobs_client_runs_a_job_end_to_end(mooring, tmp_path):
         client_id=thing, clean_session=False, keep_alive_secs=30)
     connection.connect().result(10)
     jobs = iotjobs.IotJobsClient(connection)
-    events = queue.Queue()
-
-    def on(name):
-        return lambda response: events.put((name, response))
-
-    held = []  # events that arrived before the one a step waits for (order is not guaranteed)
-
-    def expect(name, timeout=10):
-        for i, (got, response) in enumerate(held):
-            if got == name:
-                del held[i]
-                return response
-        deadline = time.time() + timeout
-        while True:
-            got, response = events.get(timeout=max(deadline - time.time(), 0.01))
-            if got == name:
-                return response
-            held.append((got, response))
+    events = SdkEvents()
+    on, expect = events.on, events.expect
 
     qos = crt_mqtt.QoS.AT_LEAST_ONCE
     subscriptions = [
@@ -228,7 +213,7 @@ def test_awsiotsdk_jobs_client_runs_a_job_end_to_end(mooring, tmp_path):
     following = expect("next")
     assert following.execution.job_id == second
     assert following.execution.job_document == {"operation": "reboot"}
-    assert all(name != "start_rejected" for name, _ in held + list(events.queue))
+    assert all(name != "start_rejected" for name, _ in events.held + list(events.events.queue))
     connection.disconnect().result(10)
     assert execution(iot, thing, first)["status"] == "SUCCEEDED"
     assert iot.describe_job(jobId=first)["job"]["status"] == "COMPLETED"

@@ -7,7 +7,6 @@ and rules on `/update/accepted`, and a SIGKILL right after an MQTT update was ac
 """
 
 import json
-import queue
 import time
 import uuid
 
@@ -15,6 +14,7 @@ import botocore.exceptions
 import pytest
 
 from test_mqtt import Client, issue_client_certificate
+from sdk_events import SdkEvents
 
 ROLE = "arn:aws:iam::000000000000:role/shadow-rules"
 
@@ -291,23 +291,8 @@ def test_awsiotsdk_shadow_client(mooring, tmp_path):
         client_id=thing, clean_session=True, keep_alive_secs=30)
     connection.connect().result(10)
     shadow = iotshadow.IotShadowClient(connection)
-    events = queue.Queue()
-    held = []
-
-    def on(name):
-        return lambda response: events.put((name, response))
-
-    def expect(name, timeout=10):
-        for i, (got, response) in enumerate(held):
-            if got == name:
-                del held[i]
-                return response
-        deadline = time.time() + timeout
-        while True:
-            got, response = events.get(timeout=max(deadline - time.time(), 0.01))
-            if got == name:
-                return response
-            held.append((got, response))
+    events = SdkEvents()
+    on, expect = events.on, events.expect
 
     qos = crt_mqtt.QoS.AT_LEAST_ONCE
     try:

@@ -108,13 +108,21 @@ async fn answer(shadows: &Shadows, request: Request) {
     };
     let accepted = format!("{}/{}/accepted", key.topic_prefix(), op.as_str());
     match op {
-        Operation::Get => {
+        Operation::Get | Operation::Delete => {
+            // Both reply with one document on `accepted`, echoing the request's clientToken.
             let outcome = match model::parse_client_token(&request.payload) {
-                Ok(token) => shadows
-                    .get(&key)
-                    .await
-                    .map(|s| s.render(shadows.now(), token.as_deref()))
-                    .map_err(|e| (e, token)),
+                Ok(token) => {
+                    let document = if matches!(op, Operation::Get) {
+                        let now = shadows.now();
+                        shadows
+                            .get(&key)
+                            .await
+                            .map(|s| s.render(now, token.as_deref()))
+                    } else {
+                        shadows.delete(&key, token.as_deref()).await
+                    };
+                    document.map_err(|e| (e, token))
+                }
                 Err(e) => Err((e, None)),
             };
             match outcome {
@@ -132,22 +140,6 @@ async fn answer(shadows: &Shadows, request: Request) {
                 shadows.publish(topic, &body, qos).await
             }
         },
-        Operation::Delete => {
-            let outcome = match model::parse_client_token(&request.payload) {
-                Ok(token) => shadows
-                    .delete(&key, token.as_deref())
-                    .await
-                    .map_err(|e| (e, token)),
-                Err(e) => Err((e, None)),
-            };
-            match outcome {
-                Ok(document) => shadows.publish(accepted, &document, qos).await,
-                Err((e, token)) => {
-                    let (topic, body) = reject(e, token);
-                    shadows.publish(topic, &body, qos).await
-                }
-            }
-        }
     }
 }
 
