@@ -7,6 +7,7 @@
 //! shutdown signal shared by every task, and the metrics registry behind `/metrics`.
 
 pub mod arn;
+pub mod checksum;
 pub mod clock;
 pub mod config;
 pub mod context;

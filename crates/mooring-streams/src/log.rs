@@ -198,9 +198,7 @@ fn segment_path(dir: &Path, first_seq: i64) -> PathBuf {
 }
 
 fn record_crc(seq: i64, ingest: i64, payload: &[u8]) -> u32 {
-    let mut crc = crc32c::crc32c(&seq.to_be_bytes());
-    crc = crc32c::crc32c_append(crc, &ingest.to_be_bytes());
-    crc32c::crc32c_append(crc, payload)
+    mooring_core::checksum::crc32c(&[&seq.to_be_bytes(), &ingest.to_be_bytes(), payload])
 }
 
 /// The framing in front of one record's payload.

@@ -123,11 +123,9 @@ impl StoredFragment {
         for p in self.parts() {
             head.extend_from_slice(&(p.len() as u32).to_be_bytes());
         }
-        let mut crc = crc32c::crc32c(&head);
-        crc = crc32c::crc32c_append(crc, &entry);
-        for p in self.parts() {
-            crc = crc32c::crc32c_append(crc, p);
-        }
+        let mut covered: Vec<&[u8]> = vec![&head, &entry];
+        covered.extend(self.parts().into_iter().map(|p| &p[..]));
+        let crc = mooring_core::checksum::crc32c(&covered);
         head.extend_from_slice(&crc.to_be_bytes());
         head.extend_from_slice(&entry);
         head
@@ -142,7 +140,7 @@ impl StoredFragment {
         if header.total() != data.len() {
             return Err(RecordError::Truncated);
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&data[..24]), &data[RECORD_HEADER..]);
+        let crc = mooring_core::checksum::crc32c(&[&data[..24], &data[RECORD_HEADER..]]);
         if crc != header.crc {
             return Err(RecordError::Damaged);
         }
