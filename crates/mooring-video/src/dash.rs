@@ -16,6 +16,28 @@ use crate::session::Session;
 /// The namespace of the `kvs:` attributes.
 pub const KVS_NAMESPACE: &str = "https://kinesisvideo.amazonaws.com/dash";
 
+/// Each fragment's duration on the manifest's timeline: up to where the next fragment starts
+/// when the two overlap. A fragment's own duration runs to the end of its last frame, which
+/// with B-frames (frames stored in decode order, and audio interleaved by decode time) can
+/// pass the next fragment's start; a SegmentTimeline whose `t + d` overlaps the next `t`
+/// makes players mis-place segments. A gap between fragments stays a gap.
+fn timeline_durations(window: &Window) -> Vec<i64> {
+    let fragments = &window.fragments;
+    fragments
+        .iter()
+        .enumerate()
+        .map(|(i, (m, _))| {
+            let own = m.duration_ms.max(1);
+            match fragments.get(i + 1) {
+                Some((next, _)) if next.producer_ms > m.producer_ms => {
+                    own.min(next.producer_ms - m.producer_ms)
+                }
+                _ => own,
+            }
+        })
+        .collect()
+}
+
 fn duration_text(ms: i64) -> String {
     format!("PT{}.{:03}S", ms / 1000, ms % 1000)
 }
@@ -29,14 +51,9 @@ pub fn manifest(
     now_ms: i64,
 ) -> String {
     let dynamic = !window.complete;
-    let total_ms: i64 = window.fragments.iter().map(|(m, _)| m.duration_ms).sum();
-    let max_ms = window
-        .fragments
-        .iter()
-        .map(|(m, _)| m.duration_ms)
-        .max()
-        .unwrap_or(1000)
-        .max(1);
+    let durations = timeline_durations(window);
+    let total_ms: i64 = durations.iter().sum();
+    let max_ms = durations.iter().copied().max().unwrap_or(1000).max(1);
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = write!(
         out,
@@ -119,13 +136,14 @@ pub fn manifest(
             track.number
         );
         out.push_str("          <SegmentTimeline>\n");
-        for (m, _) in &window.fragments {
+        for ((m, _), duration_ms) in window.fragments.iter().zip(&durations) {
             let start = session.start_of(m);
             let _ = write!(
                 out,
                 "            <S t=\"{}\" d=\"{}\"",
                 to_ticks(m.producer_ms),
-                to_ticks(m.duration_ms.max(1))
+                // End minus start in ticks, so `t + d` is exactly the next `t`.
+                to_ticks(m.producer_ms + duration_ms) - to_ticks(m.producer_ms)
             );
             if session.display_fragment_number {
                 let _ = write!(out, " kvs:fn=\"{}\"", m.number());
