@@ -63,16 +63,20 @@ def test_h265_over_mpeg_ts_is_refused_as_kvs_does(mooring, hevc_mkv):
 
 
 def test_h265_dash_and_clip_decode(mooring, hevc_mkv, tmp_path):
-    # The stream name's length matters to ffmpeg: its DASH demuxer sizes its URL buffer from
-    # the manifest URL (rounded up to 64), and SegmentList URLs run ~80 characters longer
-    # (FragmentNumber), so for some token lengths it truncates them ("invalid:truncated").
-    # Two characters leave room here; dash.js is unaffected.
-    _, start, end = ingest(mooring, "hv", hevc_mkv)
     am = archived(mooring)
-    url = am.get_dash_streaming_session_url(
-        StreamName="hv", PlaybackMode="ON_DEMAND",
-        DASHFragmentSelector=on_demand(start, end))["DASHStreamingSessionURL"]
+    # ffmpeg's DASH demuxer sizes its segment-URL buffer from the manifest URL's length
+    # rounded up to 64; before the manifest had a BaseURL (see dash.rs) names such as
+    # "hevc-dash" gave tokens whose segment URLs it truncated. Names of 1-8 more characters
+    # cover every rounding.
+    for name in ["hevc-dash"] + ["x" * n for n in range(1, 9)]:
+        _, start, end = ingest(mooring, name, hevc_mkv)
+        url = am.get_dash_streaming_session_url(
+            StreamName=name, PlaybackMode="ON_DEMAND",
+            DASHFragmentSelector=on_demand(start, end))["DASHStreamingSessionURL"]
+        assert decode(url) == DURATION * 25, name
+    name = "x" * 8
     _, mpd = fetch_text(url)
+    assert f"<BaseURL>{mooring.url}/dash/v1/./" in mpd
     assert re.search(r'codecs="hvc1\.[^"]+"', mpd) and 'codecs="mp4a.40.2"' in mpd
     # B-frames: a fragment's last frame may be presented after the next fragment starts; the
     # timeline still tiles without overlap (each S ends where the next begins).
@@ -82,8 +86,7 @@ def test_h265_dash_and_clip_decode(mooring, hevc_mkv, tmp_path):
         assert all(t + d == s[i + 1][0] for i, (t, d) in enumerate(s[:-1])), s
     info = probe(url)
     assert "codec_name=hevc" in info and "codec_name=aac" in info
-    assert decode(url) == DURATION * 25
-    clip = am.get_clip(StreamName="hv", ClipFragmentSelector=on_demand(start, end))
+    clip = am.get_clip(StreamName=name, ClipFragmentSelector=on_demand(start, end))
     assert clip["ContentType"] == "video/mp4"
     path = tmp_path / "clip.mp4"
     path.write_bytes(clip["Payload"].read())

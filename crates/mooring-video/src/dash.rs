@@ -42,13 +42,28 @@ fn duration_text(ms: i64) -> String {
     format!("PT{}.{:03}S", ms / 1000, ms % 1000)
 }
 
-/// The manifest.
+/// The manifest's `BaseURL`: Mooring's base URL and the session resources' directory,
+/// padded with `./` segments, which URL resolution removes (RFC 3986 section 5.2.4). The
+/// padding is for ffmpeg's DASH demuxer, which sizes the buffer for segment URLs from the
+/// manifest URL plus the BaseURL lengths: without a BaseURL a SegmentURL (~80 characters
+/// longer than the manifest URL, for its FragmentNumber) is truncated for about a quarter
+/// of token lengths, depending on the rounding of that size to 64.
+fn base_url(endpoint: &str) -> String {
+    format!(
+        "{}/dash/v1/{}",
+        endpoint.trim_end_matches('/'),
+        "./".repeat(48)
+    )
+}
+
+/// The manifest; `endpoint` is Mooring's base URL as the client reached it.
 pub fn manifest(
     session: &Session,
     token: &str,
     media: &MediaFragment,
     window: &Window,
     now_ms: i64,
+    endpoint: &str,
 ) -> String {
     let dynamic = !window.complete;
     let durations = timeline_durations(window);
@@ -76,6 +91,7 @@ pub fn manifest(
             duration_text(total_ms.max(1))
         );
     }
+    let _ = writeln!(out, "  <BaseURL>{}</BaseURL>", base_url(endpoint));
     out.push_str("  <Period id=\"0\" start=\"PT0S\">\n");
     let bandwidth = bandwidth(window);
     for track in &media.tracks {

@@ -667,8 +667,13 @@ pub(crate) fn authorize<'q>(
     Ok((session, token))
 }
 
-/// Serves one session resource (blocking).
-fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<Resource> {
+/// Serves one session resource (blocking); `host` is the request's Host header.
+fn serve(
+    s: &VideoState,
+    path: &str,
+    query: &[(String, String)],
+    host: Option<&str>,
+) -> VideoResult<Resource> {
     let now = s.clock().now_millis();
     let (session, token) = authorize(s, path, query, now)?;
     let session = low_latency::adjust(s, session, query);
@@ -724,7 +729,15 @@ fn serve(s: &VideoState, path: &str, query: &[(String, String)]) -> VideoResult<
             let window = window(s, &session, now)?;
             Ok(Resource {
                 content_type: "application/dash+xml",
-                body: dash::manifest(&session, token, &media, &window, now).into_bytes(),
+                body: dash::manifest(
+                    &session,
+                    token,
+                    &media,
+                    &window,
+                    now,
+                    &data_endpoint(s, host),
+                )
+                .into_bytes(),
             })
         }
         _ => Err(VideoError::not_found(format!(
@@ -753,10 +766,13 @@ pub async fn session_resource(state: Arc<VideoState>, request: AwsRequest) -> Re
     let query = request.query();
     let op = resource_operation(&path);
     let p = path.clone();
+    let host = request.header("host").map(str::to_string);
     let result = if low_latency::handles(&state, &path, &query) {
         low_latency::serve(state.clone(), path.clone(), query).await
     } else {
-        state.blocking(move |s| serve(s, &p, &query)).await
+        state
+            .blocking(move |s| serve(s, &p, &query, host.as_deref()))
+            .await
     };
     match result {
         Ok(resource) => resource_response(resource, op),
