@@ -276,6 +276,17 @@ pub(crate) struct BrokerInner {
     next_connection: AtomicU64,
     next_internal: AtomicU64,
     versions: Mutex<HashMap<String, u64>>,
+    /// When each client id last connected, while that matters to the CONNECT rate limit.
+    recent_connects: Mutex<RecentConnects>,
+}
+
+/// Accepted CONNECTs younger than the rate limit's interval, by client id. Older entries
+/// are pruned whenever the map has doubled since the last pruning, so it stays about as
+/// large as the number of ids that connected within the interval.
+#[derive(Default)]
+struct RecentConnects {
+    at: HashMap<String, std::time::Instant>,
+    prune_at_len: usize,
 }
 
 /// The broker; cheap to clone.
@@ -330,6 +341,7 @@ impl Broker {
                 next_connection: AtomicU64::new(1),
                 next_internal: AtomicU64::new(1),
                 versions: Mutex::new(HashMap::new()),
+                recent_connects: Mutex::new(RecentConnects::default()),
             }),
         };
         broker.restore(loaded);
@@ -742,6 +754,32 @@ impl Broker {
         if connected {
             session.notify.notify_one();
         }
+    }
+
+    /// Applies the per-client-id CONNECT rate limit: true (and the CONNECT recorded) when
+    /// `client_id` may connect now.
+    pub fn admit_connect(&self, client_id: &str) -> bool {
+        let Some(per_second) = self.profile().connects_per_second_per_client else {
+            return true;
+        };
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        let now = std::time::Instant::now();
+        let mut recent = self
+            .inner
+            .recent_connects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = recent.at.get(client_id) {
+            if now.duration_since(*last) < interval {
+                return false;
+            }
+        }
+        recent.at.insert(client_id.to_string(), now);
+        if recent.at.len() >= recent.prune_at_len {
+            recent.at.retain(|_, t| now.duration_since(*t) < interval);
+            recent.prune_at_len = (recent.at.len() * 2).max(64);
+        }
+        true
     }
 
     /// Opens (creating, resuming or replacing) the session for a new connection. An
@@ -1267,14 +1305,12 @@ impl Broker {
                     AwaitedAck::Complete => {
                         codec::encode(&Packet::PubRel(codec::Ack::new(*pid, 0)), version, out)
                     }
-                    _ => {
-                        let p = outgoing_publish(&f.queued, *pid, true, version, now);
-                        resend.push(p);
-                    }
+                    _ => resend.push(*pid),
                 }
             }
-            for p in resend {
-                codec::encode(&Packet::Publish(p), version, out);
+            for pid in resend {
+                let queued = &state.inflight[&pid].queued;
+                encode_outgoing(queued, pid, true, version, now, None, out);
             }
         }
         let receive_max = state.client_receive_maximum as usize;
@@ -1299,13 +1335,16 @@ impl Broker {
             } else {
                 0
             };
-            let mut publish = outgoing_publish(&q, pid, false, version, now);
-            if version == codec::V5 && alias_max > 0 {
-                apply_topic_alias(&mut state.outbound_aliases, alias_max, &mut publish);
-            }
-            let packet = Packet::Publish(publish);
-            if max_packet != usize::MAX && codec::encoded_len(&packet, version) > max_packet {
+            let alias = if version == codec::V5 && alias_max > 0 {
+                topic_alias(&mut state.outbound_aliases, alias_max, &q.message.topic)
+            } else {
+                None
+            };
+            let start = out.len();
+            encode_outgoing(&q, pid, false, version, now, alias, out);
+            if out.len() - start > max_packet {
                 // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
+                out.truncate(start);
                 if let Some(seq) = q.seq {
                     ops.push(StoreOp::DeleteMessage {
                         client_id: session.client_id.to_string(),
@@ -1314,7 +1353,6 @@ impl Broker {
                 }
                 continue;
             }
-            codec::encode(&packet, version, out);
             if q.qos > 0 {
                 let stage = if q.qos == 2 {
                     AwaitedAck::Received
@@ -1513,19 +1551,21 @@ fn pick_share_member(members: Vec<(SubscriberId, SubEntry)>) -> Option<(Subscrib
     members.choose(&mut rng).cloned()
 }
 
-/// Replaces a repeated topic by its alias, assigning aliases while the client allows more.
-fn apply_topic_alias(
+/// The alias to send `topic` under, if any, and whether the topic goes along (the first
+/// time an alias is assigned); assigns aliases while the client allows more.
+fn topic_alias(
     aliases: &mut HashMap<String, u16>,
     maximum: u16,
-    publish: &mut codec::Publish,
-) {
-    if let Some(alias) = aliases.get(&publish.topic) {
-        publish.properties.topic_alias = Some(*alias);
-        publish.topic = String::new();
+    topic: &str,
+) -> Option<(u16, bool)> {
+    if let Some(alias) = aliases.get(topic) {
+        Some((*alias, false))
     } else if aliases.len() < maximum as usize {
         let alias = aliases.len() as u16 + 1;
-        aliases.insert(publish.topic.clone(), alias);
-        publish.properties.topic_alias = Some(alias);
+        aliases.insert(topic.to_string(), alias);
+        Some((alias, true))
+    } else {
+        None
     }
 }
 
@@ -1554,31 +1594,46 @@ fn stored_session(
     }
 }
 
-fn outgoing_publish(q: &Queued, pid: u16, dup: bool, version: u8, now: i64) -> codec::Publish {
+/// Encodes a queued message as the PUBLISH this client gets, without copying the message
+/// (MQTT 5 properties are built only for MQTT 5 clients). `alias` is the topic alias and
+/// whether the topic is sent with it.
+fn encode_outgoing(
+    q: &Queued,
+    pid: u16,
+    dup: bool,
+    version: u8,
+    now: i64,
+    alias: Option<(u16, bool)>,
+    out: &mut BytesMut,
+) {
     let m = &q.message;
-    let properties = if version == codec::V5 {
-        Properties {
-            payload_format_indicator: m.properties.payload_format_indicator,
-            content_type: m.properties.content_type.clone(),
-            response_topic: m.properties.response_topic.clone(),
-            correlation_data: m.properties.correlation_data.clone().map(Bytes::from),
-            user_properties: m.properties.user_properties.clone(),
-            message_expiry_interval: m.expires_at_ms.map(|e| ((e - now).max(0) / 1000) as u32),
-            subscription_identifiers: q.subscription_ids.clone(),
-            ..Default::default()
-        }
-    } else {
-        Properties::default()
+    let properties = (version == codec::V5).then(|| Properties {
+        payload_format_indicator: m.properties.payload_format_indicator,
+        content_type: m.properties.content_type.clone(),
+        response_topic: m.properties.response_topic.clone(),
+        correlation_data: m.properties.correlation_data.clone().map(Bytes::from),
+        user_properties: m.properties.user_properties.clone(),
+        message_expiry_interval: m.expires_at_ms.map(|e| ((e - now).max(0) / 1000) as u32),
+        subscription_identifiers: q.subscription_ids.clone(),
+        topic_alias: alias.map(|(a, _)| a),
+        ..Default::default()
+    });
+    let topic = match alias {
+        Some((_, false)) => "",
+        _ => m.topic.as_str(),
     };
-    codec::Publish {
-        dup,
-        qos: q.qos,
-        retain: q.retain,
-        topic: m.topic.clone(),
-        packet_id: pid,
-        properties,
-        payload: m.payload.clone(),
-    }
+    codec::encode_publish(
+        codec::PublishHeader {
+            dup,
+            qos: q.qos,
+            retain: q.retain,
+            topic,
+            packet_id: pid,
+        },
+        properties.as_ref(),
+        &m.payload,
+        out,
+    );
 }
 
 /// The broker as other services see it through core's handle registry.
