@@ -645,7 +645,12 @@ impl Broker {
             subscription_ids: Vec<u32>,
             target: Target,
         }
-        let mut deliveries: HashMap<SubscriberId, Delivery> = HashMap::new();
+        // In match order; a subscriber matched by several filters is found by a linear
+        // search while there are few matches (the common case, no hashing or map), else
+        // through an index.
+        let mut deliveries: Vec<(SubscriberId, Delivery)> = Vec::with_capacity(matched.len());
+        let mut index: Option<HashMap<SubscriberId, usize>> =
+            (matched.len() > 8).then(HashMap::new);
         let origin_client = message.origin.client_id.as_deref();
         let mut add = |id: SubscriberId, entry: SubEntry| {
             if entry.options.no_local {
@@ -655,12 +660,29 @@ impl Broker {
                     }
                 }
             }
-            let d = deliveries.entry(id).or_insert_with(|| Delivery {
-                qos: 0,
-                retain_as_published: false,
-                subscription_ids: Vec::new(),
-                target: entry.target.clone(),
-            });
+            let found = match &index {
+                Some(index) => index.get(&id).copied(),
+                None => deliveries.iter().position(|(known, _)| *known == id),
+            };
+            let at = match found {
+                Some(at) => at,
+                None => {
+                    if let Some(index) = &mut index {
+                        index.insert(id.clone(), deliveries.len());
+                    }
+                    deliveries.push((
+                        id,
+                        Delivery {
+                            qos: 0,
+                            retain_as_published: false,
+                            subscription_ids: Vec::new(),
+                            target: entry.target.clone(),
+                        },
+                    ));
+                    deliveries.len() - 1
+                }
+            };
+            let d = &mut deliveries[at].1;
             d.qos = d.qos.max(entry.options.qos);
             d.retain_as_published |= entry.options.retain_as_published;
             if let Some(id) = entry.subscription_id {
@@ -1316,6 +1338,11 @@ impl Broker {
         let receive_max = state.client_receive_maximum as usize;
         let alias_max = state.client_topic_alias_maximum;
         let max_packet = state.client_max_packet_size;
+        // Messages leave the queue under the session's lock and are encoded after it is
+        // released, so publishers routing to this session do not wait for the copying.
+        // (A client with a Maximum Packet Size has each message sized under the lock.)
+        let mut deferred: Vec<(Queued, u16, Option<(u16, bool)>)> = Vec::new();
+        let mut batch_bytes = 0;
         while let Some(q) = state.queue.front() {
             if q.qos > 0 && state.inflight.len() >= receive_max {
                 break;
@@ -1340,32 +1367,44 @@ impl Broker {
             } else {
                 None
             };
-            let start = out.len();
-            encode_outgoing(&q, pid, false, version, now, alias, out);
-            if out.len() - start > max_packet {
-                // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
+            if max_packet != usize::MAX {
+                let start = out.len();
+                encode_outgoing(&q, pid, false, version, now, alias, out);
+                let size = out.len() - start;
                 out.truncate(start);
-                if let Some(seq) = q.seq {
-                    ops.push(StoreOp::DeleteMessage {
-                        client_id: session.client_id.to_string(),
-                        seq,
-                    });
+                if size > max_packet {
+                    // Too large for this client: discarded as if delivered (MQTT 5
+                    // 3.1.2.25).
+                    if let Some(seq) = q.seq {
+                        ops.push(StoreOp::DeleteMessage {
+                            client_id: session.client_id.to_string(),
+                            seq,
+                        });
+                    }
+                    continue;
                 }
-                continue;
             }
+            batch_bytes += q.message.payload.len() + q.message.topic.len() + 16;
             if q.qos > 0 {
                 let stage = if q.qos == 2 {
                     AwaitedAck::Received
                 } else {
                     AwaitedAck::Ack
                 };
+                deferred.push((q.clone(), pid, alias));
                 state.inflight.insert(pid, Inflight { queued: q, stage });
+            } else {
+                deferred.push((q, pid, alias));
             }
-            if out.len() > 64 * 1024 {
+            if out.len() + batch_bytes > 64 * 1024 {
                 // Let the connection write; it will be notified again.
                 session.notify.notify_one();
                 break;
             }
+        }
+        drop(state);
+        for (q, pid, alias) in &deferred {
+            encode_outgoing(q, *pid, false, version, now, *alias, out);
         }
         ops
     }
