@@ -1341,7 +1341,7 @@ impl Broker {
         // Messages leave the queue under the session's lock and are encoded after it is
         // released, so publishers routing to this session do not wait for the copying.
         // (A client with a Maximum Packet Size has each message sized under the lock.)
-        let mut deferred: Vec<(Queued, u16, Option<(u16, bool)>)> = Vec::new();
+        let mut deferred: Vec<(Queued, u16, Option<OutboundAlias>)> = Vec::new();
         let mut batch_bytes = 0;
         while let Some(q) = state.queue.front() {
             if q.qos > 0 && state.inflight.len() >= receive_max {
@@ -1590,13 +1590,16 @@ fn pick_share_member(members: Vec<(SubscriberId, SubEntry)>) -> Option<(Subscrib
     members.choose(&mut rng).cloned()
 }
 
-/// The alias to send `topic` under, if any, and whether the topic goes along (the first
-/// time an alias is assigned); assigns aliases while the client allows more.
+/// A topic alias sent to a client, and whether the topic goes along with it (the first
+/// time the alias is used).
+type OutboundAlias = (u16, bool);
+
+/// The alias to send `topic` under, if any; assigns aliases while the client allows more.
 fn topic_alias(
     aliases: &mut HashMap<String, u16>,
     maximum: u16,
     topic: &str,
-) -> Option<(u16, bool)> {
+) -> Option<OutboundAlias> {
     if let Some(alias) = aliases.get(topic) {
         Some((*alias, false))
     } else if aliases.len() < maximum as usize {
@@ -1642,7 +1645,7 @@ fn encode_outgoing(
     dup: bool,
     version: u8,
     now: i64,
-    alias: Option<(u16, bool)>,
+    alias: Option<OutboundAlias>,
     out: &mut BytesMut,
 ) {
     let m = &q.message;
