@@ -194,3 +194,33 @@ impl Profile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_limits_connects_and_bytes_and_the_broker_section_adjusts_them() {
+        let aws = Profile::aws();
+        assert_eq!(aws.connects_per_second_per_client, Some(1));
+        assert_eq!(aws.bytes_per_second_per_connection, Some(512 * 1024));
+        let strict = Profile::strict();
+        assert_eq!(strict.connects_per_second_per_client, None);
+        assert_eq!(strict.bytes_per_second_per_connection, None);
+        let tuned = BrokerTuning {
+            connects_per_second_per_client: Some(0),
+            bytes_per_second_per_connection: Some(4096),
+            ..Default::default()
+        }
+        .apply(Profile::aws());
+        assert_eq!(
+            tuned.connects_per_second_per_client, None,
+            "0 removes the limit"
+        );
+        assert_eq!(tuned.bytes_per_second_per_connection, Some(4096));
+        assert_eq!(
+            BrokerTuning::default().apply(Profile::aws()),
+            Profile::aws()
+        );
+    }
+}
