@@ -200,6 +200,12 @@ def read_until_closed(s, timeout=10):
         data += chunk
 
 
+def pass_connect_interval():
+    """Waits out the `aws` profile's one CONNECT per second per client id, before a client id
+    connects again."""
+    time.sleep(1.1)
+
+
 def observer(m, **kw):
     o = Client(m, client_id=f"observer-{uuid.uuid4().hex[:6]}", **kw)
     o.sub("$aws/events/#", 1)
@@ -484,10 +490,13 @@ def test_will_delay_v5(mooring):
     assert sub.expect("wd/dev", timeout=8).payload == b"late"
     assert time.time() - lost >= 1.95, "the will came before its 2 s delay"
     # Reconnecting within the delay cancels the will.
+    long_delay = Properties(PacketTypes.WILLMESSAGE)
+    long_delay.WillDelayInterval = 5
     c2 = Client(mooring, client_id="wd-dev2", protocol=V5, clean=False,
-                will=("wd/dev2", b"never", 1, False, will_props), props=connect_props)
+                will=("wd/dev2", b"never", 1, False, long_delay), props=connect_props)
     c2.c.socket().shutdown(socket.SHUT_RDWR)
     c2.c.loop_stop()
+    pass_connect_interval()
     c3 = Client(mooring, client_id="wd-dev2", protocol=V5, clean=False, props=connect_props)
     assert c3.session_present
     sub.nothing(3.0)
@@ -539,6 +548,7 @@ def test_clean_session_discards_state(mooring):
     sub.sub("cl/t", 1)
     sub.stop()
     Client(mooring).pub("cl/t", b"queued", 1)
+    pass_connect_interval()
     fresh = Client(mooring, client_id="cleaner", clean=True)
     assert not fresh.session_present
     fresh.nothing()
@@ -552,6 +562,7 @@ def test_client_id_takeover(mooring):
                    connect=False)
     first.c.reconnect_delay_set(min_delay=120, max_delay=240)  # no paho auto-reconnect
     first.connect()
+    pass_connect_interval()
     second = Client(mooring, client_id="dup", protocol=V5)
     rc = first.disconnects.get(timeout=10)
     assert rc.value == 0x8E  # session taken over
@@ -630,6 +641,7 @@ def test_lifecycle_payloads_field_by_field(mooring):
     assert d2["versionNumber"] == c2["versionNumber"]
 
     # Reconnect: versionNumber grows.
+    pass_connect_interval()
     again = Client(mooring, client_id="life-1")
     c3 = event(obs.expect("$aws/events/presence/connected/life-1"))
     assert c3["versionNumber"] > c["versionNumber"]

@@ -16,7 +16,9 @@
 //!
 //! Run: `cargo bench -p mooring-mqtt --bench broker_vs_mosquitto`. `BENCH_MESSAGES`
 //! (default 50) is the number of messages each p2p/fan-in publisher sends and the fan-out
-//! publisher sends.
+//! publisher sends. `BENCH_ONLY` (comma-separated) runs only the scenarios whose name
+//! contains one of the words (`p2p`, `fan-in`, `fan-out`, `idle` for the memory
+//! measurement), e.g. `BENCH_ONLY=idle`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -534,6 +536,13 @@ fn main() {
     let fd_limit = raise_fd_limit();
     let messages = env_usize("BENCH_MESSAGES", 50);
     let idle_wanted = env_usize("BENCH_IDLE", 20_000);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let selected = move |name: &str| {
+        only.is_empty()
+            || only
+                .split(',')
+                .any(|w| !w.trim().is_empty() && name.contains(w.trim()))
+    };
     // Each side holds one descriptor per connection; keep room for everything else.
     let idle = idle_wanted.min(fd_limit.saturating_sub(300) as usize);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -559,6 +568,9 @@ fn main() {
         let mosquitto = BrokerProcess::mosquitto().unwrap();
         let mut n = 0;
         for (name, publishers, subscribers, pairs) in scenarios {
+            if !selected(name) {
+                continue;
+            }
             for qos in [0u8, 1] {
                 for payload in [64usize, 4096] {
                     let s = Scenario {
@@ -591,6 +603,9 @@ fn main() {
         }
         drop(mooring);
         drop(mosquitto);
+        if !selected("idle") {
+            return;
+        }
         if idle < idle_wanted {
             println!(
                 "idle connections capped at {idle} (file-descriptor hard limit {fd_limit})"

@@ -276,6 +276,17 @@ pub(crate) struct BrokerInner {
     next_connection: AtomicU64,
     next_internal: AtomicU64,
     versions: Mutex<HashMap<String, u64>>,
+    /// When each client id last connected, while that matters to the CONNECT rate limit.
+    recent_connects: Mutex<RecentConnects>,
+}
+
+/// Accepted CONNECTs younger than the rate limit's interval, by client id. Older entries
+/// are pruned whenever the map has doubled since the last pruning, so it stays about as
+/// large as the number of ids that connected within the interval.
+#[derive(Default)]
+struct RecentConnects {
+    at: HashMap<String, std::time::Instant>,
+    prune_at_len: usize,
 }
 
 /// The broker; cheap to clone.
@@ -330,6 +341,7 @@ impl Broker {
                 next_connection: AtomicU64::new(1),
                 next_internal: AtomicU64::new(1),
                 versions: Mutex::new(HashMap::new()),
+                recent_connects: Mutex::new(RecentConnects::default()),
             }),
         };
         broker.restore(loaded);
@@ -633,7 +645,12 @@ impl Broker {
             subscription_ids: Vec<u32>,
             target: Target,
         }
-        let mut deliveries: HashMap<SubscriberId, Delivery> = HashMap::new();
+        // In match order; a subscriber matched by several filters is found by a linear
+        // search while there are few matches (the common case, no hashing or map), else
+        // through an index.
+        let mut deliveries: Vec<(SubscriberId, Delivery)> = Vec::with_capacity(matched.len());
+        let mut index: Option<HashMap<SubscriberId, usize>> =
+            (matched.len() > 8).then(HashMap::new);
         let origin_client = message.origin.client_id.as_deref();
         let mut add = |id: SubscriberId, entry: SubEntry| {
             if entry.options.no_local {
@@ -643,12 +660,29 @@ impl Broker {
                     }
                 }
             }
-            let d = deliveries.entry(id).or_insert_with(|| Delivery {
-                qos: 0,
-                retain_as_published: false,
-                subscription_ids: Vec::new(),
-                target: entry.target.clone(),
-            });
+            let found = match &index {
+                Some(index) => index.get(&id).copied(),
+                None => deliveries.iter().position(|(known, _)| *known == id),
+            };
+            let at = match found {
+                Some(at) => at,
+                None => {
+                    if let Some(index) = &mut index {
+                        index.insert(id.clone(), deliveries.len());
+                    }
+                    deliveries.push((
+                        id,
+                        Delivery {
+                            qos: 0,
+                            retain_as_published: false,
+                            subscription_ids: Vec::new(),
+                            target: entry.target.clone(),
+                        },
+                    ));
+                    deliveries.len() - 1
+                }
+            };
+            let d = &mut deliveries[at].1;
             d.qos = d.qos.max(entry.options.qos);
             d.retain_as_published |= entry.options.retain_as_published;
             if let Some(id) = entry.subscription_id {
@@ -742,6 +776,32 @@ impl Broker {
         if connected {
             session.notify.notify_one();
         }
+    }
+
+    /// Applies the per-client-id CONNECT rate limit: true (and the CONNECT recorded) when
+    /// `client_id` may connect now.
+    pub fn admit_connect(&self, client_id: &str) -> bool {
+        let Some(per_second) = self.profile().connects_per_second_per_client else {
+            return true;
+        };
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        let now = std::time::Instant::now();
+        let mut recent = self
+            .inner
+            .recent_connects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = recent.at.get(client_id) {
+            if now.duration_since(*last) < interval {
+                return false;
+            }
+        }
+        recent.at.insert(client_id.to_string(), now);
+        if recent.at.len() >= recent.prune_at_len {
+            recent.at.retain(|_, t| now.duration_since(*t) < interval);
+            recent.prune_at_len = (recent.at.len() * 2).max(64);
+        }
+        true
     }
 
     /// Opens (creating, resuming or replacing) the session for a new connection. An
@@ -1267,19 +1327,22 @@ impl Broker {
                     AwaitedAck::Complete => {
                         codec::encode(&Packet::PubRel(codec::Ack::new(*pid, 0)), version, out)
                     }
-                    _ => {
-                        let p = outgoing_publish(&f.queued, *pid, true, version, now);
-                        resend.push(p);
-                    }
+                    _ => resend.push(*pid),
                 }
             }
-            for p in resend {
-                codec::encode(&Packet::Publish(p), version, out);
+            for pid in resend {
+                let queued = &state.inflight[&pid].queued;
+                encode_outgoing(queued, pid, true, version, now, None, out);
             }
         }
         let receive_max = state.client_receive_maximum as usize;
         let alias_max = state.client_topic_alias_maximum;
         let max_packet = state.client_max_packet_size;
+        // Messages leave the queue under the session's lock and are encoded after it is
+        // released, so publishers routing to this session do not wait for the copying.
+        // (A client with a Maximum Packet Size has each message sized under the lock.)
+        let mut deferred: Vec<(Queued, u16, Option<OutboundAlias>)> = Vec::new();
+        let mut batch_bytes = 0;
         while let Some(q) = state.queue.front() {
             if q.qos > 0 && state.inflight.len() >= receive_max {
                 break;
@@ -1299,35 +1362,49 @@ impl Broker {
             } else {
                 0
             };
-            let mut publish = outgoing_publish(&q, pid, false, version, now);
-            if version == codec::V5 && alias_max > 0 {
-                apply_topic_alias(&mut state.outbound_aliases, alias_max, &mut publish);
-            }
-            let packet = Packet::Publish(publish);
-            if max_packet != usize::MAX && codec::encoded_len(&packet, version) > max_packet {
-                // Too large for this client: discarded as if delivered (MQTT 5 3.1.2.25).
-                if let Some(seq) = q.seq {
-                    ops.push(StoreOp::DeleteMessage {
-                        client_id: session.client_id.to_string(),
-                        seq,
-                    });
+            let alias = if version == codec::V5 && alias_max > 0 {
+                topic_alias(&mut state.outbound_aliases, alias_max, &q.message.topic)
+            } else {
+                None
+            };
+            if max_packet != usize::MAX {
+                let start = out.len();
+                encode_outgoing(&q, pid, false, version, now, alias, out);
+                let size = out.len() - start;
+                out.truncate(start);
+                if size > max_packet {
+                    // Too large for this client: discarded as if delivered (MQTT 5
+                    // 3.1.2.25).
+                    if let Some(seq) = q.seq {
+                        ops.push(StoreOp::DeleteMessage {
+                            client_id: session.client_id.to_string(),
+                            seq,
+                        });
+                    }
+                    continue;
                 }
-                continue;
             }
-            codec::encode(&packet, version, out);
+            batch_bytes += q.message.payload.len() + q.message.topic.len() + 16;
             if q.qos > 0 {
                 let stage = if q.qos == 2 {
                     AwaitedAck::Received
                 } else {
                     AwaitedAck::Ack
                 };
+                deferred.push((q.clone(), pid, alias));
                 state.inflight.insert(pid, Inflight { queued: q, stage });
+            } else {
+                deferred.push((q, pid, alias));
             }
-            if out.len() > 64 * 1024 {
+            if out.len() + batch_bytes > 64 * 1024 {
                 // Let the connection write; it will be notified again.
                 session.notify.notify_one();
                 break;
             }
+        }
+        drop(state);
+        for (q, pid, alias) in &deferred {
+            encode_outgoing(q, *pid, false, version, now, *alias, out);
         }
         ops
     }
@@ -1513,19 +1590,24 @@ fn pick_share_member(members: Vec<(SubscriberId, SubEntry)>) -> Option<(Subscrib
     members.choose(&mut rng).cloned()
 }
 
-/// Replaces a repeated topic by its alias, assigning aliases while the client allows more.
-fn apply_topic_alias(
+/// A topic alias sent to a client, and whether the topic goes along with it (the first
+/// time the alias is used).
+type OutboundAlias = (u16, bool);
+
+/// The alias to send `topic` under, if any; assigns aliases while the client allows more.
+fn topic_alias(
     aliases: &mut HashMap<String, u16>,
     maximum: u16,
-    publish: &mut codec::Publish,
-) {
-    if let Some(alias) = aliases.get(&publish.topic) {
-        publish.properties.topic_alias = Some(*alias);
-        publish.topic = String::new();
+    topic: &str,
+) -> Option<OutboundAlias> {
+    if let Some(alias) = aliases.get(topic) {
+        Some((*alias, false))
     } else if aliases.len() < maximum as usize {
         let alias = aliases.len() as u16 + 1;
-        aliases.insert(publish.topic.clone(), alias);
-        publish.properties.topic_alias = Some(alias);
+        aliases.insert(topic.to_string(), alias);
+        Some((alias, true))
+    } else {
+        None
     }
 }
 
@@ -1554,31 +1636,46 @@ fn stored_session(
     }
 }
 
-fn outgoing_publish(q: &Queued, pid: u16, dup: bool, version: u8, now: i64) -> codec::Publish {
+/// Encodes a queued message as the PUBLISH this client gets, without copying the message
+/// (MQTT 5 properties are built only for MQTT 5 clients). `alias` is the topic alias and
+/// whether the topic is sent with it.
+fn encode_outgoing(
+    q: &Queued,
+    pid: u16,
+    dup: bool,
+    version: u8,
+    now: i64,
+    alias: Option<OutboundAlias>,
+    out: &mut BytesMut,
+) {
     let m = &q.message;
-    let properties = if version == codec::V5 {
-        Properties {
-            payload_format_indicator: m.properties.payload_format_indicator,
-            content_type: m.properties.content_type.clone(),
-            response_topic: m.properties.response_topic.clone(),
-            correlation_data: m.properties.correlation_data.clone().map(Bytes::from),
-            user_properties: m.properties.user_properties.clone(),
-            message_expiry_interval: m.expires_at_ms.map(|e| ((e - now).max(0) / 1000) as u32),
-            subscription_identifiers: q.subscription_ids.clone(),
-            ..Default::default()
-        }
-    } else {
-        Properties::default()
+    let properties = (version == codec::V5).then(|| Properties {
+        payload_format_indicator: m.properties.payload_format_indicator,
+        content_type: m.properties.content_type.clone(),
+        response_topic: m.properties.response_topic.clone(),
+        correlation_data: m.properties.correlation_data.clone().map(Bytes::from),
+        user_properties: m.properties.user_properties.clone(),
+        message_expiry_interval: m.expires_at_ms.map(|e| ((e - now).max(0) / 1000) as u32),
+        subscription_identifiers: q.subscription_ids.clone(),
+        topic_alias: alias.map(|(a, _)| a),
+        ..Default::default()
+    });
+    let topic = match alias {
+        Some((_, false)) => "",
+        _ => m.topic.as_str(),
     };
-    codec::Publish {
-        dup,
-        qos: q.qos,
-        retain: q.retain,
-        topic: m.topic.clone(),
-        packet_id: pid,
-        properties,
-        payload: m.payload.clone(),
-    }
+    codec::encode_publish(
+        codec::PublishHeader {
+            dup,
+            qos: q.qos,
+            retain: q.retain,
+            topic,
+            packet_id: pid,
+        },
+        properties.as_ref(),
+        &m.payload,
+        out,
+    );
 }
 
 /// The broker as other services see it through core's handle registry.

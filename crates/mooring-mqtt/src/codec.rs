@@ -51,6 +51,7 @@ pub mod reason {
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
     pub const SUBSCRIPTION_IDS_NOT_SUPPORTED: u8 = 0xA1;
     pub const WILDCARDS_NOT_SUPPORTED: u8 = 0xA2;
@@ -880,15 +881,18 @@ pub fn encode(packet: &Packet, version: u8, out: &mut BytesMut) {
             0x20
         }
         Packet::Publish(p) => {
-            put_str(&mut body, &p.topic);
-            if p.qos > 0 {
-                body.put_u16(p.packet_id);
-            }
-            if v5 {
-                put_properties(&mut body, &p.properties);
-            }
-            body.put_slice(&p.payload);
-            0x30 | ((p.dup as u8) << 3) | (p.qos << 1) | p.retain as u8
+            return encode_publish(
+                PublishHeader {
+                    dup: p.dup,
+                    qos: p.qos,
+                    retain: p.retain,
+                    topic: &p.topic,
+                    packet_id: p.packet_id,
+                },
+                v5.then_some(&p.properties),
+                &p.payload,
+                out,
+            );
         }
         Packet::PubAck(a) => {
             put_ack(&mut body, a, v5);
@@ -972,6 +976,56 @@ pub fn encode(packet: &Packet, version: u8, out: &mut BytesMut) {
     out.put_u8(first);
     put_varint(out, body.len() as u32);
     out.put_slice(&body);
+}
+
+/// The fixed part of a PUBLISH, borrowed (see [`encode_publish`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishHeader<'a> {
+    pub dup: bool,
+    pub qos: u8,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: u16,
+}
+
+/// Encodes a PUBLISH from borrowed parts straight into `out`: the payload is copied once
+/// and nothing else is allocated unless MQTT 5 properties are present. `properties` is
+/// `Some` for MQTT 5 (empty properties are written as one zero byte).
+pub fn encode_publish(
+    header: PublishHeader<'_>,
+    properties: Option<&Properties>,
+    payload: &[u8],
+    out: &mut BytesMut,
+) {
+    let encoded_properties = match properties {
+        Some(p) if !p.is_empty() => {
+            let mut b = BytesMut::new();
+            put_properties(&mut b, p);
+            Some(b)
+        }
+        _ => None,
+    };
+    let properties_len = match (&encoded_properties, properties) {
+        (Some(b), _) => b.len(),
+        (None, Some(_)) => 1,
+        (None, None) => 0,
+    };
+    let topic = &header.topic.as_bytes()[..header.topic.len().min(u16::MAX as usize)];
+    let remaining =
+        2 + topic.len() + if header.qos > 0 { 2 } else { 0 } + properties_len + payload.len();
+    out.reserve(remaining + 5);
+    out.put_u8(0x30 | ((header.dup as u8) << 3) | (header.qos << 1) | header.retain as u8);
+    put_varint(out, remaining as u32);
+    put_bin(out, topic);
+    if header.qos > 0 {
+        out.put_u16(header.packet_id);
+    }
+    match (&encoded_properties, properties) {
+        (Some(b), _) => out.put_slice(b),
+        (None, Some(_)) => out.put_u8(0),
+        (None, None) => {}
+    }
+    out.put_slice(payload);
 }
 
 /// The encoded size of `packet`, for checking a client's Maximum Packet Size.

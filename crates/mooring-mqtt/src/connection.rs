@@ -9,22 +9,25 @@
 //! reason code of the server's DISCONNECT.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::auth::{ClientInfo, ConnectRequest, Principal, Transport};
 use crate::broker::{self, Broker, Kick, Message, OpenRequest, Origin, Session};
 use crate::codec::{
     self, reason, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, SubAck,
-    UnsubAck, V5,
+    UnsubAck, Will, V5,
 };
 use crate::lifecycle::{self, DisconnectReason};
 use crate::store::MessageProperties;
@@ -35,12 +38,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection closed for a protocol error keeps reading (and discarding) after
 /// its DISCONNECT, so the client sees the reason code.
 const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
-/// Smallest and largest read size; the read buffer adapts between them, so an idle
-/// connection holds a few hundred bytes and a busy one reads in large chunks.
+/// Smallest and largest read size; the read buffer adapts between them while the
+/// connection is busy and is released when it is idle.
 const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
+/// Size of the stack buffer an idle connection reads into (it holds no read buffer).
+const STACK_READ: usize = 4096;
 /// An output buffer that grew beyond this during a burst is released after the flush.
 const OUT_KEEP: usize = 64 * 1024;
+/// A flush smaller than this releases the output buffer.
+const OUT_RELEASE: usize = 4 * 1024;
 /// Longest Message Expiry Interval AWS keeps (7 days).
 const AWS_MAX_MESSAGE_EXPIRY: u32 = 604_800;
 
@@ -83,7 +90,24 @@ impl Exit {
 }
 
 /// Serves one connection to completion.
-pub async fn serve<S>(broker: Broker, mut stream: S, peer: PeerInfo)
+///
+/// The task's future is what an idle connection costs, so it is kept small: the
+/// handshake (CONNECT with its properties, the CONNACK) and the ending (DISCONNECT, will,
+/// lifecycle event) run as boxed futures that exist only while they run, and the loop in
+/// between holds only [`Connection`] and one timer.
+pub async fn serve<S>(broker: Broker, stream: S, peer: PeerInfo)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some(mut conn) = Box::pin(handshake(broker, stream, peer)).await else {
+        return;
+    };
+    let exit = conn.main_loop().await;
+    Box::pin(conn.finish(exit)).await
+}
+
+/// Reads CONNECT and opens the session; `None` when the connection ended there.
+async fn handshake<S>(broker: Broker, mut stream: S, peer: PeerInfo) -> Option<Connection<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -111,19 +135,19 @@ where
             );
             let _ = stream.write_all(&out).await;
             let _ = stream.shutdown().await;
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             tracing::debug!(error = ?e, "connection closed before a valid CONNECT");
             let _ = stream.shutdown().await;
-            return;
+            return None;
         }
         Err(_) => {
             let _ = stream.shutdown().await;
-            return;
+            return None;
         }
     };
-    Connection::run(broker, stream, peer, *connect, inbuf).await
+    Connection::open(broker, stream, peer, connect, inbuf).await
 }
 
 async fn read_connect<S: AsyncRead + Unpin>(
@@ -145,6 +169,72 @@ async fn read_connect<S: AsyncRead + Unpin>(
     }
 }
 
+/// Acks owed to the client, in publish order; `None` means the message could not be made
+/// durable. Created on the first ack that has to wait, so a connection that never
+/// publishes at QoS 1/2 holds none of it.
+#[derive(Default)]
+struct AckQueue(Option<Box<FuturesOrdered<BoxFuture<'static, Option<OwedAck>>>>>);
+
+impl AckQueue {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    fn push_back(&mut self, ack: BoxFuture<'static, Option<OwedAck>>) {
+        self.0.get_or_insert_with(Default::default).push_back(ack)
+    }
+
+    async fn next(&mut self) -> Option<Option<OwedAck>> {
+        match &mut self.0 {
+            Some(queue) => queue.next().await,
+            None => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // named after the packets
+enum AckKind {
+    PubAck,
+    PubRec,
+    PubComp,
+}
+
+/// An acknowledgement owed to the client (small, so the queue of owed acks is too).
+#[derive(Debug, Clone, Copy)]
+struct OwedAck {
+    kind: AckKind,
+    packet_id: u16,
+    code: u8,
+}
+
+impl OwedAck {
+    fn new(kind: AckKind, packet_id: u16, code: u8) -> OwedAck {
+        OwedAck {
+            kind,
+            packet_id,
+            code,
+        }
+    }
+
+    fn packet(self) -> Packet {
+        let ack = Ack::new(self.packet_id, self.code);
+        match self.kind {
+            AckKind::PubAck => Packet::PubAck(ack),
+            AckKind::PubRec => Packet::PubRec(ack),
+            AckKind::PubComp => Packet::PubComp(ack),
+        }
+    }
+}
+
+/// Per-connection state most connections never use (QoS 2 publishes, topic aliases),
+/// allocated on first use.
+#[derive(Default)]
+struct RareState {
+    inbound_qos2: HashSet<u16>,
+    aliases: HashMap<u16, String>,
+}
+
 struct Connection<S> {
     broker: Broker,
     stream: S,
@@ -153,18 +243,33 @@ struct Connection<S> {
     session: Arc<Session>,
     connection_id: u64,
     expiry_secs: u32,
+    /// Bytes received and not yet decoded; released while the connection is idle.
+    inbuf: BytesMut,
+    /// Read size while the connection is busy (adapts between `READ_MIN` and `READ_MAX`).
+    read_size: usize,
     out: BytesMut,
-    /// Acks in publish order; `None` means the message could not be made durable.
-    pending_acks: FuturesOrdered<BoxFuture<'static, Option<Packet>>>,
+    pending_acks: AckQueue,
     /// QoS 1 publishes whose PUBACK waits in `pending_acks` (QoS 2 ones are in
     /// `inbound_qos2` until PUBREL).
     pending_qos1: usize,
-    inbound_qos2: HashSet<u16>,
-    aliases: HashMap<u16, String>,
+    rare: Option<Box<RareState>>,
     problem_information: bool,
     /// Start of the current one-second window of the inbound publish rate limit.
     rate_window: Instant,
     rate_count: u32,
+    keep_alive: u16,
+    /// End of a WebSocket connection's life.
+    ttl_deadline: Option<Instant>,
+    kicked: Option<tokio::sync::oneshot::Receiver<Kick>>,
+    will: Option<Box<Will>>,
+    /// The lifecycle version number of this connection (for the disconnected event).
+    version_number: u64,
+    /// Bytes the client may still send now under `bytes_per_second_per_connection`
+    /// (negative: owed), as of `budget_at`.
+    byte_budget: i64,
+    budget_at: Instant,
+    /// While set, reading waits for it (the client sent faster than its byte rate).
+    throttle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
@@ -196,42 +301,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let _ = stream.shutdown().await;
     }
 
-    async fn run(broker: Broker, mut stream: S, peer: PeerInfo, connect: Connect, inbuf: BytesMut) {
-        let profile = broker.profile().clone();
+    /// Validates CONNECT, opens the session, answers CONNACK and emits `connected`.
+    async fn open(
+        broker: Broker,
+        mut stream: S,
+        peer: PeerInfo,
+        mut connect: Box<Connect>,
+        inbuf: BytesMut,
+    ) -> Option<Connection<S>> {
+        let profile = broker.profile();
         let version = connect.protocol_version;
         let v5 = version == V5;
-        let mut client_id = connect.client_id.clone();
+        let mut client_id = std::mem::take(&mut connect.client_id);
         let mut assigned = None;
         if client_id.is_empty() {
             if v5 || connect.clean_start {
                 client_id = format!("mooring-{}", uuid::Uuid::new_v4().simple());
                 assigned = Some(client_id.clone());
             } else {
-                return Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2))
-                    .await;
+                Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2)).await;
+                return None;
             }
         }
         if profile
             .max_client_id_bytes
             .is_some_and(|max| client_id.len() > max)
         {
-            return Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2)).await;
+            Self::refuse(&mut stream, version, reason::CLIENT_ID_NOT_VALID, Some(2)).await;
+            return None;
         }
         if connect.properties.authentication_method.is_some() {
-            return Self::refuse(
+            Self::refuse(
                 &mut stream,
                 version,
                 reason::BAD_AUTHENTICATION_METHOD,
                 Some(4),
             )
             .await;
+            return None;
         }
-        let account = broker.settings().account_id.clone();
+        let account = &broker.settings().account_id;
         let client = Arc::new(ClientInfo {
-            client_id: client_id.clone(),
+            client_id,
             principal_identifier: match (&peer.principal, &connect.username) {
                 (Principal::Anonymous, Some(user)) if !user.is_empty() => user.clone(),
-                (p, _) => p.identifier(&account),
+                (p, _) => p.identifier(account),
             },
             principal: peer.principal.clone(),
             username: connect.username.clone(),
@@ -240,14 +354,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             protocol_version: version,
         });
         if let Some(will) = &connect.will {
-            if will.qos > profile.maximum_qos {
-                return Self::refuse(&mut stream, version, reason::QOS_NOT_SUPPORTED, None).await;
-            }
-            if topic::validate_publish_topic(&will.topic, will.retain, &profile).is_err() {
-                return Self::refuse(&mut stream, version, reason::TOPIC_NAME_INVALID, None).await;
-            }
-            if profile.max_payload.is_some_and(|m| will.payload.len() > m) {
-                return Self::refuse(&mut stream, version, reason::PACKET_TOO_LARGE, None).await;
+            let refusal = if will.qos > profile.maximum_qos {
+                Some(reason::QOS_NOT_SUPPORTED)
+            } else if topic::validate_publish_topic(&will.topic, will.retain, profile).is_err() {
+                Some(reason::TOPIC_NAME_INVALID)
+            } else if profile.max_payload.is_some_and(|m| will.payload.len() > m) {
+                Some(reason::PACKET_TOO_LARGE)
+            } else {
+                None
+            };
+            if let Some(code) = refusal {
+                Self::refuse(&mut stream, version, code, None).await;
+                return None;
             }
         }
         // Session expiry: 3.1.1 persistent sessions get the default; MQTT 5 asks.
@@ -270,7 +388,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             });
         if !authorized {
             broker.emit_connect_failed(&client);
-            return Self::refuse(&mut stream, version, reason::NOT_AUTHORIZED, Some(5)).await;
+            Self::refuse(&mut stream, version, reason::NOT_AUTHORIZED, Some(5)).await;
+            return None;
+        }
+        if !broker.admit_connect(&client.client_id) {
+            // Not an authorization failure, so no `connect_failed` (AWS emits it only for
+            // those).
+            tracing::debug!(client_id = %client.client_id, "CONNECT rate exceeded");
+            Self::refuse(
+                &mut stream,
+                version,
+                reason::CONNECTION_RATE_EXCEEDED,
+                Some(3),
+            )
+            .await;
+            return None;
         }
         let keep_alive = profile.keep_alive(connect.keep_alive, version);
         let (opened, ops) = broker.open_session(OpenRequest {
@@ -288,7 +420,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         if let Err(e) = broker.persist(ops).await {
             tracing::error!(error = %e, "persisting the session failed");
             broker.close_connection(&opened.session, opened.connection_id, None);
-            return Self::refuse(&mut stream, version, reason::SERVER_UNAVAILABLE, Some(3)).await;
+            Self::refuse(&mut stream, version, reason::SERVER_UNAVAILABLE, Some(3)).await;
+            return None;
         }
         let mut properties = Properties::default();
         if v5 {
@@ -312,6 +445,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 properties.server_keep_alive = Some(keep_alive);
             }
         }
+        let ttl = match peer.transport {
+            Transport::WebSocket => profile.websocket_ttl_secs.map(Duration::from_secs),
+            _ => None,
+        };
         let mut conn = Connection {
             broker: broker.clone(),
             stream,
@@ -320,59 +457,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             session: opened.session.clone(),
             connection_id: opened.connection_id,
             expiry_secs,
+            inbuf,
+            read_size: READ_MIN,
             out: BytesMut::new(),
-            pending_acks: FuturesOrdered::new(),
+            pending_acks: AckQueue::default(),
             pending_qos1: 0,
-            inbound_qos2: HashSet::new(),
-            aliases: HashMap::new(),
+            rare: None,
             problem_information: connect.properties.request_problem_information != Some(0),
             rate_window: Instant::now(),
             rate_count: 0,
+            keep_alive,
+            ttl_deadline: ttl.map(|t| Instant::now() + t),
+            kicked: Some(opened.kicked),
+            will: connect.will.take().map(Box::new),
+            version_number: opened.version_number,
+            byte_budget: profile
+                .bytes_per_second_per_connection
+                .map_or(0, |rate| rate as i64),
+            budget_at: Instant::now(),
+            throttle: None,
         };
+        drop(connect);
         codec::encode(
             &connack(reason::SUCCESS, opened.session_present, properties),
             version,
             &mut conn.out,
         );
-        let identity = broker.event_identity(&client, opened.session.session_identifier());
-        let events = lifecycle::emits_events(&client_id);
         if conn.flush().await.is_err() {
             broker.close_connection(&opened.session, opened.connection_id, None);
-            return;
+            return None;
         }
-        if events {
+        if lifecycle::emits_events(&client.client_id) {
+            let identity = broker.event_identity(&client, opened.session.session_identifier());
             let ip = client.source_ip.map(|i| i.to_string()).unwrap_or_default();
             let (topic, payload) =
                 lifecycle::connected(&identity, broker.now(), &ip, opened.version_number);
             broker.publish_event(topic, payload);
         }
-        let ttl = match peer.transport {
-            Transport::WebSocket => profile.websocket_ttl_secs.map(Duration::from_secs),
-            _ => None,
-        };
-        let exit = conn.main_loop(inbuf, keep_alive, ttl, opened.kicked).await;
-        // Tell an MQTT 5 client why, then close.
+        Some(conn)
+    }
+
+    /// Ends the connection: tells an MQTT 5 client why, closes, publishes the will and
+    /// emits `disconnected`.
+    async fn finish(mut self, exit: Exit) {
+        let broker = self.broker.clone();
+        let v5 = self.version == V5;
         if v5 {
             if let Some(code) = exit.code {
                 let properties = Properties {
                     reason_string: exit
                         .message
-                        .filter(|_| conn.problem_information)
+                        .filter(|_| self.problem_information)
                         .map(str::to_string),
                     ..Default::default()
                 };
                 codec::encode(
                     &Packet::Disconnect(Disconnect { code, properties }),
                     V5,
-                    &mut conn.out,
+                    &mut self.out,
                 );
-                let _ = conn.flush().await;
+                let _ = self.flush().await;
                 if exit.reason == DisconnectReason::ClientError {
                     // Let the client read the DISCONNECT before the socket closes under
                     // packets it is still sending (which would reset the connection).
                     let mut sink = BytesMut::with_capacity(4096);
                     let _ = tokio::time::timeout(DISCONNECT_LINGER, async {
-                        while matches!(conn.stream.read_buf(&mut sink).await, Ok(n) if n > 0) {
+                        while matches!(self.stream.read_buf(&mut sink).await, Ok(n) if n > 0) {
                             sink.clear();
                         }
                     })
@@ -380,44 +530,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
             }
         }
-        let _ = conn.stream.shutdown().await;
-        broker.close_connection(&conn.session, conn.connection_id, exit.expiry_override);
+        let _ = self.stream.shutdown().await;
+        broker.close_connection(&self.session, self.connection_id, exit.expiry_override);
         if exit.send_will {
-            if let Some(will) = connect.will {
+            if let Some(will) = self.will.take() {
+                let will = *will;
                 let now = broker.now();
                 let delay = if v5 {
                     broker::will_delay(
                         &will.properties,
-                        exit.expiry_override.unwrap_or(expiry_secs),
+                        exit.expiry_override.unwrap_or(self.expiry_secs),
                     )
                 } else {
                     0
                 };
                 let message = Message {
+                    properties: message_properties(&will.properties),
+                    expires_at_ms: message_expiry(&will.properties, broker.profile())
+                        .map(|s| now + delay as i64 * 1000 + s as i64 * 1000),
                     topic: will.topic,
                     payload: will.payload,
                     qos: will.qos,
                     retain: will.retain,
-                    properties: message_properties(&will.properties),
-                    expires_at_ms: message_expiry(&will.properties, &profile)
-                        .map(|s| now + delay as i64 * 1000 + s as i64 * 1000),
                     origin: Origin {
-                        client_id: Some(client.client_id.clone()),
-                        principal: Some(client.principal_identifier.clone()),
-                        source_ip: client.source_ip,
-                        protocol_version: Some(version),
+                        client_id: Some(self.client.client_id.clone()),
+                        principal: Some(self.client.principal_identifier.clone()),
+                        source_ip: self.client.source_ip,
+                        protocol_version: Some(self.version),
                     },
                 };
-                broker.schedule_will(conn.session.clone(), message, delay);
+                broker.schedule_will(self.session.clone(), message, delay);
             }
         }
-        if events {
-            let (topic, payload) = lifecycle::disconnected(
-                &identity,
-                broker.now(),
-                opened.version_number,
-                exit.reason,
-            );
+        if lifecycle::emits_events(&self.client.client_id) {
+            let identity = broker.event_identity(&self.client, self.session.session_identifier());
+            let (topic, payload) =
+                lifecycle::disconnected(&identity, broker.now(), self.version_number, exit.reason);
             broker.publish_event(topic, payload);
         }
     }
@@ -428,37 +576,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         self.stream.write_all(&self.out).await?;
         self.stream.flush().await?;
-        self.out.clear();
-        if self.out.capacity() > OUT_KEEP {
+        if self.out.len() < OUT_RELEASE || self.out.capacity() > OUT_KEEP {
+            // Small writes (an idle connection's ping, an ack) keep no buffer; bursts keep
+            // theirs for the next one, up to a bound.
             self.out = BytesMut::new();
+        } else {
+            self.out.clear();
         }
         Ok(())
     }
 
-    async fn main_loop(
-        &mut self,
-        mut inbuf: BytesMut,
-        keep_alive: u16,
-        ttl: Option<Duration>,
-        mut kicked: tokio::sync::oneshot::Receiver<Kick>,
-    ) -> Exit {
-        let ttl_deadline = ttl.map(|t| Instant::now() + t);
+    async fn main_loop(&mut self) -> Exit {
         let max_packet = self.broker.profile().max_packet_size;
-        let timeout = Duration::from_millis(keep_alive as u64 * 1500);
-        let mut deadline = Instant::now() + timeout;
-        let shutdown = self.broker.shutdown().clone();
+        // Under a byte rate, reads stay small so the rate holds over short bursts too.
+        let limited = self
+            .broker
+            .profile()
+            .bytes_per_second_per_connection
+            .is_some();
+        let timeout = Duration::from_millis(self.keep_alive as u64 * 1500);
+        let mut last_read = Instant::now();
+        // One timer serves the keep-alive and a WebSocket's life: it fires at the earlier
+        // of the two, and the keep-alive is checked against the last read then (so reads
+        // do not touch the timer).
+        let next_deadline = |last_read: Instant, keep_alive: u16, ttl: Option<Instant>| {
+            let keep = (keep_alive > 0).then(|| last_read + timeout);
+            match (keep, ttl) {
+                (Some(k), Some(t)) => Some(k.min(t)),
+                (k, t) => k.or(t),
+            }
+        };
+        let mut armed = next_deadline(last_read, self.keep_alive, self.ttl_deadline);
+        let timer = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now));
+        tokio::pin!(timer);
+        let broker = self.broker.clone();
+        let stop = broker.shutdown().triggered();
+        tokio::pin!(stop);
+        let session = self.session.clone();
+        let notified = session.notified();
+        tokio::pin!(notified);
+        let Some(mut kicked) = self.kicked.take() else {
+            return Exit::new(DisconnectReason::ServerError);
+        };
         let mut kicked_open = true;
         // Packets that arrived together with CONNECT.
-        if let Err(exit) = Box::pin(self.decode_all(&mut inbuf, max_packet)).await {
+        if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
             return exit;
         }
-        let mut read_size = READ_MIN;
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
         loop {
-            let spare = inbuf.capacity() - inbuf.len();
-            if spare < read_size / 2 {
-                inbuf.reserve(read_size);
-            }
-            let spare = inbuf.capacity() - inbuf.len();
             let ops = self.broker.fill_outgoing(
                 &self.session,
                 self.connection_id,
@@ -484,39 +652,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         Err(_) => continue,
                     }
                 }
-                _ = tokio::time::sleep_until(ttl_deadline.unwrap_or_else(Instant::now)), if ttl_deadline.is_some() => {
-                    return Exit::new(DisconnectReason::WebsocketTtlExpiration);
+                _ = &mut timer, if armed.is_some() => {
+                    let now = Instant::now();
+                    if self.ttl_deadline.is_some_and(|t| t <= now) {
+                        return Exit::new(DisconnectReason::WebsocketTtlExpiration);
+                    }
+                    if self.keep_alive > 0 && now >= last_read + timeout {
+                        return Exit::new(DisconnectReason::MqttKeepAliveTimeout);
+                    }
+                    armed = next_deadline(last_read, self.keep_alive, self.ttl_deadline);
+                    if let Some(at) = armed {
+                        timer.as_mut().reset(at);
+                    }
                 }
-                _ = shutdown.triggered() => {
+                _ = &mut stop => {
                     return Exit::new(DisconnectReason::ServerInitiatedDisconnect);
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
                     let Some(ack) = ack else {
                         return Exit::new(DisconnectReason::ServerError);
                     };
-                    if matches!(ack, Packet::PubAck(_)) {
+                    if ack.kind == AckKind::PubAck {
                         self.pending_qos1 = self.pending_qos1.saturating_sub(1);
                     }
-                    codec::encode(&ack, self.version, &mut self.out);
+                    codec::encode(&ack.packet(), self.version, &mut self.out);
                 }
-                _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
-                    return Exit::new(DisconnectReason::MqttKeepAliveTimeout);
+                _ = &mut notified => {
+                    notified.set(session.notified());
                 }
-                _ = self.session.notified() => {}
-                read = self.stream.read_buf(&mut inbuf) => {
+                _ = std::future::poll_fn(|cx| match &mut self.throttle {
+                    Some(sleep) => sleep.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }), if self.throttle.is_some() => {
+                    self.throttle = None;
+                }
+                read = std::future::poll_fn(|cx| poll_read_input(&mut self.stream, &mut self.inbuf, &mut self.read_size, limited, cx)), if self.throttle.is_none() => {
                     match read {
                         Ok(0) | Err(_) => return Exit::new(DisconnectReason::ConnectionLost),
                         Ok(n) => {
-                            // Grow the read size while reads fill the buffer, shrink it
-                            // while they are small.
-                            if n >= spare {
-                                read_size = (read_size * 2).min(READ_MAX);
-                            } else if n < read_size / 8 {
-                                read_size = (read_size / 2).max(READ_MIN);
-                            }
-                            deadline = Instant::now() + timeout;
-                            if let Err(exit) = Box::pin(self.decode_all(&mut inbuf, max_packet)).await {
+                            last_read = Instant::now();
+                            self.spend_byte_budget(n, last_read);
+                            if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
                                 return exit;
+                            }
+                            if self.inbuf.is_empty() && n < STACK_READ {
+                                // Nothing pending and no burst: give the buffer back.
+                                self.inbuf = BytesMut::new();
+                                self.read_size = READ_MIN;
                             }
                         }
                     }
@@ -525,9 +707,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    async fn decode_all(&mut self, inbuf: &mut BytesMut, max_packet: usize) -> Result<(), Exit> {
+    async fn decode_all(&mut self, max_packet: usize) -> Result<(), Exit> {
         loop {
-            match codec::decode(inbuf, Some(self.version), max_packet) {
+            match codec::decode(&mut self.inbuf, Some(self.version), max_packet) {
                 Ok(Some(packet)) => self.handle(packet).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -549,12 +731,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         match packet {
             Packet::Publish(p) => self.handle_publish(p)?,
             Packet::PubRel(a) => {
-                let code = if self.inbound_qos2.remove(&a.packet_id) {
+                let code = if self.rare().inbound_qos2.remove(&a.packet_id) {
                     reason::SUCCESS
                 } else {
                     reason::PACKET_ID_NOT_FOUND
                 };
-                let comp = Packet::PubComp(Ack::new(a.packet_id, if v5 { code } else { 0 }));
+                let comp = OwedAck::new(AckKind::PubComp, a.packet_id, if v5 { code } else { 0 });
                 self.push_ack_ready(comp);
             }
             ack @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
@@ -646,13 +828,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Ok(())
     }
 
+    /// Charges `n` bytes read against the connection's byte rate; when it is exceeded,
+    /// reading pauses until the budget is paid back.
+    fn spend_byte_budget(&mut self, n: usize, now: Instant) {
+        let Some(rate) = self.broker.profile().bytes_per_second_per_connection else {
+            return;
+        };
+        let rate = rate as i64;
+        let earned = (now.duration_since(self.budget_at).as_secs_f64() * rate as f64) as i64;
+        self.budget_at = now;
+        self.byte_budget = (self.byte_budget.saturating_add(earned)).min(rate) - n as i64;
+        if self.byte_budget < 0 {
+            let wait = Duration::from_secs_f64(-self.byte_budget as f64 / rate as f64);
+            self.throttle = Some(Box::pin(tokio::time::sleep(wait)));
+        }
+    }
+
+    fn rare(&mut self) -> &mut RareState {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    fn inbound_qos2_len(&self) -> usize {
+        self.rare.as_ref().map_or(0, |r| r.inbound_qos2.len())
+    }
+
     /// Waits for every owed publish ack and queues them (before a SUBACK or UNSUBACK).
     async fn drain_pending_acks(&mut self) -> Result<(), Exit> {
         while let Some(ack) = self.pending_acks.next().await {
             let Some(ack) = ack else {
                 return Err(Exit::new(DisconnectReason::ServerError));
             };
-            codec::encode(&ack, self.version, &mut self.out);
+            codec::encode(&ack.packet(), self.version, &mut self.out);
         }
         self.pending_qos1 = 0;
         Ok(())
@@ -672,11 +878,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         self.rate_count > limit
     }
 
-    fn push_ack_ready(&mut self, ack: Packet) {
+    fn push_ack_ready(&mut self, ack: OwedAck) {
         if self.pending_acks.is_empty() {
-            codec::encode(&ack, self.version, &mut self.out);
+            codec::encode(&ack.packet(), self.version, &mut self.out);
         } else {
-            if matches!(ack, Packet::PubAck(_)) {
+            if ack.kind == AckKind::PubAck {
                 self.pending_qos1 += 1;
             }
             self.pending_acks
@@ -711,14 +917,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 return Err(Exit::new(DisconnectReason::Throttled));
             }
             match p.qos {
-                1 => self.push_ack_ready(Packet::PubAck(Ack::new(
+                1 => self.push_ack_ready(OwedAck::new(
+                    AckKind::PubAck,
                     p.packet_id,
                     reason::QUOTA_EXCEEDED,
-                ))),
-                2 => self.push_ack_ready(Packet::PubRec(Ack::new(
+                )),
+                2 => self.push_ack_ready(OwedAck::new(
+                    AckKind::PubRec,
                     p.packet_id,
                     reason::QUOTA_EXCEEDED,
-                ))),
+                )),
                 _ => {}
             }
             return Ok(());
@@ -732,7 +940,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 ));
             }
             if topic_name.is_empty() {
-                match self.aliases.get(&alias) {
+                match self.rare().aliases.get(&alias) {
                     Some(t) => topic_name = t.clone(),
                     None => {
                         return Err(Exit::client_error(
@@ -742,7 +950,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     }
                 }
             } else {
-                self.aliases.insert(alias, topic_name.clone());
+                self.rare().aliases.insert(alias, topic_name.clone());
             }
         } else if topic_name.is_empty() {
             return Err(Exit::client_error(
@@ -756,10 +964,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 "payload larger than 128 KB",
             ));
         }
-        let qos_ack = |code: u8| -> Option<Packet> {
+        let qos_ack = |code: u8| -> Option<OwedAck> {
             match p.qos {
-                1 => Some(Packet::PubAck(Ack::new(p.packet_id, code))),
-                2 => Some(Packet::PubRec(Ack::new(p.packet_id, code))),
+                1 => Some(OwedAck::new(AckKind::PubAck, p.packet_id, code)),
+                2 => Some(OwedAck::new(AckKind::PubRec, p.packet_id, code)),
                 _ => None,
             }
         };
@@ -799,7 +1007,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return Ok(());
         }
         if p.qos > 0 {
-            if self.pending_qos1 + self.inbound_qos2.len()
+            if self.pending_qos1 + self.inbound_qos2_len()
                 >= broker::SERVER_RECEIVE_MAXIMUM as usize
                 && v5
             {
@@ -808,7 +1016,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     "receive maximum exceeded",
                 ));
             }
-            if p.qos == 2 && self.inbound_qos2.contains(&p.packet_id) {
+            if p.qos == 2
+                && self
+                    .rare
+                    .as_ref()
+                    .is_some_and(|r| r.inbound_qos2.contains(&p.packet_id))
+            {
                 // A retransmission of a message already accepted.
                 if let Some(ack) = qos_ack(reason::SUCCESS) {
                     self.push_ack_ready(ack);
@@ -839,14 +1052,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             0 => self.broker.persist_background(ops),
             qos => {
                 if qos == 2 {
-                    self.inbound_qos2.insert(p.packet_id);
+                    self.rare().inbound_qos2.insert(p.packet_id);
                 }
                 let pid = p.packet_id;
                 let make = move |code: u8| {
                     if qos == 1 {
-                        Packet::PubAck(Ack::new(pid, code))
+                        OwedAck::new(AckKind::PubAck, pid, code)
                     } else {
-                        Packet::PubRec(Ack::new(pid, code))
+                        OwedAck::new(AckKind::PubRec, pid, code)
                     }
                 };
                 if ops.is_empty() && barriers.is_empty() {
@@ -877,6 +1090,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         Ok(())
     }
+}
+
+/// Reads what the client sent: into `inbuf` while the connection is busy, else through a
+/// stack buffer, so an idle connection holds no read buffer. A `limited` connection (one
+/// under a byte rate) always reads through the stack buffer, at most `STACK_READ` bytes
+/// at a time.
+fn poll_read_input<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    inbuf: &mut BytesMut,
+    read_size: &mut usize,
+    limited: bool,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    let spare = inbuf.capacity() - inbuf.len();
+    if spare >= READ_MIN && !limited {
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(stream), cx, inbuf))?;
+        // Grow the read size while reads fill the buffer, shrink it while they are small.
+        if n >= spare {
+            *read_size = (*read_size * 2).min(READ_MAX);
+        } else if n < *read_size / 8 {
+            *read_size = (*read_size / 2).max(READ_MIN);
+        }
+        if inbuf.capacity() - inbuf.len() < *read_size / 2 {
+            inbuf.reserve(*read_size);
+        }
+        return Poll::Ready(Ok(n));
+    }
+    let mut stack = [0u8; STACK_READ];
+    let mut buf = ReadBuf::new(&mut stack);
+    ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
+    let n = buf.filled().len();
+    if n == STACK_READ && !limited {
+        // A busy connection: read straight into the buffer from now on.
+        *read_size = (STACK_READ * 4).min(READ_MAX);
+        inbuf.reserve(n + *read_size);
+    }
+    inbuf.extend_from_slice(buf.filled());
+    Poll::Ready(Ok(n))
 }
 
 fn message_properties(p: &Properties) -> MessageProperties {

@@ -44,6 +44,13 @@ pub struct Profile {
     /// MQTT 5 publish is refused with 0x97 and an MQTT 3.1.1 connection is closed
     /// (`THROTTLED`).
     pub publishes_per_second: Option<u32>,
+    /// CONNECTs one client id may make per second (AWS: 1); a CONNECT sooner than
+    /// `1 s / limit` after the last accepted one with the same id is refused (MQTT 5
+    /// CONNACK 0x9F, MQTT 3.1.1 CONNACK 3) and leaves the connected client alone.
+    pub connects_per_second_per_client: Option<u32>,
+    /// Bytes one connection may send per second (AWS: 512 KiB); beyond a one-second burst
+    /// the connection's further reads are delayed (the excess is slowed, not dropped).
+    pub bytes_per_second_per_connection: Option<u64>,
     /// Longest keep-alive granted to MQTT 5 clients (announced as Server Keep Alive); 0 or
     /// larger requests are lowered to it. MQTT 3.1.1 clients cannot be told, so they keep
     /// theirs.
@@ -60,6 +67,8 @@ pub struct Profile {
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerTuning {
     pub publishes_per_second: Option<u32>,
+    pub connects_per_second_per_client: Option<u32>,
+    pub bytes_per_second_per_connection: Option<u64>,
     pub max_keep_alive: Option<u16>,
     pub websocket_ttl_secs: Option<u64>,
     pub subscriptions_per_connection: Option<usize>,
@@ -78,6 +87,14 @@ impl BrokerTuning {
         }
         profile.publishes_per_second =
             limit(self.publishes_per_second, profile.publishes_per_second);
+        profile.connects_per_second_per_client = limit(
+            self.connects_per_second_per_client,
+            profile.connects_per_second_per_client,
+        );
+        profile.bytes_per_second_per_connection = limit(
+            self.bytes_per_second_per_connection,
+            profile.bytes_per_second_per_connection,
+        );
         profile.max_keep_alive = limit(self.max_keep_alive, profile.max_keep_alive);
         profile.websocket_ttl_secs = limit(self.websocket_ttl_secs, profile.websocket_ttl_secs);
         profile.max_subscriptions_per_connection = limit(
@@ -114,6 +131,8 @@ impl Profile {
             max_session_expiry: 3600,
             default_session_expiry: 3600,
             publishes_per_second: Some(100),
+            connects_per_second_per_client: Some(1),
+            bytes_per_second_per_connection: Some(512 * 1024),
             max_keep_alive: None,
             websocket_ttl_secs: Some(24 * 3600),
             refused_subscriptions: Vec::new(),
@@ -141,6 +160,8 @@ impl Profile {
             max_session_expiry: u32::MAX,
             default_session_expiry: 3600,
             publishes_per_second: None,
+            connects_per_second_per_client: None,
+            bytes_per_second_per_connection: None,
             max_keep_alive: None,
             websocket_ttl_secs: None,
             refused_subscriptions: Vec::new(),
@@ -171,5 +192,35 @@ impl Profile {
             v if v > 1200 => 1200,
             v => v,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_limits_connects_and_bytes_and_the_broker_section_adjusts_them() {
+        let aws = Profile::aws();
+        assert_eq!(aws.connects_per_second_per_client, Some(1));
+        assert_eq!(aws.bytes_per_second_per_connection, Some(512 * 1024));
+        let strict = Profile::strict();
+        assert_eq!(strict.connects_per_second_per_client, None);
+        assert_eq!(strict.bytes_per_second_per_connection, None);
+        let tuned = BrokerTuning {
+            connects_per_second_per_client: Some(0),
+            bytes_per_second_per_connection: Some(4096),
+            ..Default::default()
+        }
+        .apply(Profile::aws());
+        assert_eq!(
+            tuned.connects_per_second_per_client, None,
+            "0 removes the limit"
+        );
+        assert_eq!(tuned.bytes_per_second_per_connection, Some(4096));
+        assert_eq!(
+            BrokerTuning::default().apply(Profile::aws()),
+            Profile::aws()
+        );
     }
 }

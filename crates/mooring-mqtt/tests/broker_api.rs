@@ -290,7 +290,12 @@ async fn persistent_session_survives_a_broker_restart() {
 #[tokio::test]
 async fn takeover_closes_the_old_connection_with_0x8e() {
     let dir = tempfile::tempdir().unwrap();
-    let (_broker, addr, _ctx) = start(dir.path()).await;
+    // Without the aws profile's one CONNECT per second per client id.
+    let (_broker, addr, _ctx) = start_with(
+        dir.path(),
+        &[("broker.connects_per_second_per_client", "0")],
+    )
+    .await;
     let (mut first, _) = TestClient::connect(addr, "same", V5, true).await;
     let (_second, _) = TestClient::connect(addr, "same", V5, true).await;
     match first.next().await {
@@ -301,11 +306,50 @@ async fn takeover_closes_the_old_connection_with_0x8e() {
 }
 
 #[tokio::test]
+async fn a_second_connect_within_a_second_is_refused_in_the_aws_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, addr, _ctx) = start(dir.path()).await;
+    let (mut first, _) = TestClient::connect(addr, "eager", V5, true).await;
+    let mut second = TestClient {
+        stream: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+        version: V5,
+    };
+    second
+        .send(Packet::Connect(Box::new(Connect {
+            protocol_version: V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "eager".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+    match second.next().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, 0x9F, "connection rate exceeded"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(
+        second.next().await.is_none(),
+        "the refused connection closes"
+    );
+    // The first connection is untouched.
+    first.send(Packet::PingReq).await;
+    assert_eq!(first.next().await, Some(Packet::PingResp));
+}
+
+#[tokio::test]
 async fn api_initiated_disconnect_and_principal_disconnect() {
     use mooring_mqtt::lifecycle::DisconnectReason;
     use mooring_mqtt::Kick;
     let dir = tempfile::tempdir().unwrap();
-    let (broker, addr, _ctx) = start(dir.path()).await;
+    let (broker, addr, _ctx) = start_with(
+        dir.path(),
+        &[("broker.connects_per_second_per_client", "0")],
+    )
+    .await;
     let mut events = broker
         .subscribe_channel("$aws/events/presence/disconnected/+", 16)
         .unwrap();
