@@ -15,6 +15,7 @@ use crate::model::{
     validate_stream_arn, validate_stream_name, validate_tag_key, validate_tags, validate_version,
     ErrorKind, Stream, StreamRef, VideoError, VideoResult,
 };
+use crate::stream_configurations::{self as configs, ConfigKind};
 use crate::{error_response, VideoState};
 
 /// A request body: a JSON object whose `null` members count as absent.
@@ -137,6 +138,10 @@ pub async fn dispatch(state: Arc<VideoState>, path: &str, request: AwsRequest) -
         "/TagResource" => "TagResource",
         "/UntagResource" => "UntagResource",
         "/ListTagsForResource" => "ListTagsForResource",
+        "/updateImageGenerationConfiguration" => "UpdateImageGenerationConfiguration",
+        "/describeImageGenerationConfiguration" => "DescribeImageGenerationConfiguration",
+        "/updateNotificationConfiguration" => "UpdateNotificationConfiguration",
+        "/describeNotificationConfiguration" => "DescribeNotificationConfiguration",
         _ => "GetDataEndpoint",
     };
     let host = request.header("host").map(str::to_string);
@@ -159,6 +164,18 @@ pub async fn dispatch(state: Arc<VideoState>, path: &str, request: AwsRequest) -
                     "TagResource" => tag_resource(s, &req),
                     "UntagResource" => untag_resource(s, &req),
                     "ListTagsForResource" => list_tags_for_resource(s, &req),
+                    "UpdateImageGenerationConfiguration" => {
+                        configs::update(s, &req, ConfigKind::ImageGeneration)
+                    }
+                    "DescribeImageGenerationConfiguration" => {
+                        configs::describe(s, &req, ConfigKind::ImageGeneration)
+                    }
+                    "UpdateNotificationConfiguration" => {
+                        configs::update(s, &req, ConfigKind::Notification)
+                    }
+                    "DescribeNotificationConfiguration" => {
+                        configs::describe(s, &req, ConfigKind::Notification)
+                    }
                     _ => get_data_endpoint(s, &req, host.as_deref()),
                 })
                 .await

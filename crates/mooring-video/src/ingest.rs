@@ -827,7 +827,12 @@ impl Session {
                 for fragment in batch {
                     let (tc, seq) = (Some(fragment.meta.timecode), Some(fragment.meta.seq));
                     let line = match error {
-                        None => ack_line("PERSISTED", tc, seq, None),
+                        None => {
+                            state
+                                .tag_effects
+                                .fragment_persisted(live.arn(), &fragment.meta);
+                            ack_line("PERSISTED", tc, seq, None)
+                        }
                         Some(e) => ack_line("ERROR", tc, seq, Some(e)),
                     };
                     // When the producer is gone, keep persisting what was received.

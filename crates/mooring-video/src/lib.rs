@@ -36,6 +36,8 @@ pub mod picture;
 pub mod playback;
 pub mod session;
 pub mod store;
+pub mod stream_configurations;
+pub mod tag_effects;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +92,13 @@ pub struct VideoConfig {
     /// Serve every LIVE fMP4 HLS session as Low-Latency HLS (without it, a client adds
     /// `&LowLatency=ON` to the session URL); see [`low_latency`].
     pub low_latency_hls: bool,
+    /// `[video.outbound]`: where image generation writes its images (S3-compatible).
+    pub outbound: tag_effects::VideoOutbound,
+    /// MQTT topic for fragment notifications (`{StreamName}` is replaced); empty disables.
+    pub notification_topic: String,
+    /// Deliver fragment notifications to the configuration's SNS topic (through
+    /// `[video.outbound]`). Off by default: a self-hosted site often has no SNS.
+    pub sns_notifications: bool,
 }
 
 impl Default for VideoConfig {
@@ -107,6 +116,9 @@ impl Default for VideoConfig {
             max_tracks: 3,
             kms_keys: Default::default(),
             low_latency_hls: false,
+            outbound: Default::default(),
+            notification_topic: "kinesisvideo/{StreamName}/notifications".into(),
+            sns_notifications: false,
         }
     }
 }
@@ -122,6 +134,10 @@ pub struct VideoState {
     pub playback: playback::PlaybackState,
     /// The fragments still being received, for low-latency HLS.
     pub live_edges: low_latency::LiveEdges,
+    /// Image generation and notification configurations.
+    pub configurations: stream_configurations::ConfigurationStore,
+    /// Queue of persisted fragments tagged for image generation or notification.
+    pub tag_effects: tag_effects::TagEffects,
 }
 
 impl VideoState {
@@ -161,6 +177,10 @@ const CONTROL_PATHS: &[&str] = &[
     "/UntagResource",
     "/ListTagsForResource",
     "/getDataEndpoint",
+    "/updateImageGenerationConfiguration",
+    "/describeImageGenerationConfiguration",
+    "/updateNotificationConfiguration",
+    "/describeNotificationConfiguration",
 ];
 const MEDIA_PATHS: &[&str] = &[
     "/putMedia",
@@ -211,6 +231,8 @@ impl VideoService {
         });
         let keys = session::SessionKeys::load_or_create(&ctx.service_dir("video-sessions")?)
             .map_err(|e| anyhow::anyhow!("loading the video session key: {e}"))?;
+        let configurations = stream_configurations::ConfigurationStore::open(ctx.db.clone())?;
+        let (tag_effects, tagged) = tag_effects::TagEffects::new();
         let state = Arc::new(VideoState {
             ctx: ctx.clone(),
             admission: admission::Admission::new(config.rate_limits),
@@ -219,7 +241,10 @@ impl VideoService {
             fragments,
             playback: playback::PlaybackState::new(keys),
             live_edges: low_latency::LiveEdges::default(),
+            configurations,
+            tag_effects,
         });
+        ctx.shutdown.spawn(tag_effects::run(state.clone(), tagged));
         let sweeper = state.clone();
         ctx.shutdown.spawn(async move {
             let period = Duration::from_secs(sweeper.config.retention_sweep_secs.max(1));
