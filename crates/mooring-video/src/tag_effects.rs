@@ -37,7 +37,6 @@ use crate::VideoState;
 /// The smallest sampling interval a configuration may ask for.
 pub const MIN_SAMPLING_INTERVAL_MS: i64 = 200;
 const IMAGE_GENERATION_TAG: &str = "AWS_KINESISVIDEO_IMAGE_GENERATION";
-const IMAGE_PREFIX_TAG: &str = "AWS_KINESISVIDEO_IMAGE_PREFIX";
 const NOTIFICATION_TAG: &str = "AWS_KINESISVIDEO_NOTIFICATION";
 const NOTIFICATION_SUBJECT: &str = "Kinesis Video Streams Notification";
 /// Tagged fragments waiting for the background task.
@@ -316,6 +315,9 @@ mod generation {
     use crate::picture::{encode, ImageFormat};
     use crate::store::TimeClock;
     use crate::stream_configurations::DestinationUri;
+
+    /// The fragment tag whose value starts generated images' keys.
+    const IMAGE_PREFIX_TAG: &str = "AWS_KINESISVIDEO_IMAGE_PREFIX";
 
     /// The S3 and SNS clients, built on first use from `[video.outbound]`.
     pub struct Outbound {
