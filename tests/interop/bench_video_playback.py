@@ -38,6 +38,8 @@ FRAGMENTS = int(os.environ.get("BENCH_FRAGMENTS", "20"))
 LOAD_SECONDS = float(os.environ.get("BENCH_LOAD_SECONDS", "10"))
 CLIENT_PROCESSES = int(os.environ.get("BENCH_CLIENT_PROCESSES", "2"))
 CLIENT_THREADS = int(os.environ.get("BENCH_CLIENT_THREADS", "8"))
+# BENCH_ONLY=browser runs only the glass-to-glass cases (and BENCH_ONLY=playlist, =viewers).
+ONLY = os.environ.get("BENCH_ONLY", "")
 
 
 def cpu_seconds(pid):
@@ -200,27 +202,30 @@ def main():
         while sum('"PERSISTED"' in a for _, a in acks) < 3:
             time.sleep(0.1)
 
-        latencies, round_trips = persisted_to_playlist(m, name, acks)
-        p50, p99 = statistics.median(latencies), sorted(latencies)[int(len(latencies) * 0.99)]
-        rt = statistics.median(round_trips)
-        print(f"PERSISTED -> LIVE playlist over {len(latencies)} fragments: p50 {p50:.1f} ms, "
-              f"max {max(latencies):.1f} ms, p99 {p99:.1f} ms (target < 50 ms); "
-              f"peer: one playlist round trip p50 {rt:.2f} ms; ratio p50/round trip {p50 / rt:.1f}")
+        if ONLY in ("", "playlist"):
+            latencies, round_trips = persisted_to_playlist(m, name, acks)
+            p50, p99 = statistics.median(latencies), sorted(latencies)[int(len(latencies) * 0.99)]
+            rt = statistics.median(round_trips)
+            print(f"PERSISTED -> LIVE playlist over {len(latencies)} fragments: p50 {p50:.1f} ms, "
+                  f"max {max(latencies):.1f} ms, p99 {p99:.1f} ms (target < 50 ms); "
+                  f"peer: one playlist round trip p50 {rt:.2f} ms; ratio p50/round trip {p50 / rt:.1f}")
 
-        figures = browser_delays(m, name, cam)
-        for label, (median, p90, target) in figures.items():
-            print(f"glass-to-glass {label}: median {median:.2f} s, p90 {p90:.2f} s "
-                  f"(target <= {target} s; median/target {median / target:.2f})")
+        if ONLY in ("", "browser"):
+            figures = browser_delays(m, name, cam)
+            for label, (median, p90, target) in figures.items():
+                print(f"glass-to-glass {label}: median {median:.2f} s, p90 {p90:.2f} s "
+                      f"(target <= {target} s; median/target {median / target:.2f})")
 
-        paths = [media_playlist_path(session_url(m, name)) for _ in range(CLIENT_PROCESSES)]
-        rate, cores, per_core = viewers_per_core(m.url, paths, r"(getMP4MediaFragment\.mp4\?[^\n]+)",
-                                                 [m.proc.pid])
-        peer, peer_url, peer_path, label = static_peer(m, name, work)
-        peer_rate, peer_cores, peer_per_core = viewers_per_core(
-            peer_url, [peer_path], r"(fragment\.mp4)", [peer.pid])
-        print(f"HLS viewers per core: Mooring {per_core:.0f} ({rate:.0f} playlist+fragment pairs/s "
-              f"on {cores:.2f} cores); {label} serving the same bytes {peer_per_core:.0f} "
-              f"({peer_rate:.0f}/s on {peer_cores:.2f} cores); ratio {per_core / peer_per_core:.2f}")
+        if ONLY in ("", "viewers"):
+            paths = [media_playlist_path(session_url(m, name)) for _ in range(CLIENT_PROCESSES)]
+            rate, cores, per_core = viewers_per_core(m.url, paths, r"(getMP4MediaFragment\.mp4\?[^\n]+)",
+                                                     [m.proc.pid])
+            peer, peer_url, peer_path, label = static_peer(m, name, work)
+            peer_rate, peer_cores, peer_per_core = viewers_per_core(
+                peer_url, [peer_path], r"(fragment\.mp4)", [peer.pid])
+            print(f"HLS viewers per core: Mooring {per_core:.0f} ({rate:.0f} playlist+fragment pairs/s "
+                  f"on {cores:.2f} cores); {label} serving the same bytes {peer_per_core:.0f} "
+                  f"({peer_rate:.0f}/s on {peer_cores:.2f} cores); ratio {per_core / peer_per_core:.2f}")
     finally:
         if peer:
             peer.terminate()

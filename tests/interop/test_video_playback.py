@@ -5,6 +5,7 @@ and fully decoded with `ffmpeg -xerror`; the documented errors come back with th
 
 import re
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -171,6 +172,40 @@ def test_hls_live_and_live_replay(mooring, av_mkv):
     time.sleep(2.2)
     later = fetch_text(media)[1].count("#EXTINF")
     assert first == 1 and later == 3, (first, later)
+
+
+def test_live_hls_blocking_reload(mooring, av_mkv):
+    """A LIVE playlist offers blocking reload (beyond KVS): a reload with `_HLS_msn` of the
+    next segment is held until that fragment is persisted, or answered as is after three
+    target durations; ON_DEMAND playlists offer nothing of the kind."""
+    ingest(mooring, "hls-block", av_mkv)
+    url = hls_url(mooring, "hls-block")
+    _, master = fetch_text(url)
+    media = media_playlist_url(url, master)
+    _, playlist = fetch_text(media)
+    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES\n" in playlist
+    assert "#EXT-X-TARGETDURATION:1\n" in playlist
+    last = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", playlist).group(1)) + playlist.count("#EXTINF") - 1
+    # Nothing new arrives: held for three target durations, then the same segments.
+    started = time.monotonic()
+    _, held = fetch_text(f"{media}&_HLS_msn={last + 1}")
+    assert 2.5 <= time.monotonic() - started < 10
+    assert re.findall(r"FragmentNumber=(\d+)", held) == re.findall(r"FragmentNumber=(\d+)", playlist)
+    # Fragments persisted while the reload waits answer it at once, listing them.
+    producer = threading.Timer(0.5, put_file, (mooring, "hls-block", av_mkv),
+                               {"timecode_type": "RELATIVE", "start_timestamp": f"{time.time():.3f}"})
+    producer.start()
+    started = time.monotonic()
+    _, reloaded = fetch_text(f"{media}&_HLS_msn={last + 1}")
+    waited = time.monotonic() - started
+    producer.join(30)
+    assert 0.4 <= waited < 2.5, waited
+    newest = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", reloaded).group(1)) + reloaded.count("#EXTINF") - 1
+    assert newest >= last + 1, reloaded
+    _, start, end = ingest(mooring, "hls-block-vod", av_mkv)
+    _, vod_master = fetch_text(vod := hls_url(mooring, "hls-block-vod", PlaybackMode="ON_DEMAND",
+                                             HLSFragmentSelector=on_demand(start, end)))
+    assert "SERVER-CONTROL" not in fetch_text(media_playlist_url(vod, vod_master))[1]
 
 
 def test_hls_errors(mooring, av_mkv):

@@ -124,12 +124,14 @@ pub struct GrowingFragment {
     pub parts: Vec<Part>,
 }
 
-/// `#EXT-X-TARGETDURATION` of a window: its longest fragment, in whole seconds.
+/// `#EXT-X-TARGETDURATION` of a window: its longest fragment rounded to the nearest whole
+/// second (RFC 8216 section 4.3.3.1), so 1 s GOPs whose fragments run a few milliseconds
+/// over (B-frames, interleaved audio) keep a target of 1 and players their 3 s hold-back.
 pub fn target_duration(window: &Window) -> i64 {
     window
         .fragments
         .iter()
-        .map(|(m, _)| (m.duration_ms.max(1) + 999) / 1000)
+        .map(|(m, _)| (m.duration_ms.max(1) + 500) / 1000)
         .max()
         .unwrap_or(1)
         .max(1)
@@ -178,6 +180,12 @@ fn render_media_playlist(
     let _ = writeln!(out, "#EXT-X-VERSION:{version}");
     let target = target_duration(window);
     let _ = writeln!(out, "#EXT-X-TARGETDURATION:{target}");
+    if parts.is_none() && session.mode == PlaybackMode::Live {
+        // Beyond KVS: a LIVE playlist may be reloaded with `_HLS_msn` (blocking reload), so
+        // a player learns of each new fragment when it is persisted instead of at its next
+        // poll, up to a target duration later. Players without LL-HLS support ignore it.
+        out.push_str("#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES\n");
+    }
     if parts.is_some() {
         let _ = writeln!(
             out,

@@ -292,10 +292,25 @@ fn playlist_attempt(
     let edge = s.live_edges.snapshot(&session.stream_arn);
     let window = playback::window(s, session, now)?;
     if !requested(s, session, query) {
-        // A plain session (or one LL cannot serve) gets the KVS playlist, unblocked.
-        return Ok(Attempt::Ready(playlist_resource(hls::media_playlist(
-            session, token, track, &window,
-        ))));
+        // A plain session gets the KVS playlist; a LIVE one is held, like a low-latency
+        // one, until it lists the segment `_HLS_msn` asks for (see `hls::media_playlist`).
+        let resource = playlist_resource(hls::media_playlist(session, token, track, &window));
+        let listed = |msn: u64| {
+            window
+                .fragments
+                .last()
+                .is_some_and(|(_, n)| n.media_sequence >= msn)
+        };
+        return Ok(match wanted {
+            Some((msn, _)) if session.mode == PlaybackMode::Live && !listed(msn) => {
+                Attempt::NotYet {
+                    arn: session.stream_arn.clone(),
+                    hold: hold_limit(hls::target_duration(&window)),
+                    fallback: Ok(resource),
+                }
+            }
+            _ => Attempt::Ready(resource),
+        });
     }
     let arn = &session.stream_arn;
     let mut parts = PartialSegments::default();
