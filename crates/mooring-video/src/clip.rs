@@ -157,7 +157,7 @@ pub async fn get_clip(state: Arc<VideoState>, request: AwsRequest) -> Response<B
         Ok(body) => resource_response(
             Resource {
                 content_type: "video/mp4",
-                body,
+                body: body.into(),
             },
             OP,
         ),

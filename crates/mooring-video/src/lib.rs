@@ -30,6 +30,7 @@ pub mod media;
 pub mod mkv;
 pub mod model;
 pub mod mpegts;
+pub mod packaged_cache;
 pub mod packaging;
 #[cfg(feature = "images")]
 pub mod picture;
@@ -99,6 +100,8 @@ pub struct VideoConfig {
     /// Deliver fragment notifications to the configuration's SNS topic (through
     /// `[video.outbound]`). Off by default: a self-hosted site often has no SNS.
     pub sns_notifications: bool,
+    /// Byte budget of the cache of packaged media segments that playback sessions share.
+    pub packaged_cache_bytes: usize,
 }
 
 impl Default for VideoConfig {
@@ -119,6 +122,7 @@ impl Default for VideoConfig {
             outbound: Default::default(),
             notification_topic: "kinesisvideo/{StreamName}/notifications".into(),
             sns_notifications: false,
+            packaged_cache_bytes: 64 << 20,
         }
     }
 }
@@ -134,6 +138,8 @@ pub struct VideoState {
     pub playback: playback::PlaybackState,
     /// The fragments still being received, for low-latency HLS.
     pub live_edges: low_latency::LiveEdges,
+    /// Packaged fMP4 media segments shared by all sessions (`[video] packaged_cache_bytes`).
+    pub packaged: packaged_cache::PackagedCache,
     /// Image generation and notification configurations.
     pub configurations: stream_configurations::ConfigurationStore,
     /// Queue of persisted fragments tagged for image generation or notification.
@@ -233,6 +239,7 @@ impl VideoService {
             .map_err(|e| anyhow::anyhow!("loading the video session key: {e}"))?;
         let configurations = stream_configurations::ConfigurationStore::open(ctx.db.clone())?;
         let (tag_effects, tagged) = tag_effects::TagEffects::new();
+        let packaged = packaged_cache::PackagedCache::new(config.packaged_cache_bytes);
         let state = Arc::new(VideoState {
             ctx: ctx.clone(),
             admission: admission::Admission::new(config.rate_limits),
@@ -241,6 +248,7 @@ impl VideoService {
             fragments,
             playback: playback::PlaybackState::new(keys),
             live_edges: low_latency::LiveEdges::default(),
+            packaged,
             configurations,
             tag_effects,
         });

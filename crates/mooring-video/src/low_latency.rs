@@ -370,7 +370,7 @@ fn playlist_attempt(
 fn playlist_resource(text: String) -> Resource {
     Resource {
         content_type: "application/vnd.apple.mpegurl",
-        body: text.into_bytes(),
+        body: text.into(),
     }
 }
 
@@ -397,7 +397,7 @@ fn part_attempt(
         let (t, samples, parts) = track_parts(fragment, track, complete)?;
         Ok(parts.get(index).map(|p| Resource {
             content_type: "video/mp4",
-            body: fmp4::media_segment(&t, seq as u32, &samples[p.samples.clone()]),
+            body: fmp4::media_segment(&t, seq as u32, &samples[p.samples.clone()]).into(),
         }))
     };
     if let Some(fragment) = s.fragments.read(arn, seq)? {

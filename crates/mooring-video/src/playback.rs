@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
 use mooring_aws::{json_response, AwsRequest, OperationName, Protocol};
 use serde_json::json;
 
@@ -21,6 +22,7 @@ use crate::api::{data_endpoint, find_stream, JsonRequest};
 use crate::model::{
     fragment_seq, parse_json_timestamp, ErrorKind, FragmentMeta, VideoError, VideoResult,
 };
+use crate::packaged_cache::SegmentKey;
 use crate::packaging::MediaFragment;
 use crate::session::{Container, Discontinuity, PlaybackMode, Session, SessionKeys};
 use crate::store::TimeClock;
@@ -566,7 +568,7 @@ pub async fn get_session_url(
 /// A session resource's response body and content type.
 pub struct Resource {
     pub content_type: &'static str,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 pub(crate) fn query_number(query: &[(String, String)], name: &str) -> VideoResult<Option<u64>> {
@@ -598,7 +600,7 @@ fn init_fragment(s: &VideoState, session: &Session, track: u64, now: i64) -> Vid
         .ok_or_else(|| VideoError::not_found(format!("Track {track} does not exist")))?;
     Ok(Resource {
         content_type: "video/mp4",
-        body: fmp4::init_segment(track),
+        body: fmp4::init_segment(track).into(),
     })
 }
 
@@ -609,14 +611,27 @@ pub fn media_fragment(
     seq: i64,
     track: u64,
 ) -> VideoResult<Resource> {
+    let key = SegmentKey {
+        stream_arn: session.stream_arn.clone(),
+        seq,
+        track,
+    };
+    if let Some(body) = s.packaged.get(&key) {
+        return Ok(Resource {
+            content_type: "video/mp4",
+            body,
+        });
+    }
     let media = open_fragment(s, &session.stream_arn, seq)?;
     let t = media
         .track(track)
         .ok_or_else(|| VideoError::not_found(format!("Track {track} does not exist")))?;
     let samples = media.samples(t, media.fragment.meta.producer_ms)?;
+    let body = Bytes::from(fmp4::media_segment(t, seq as u32, &samples));
+    s.packaged.insert(key, body.clone());
     Ok(Resource {
         content_type: "video/mp4",
-        body: fmp4::media_segment(t, seq as u32, &samples),
+        body,
     })
 }
 
@@ -630,7 +645,7 @@ fn ts_fragment(s: &VideoState, session: &Session, seq: i64) -> VideoResult<Resou
         .collect::<VideoResult<Vec<_>>>()?;
     Ok(Resource {
         content_type: "video/MP2T",
-        body: mpegts::segment(&tracks),
+        body: mpegts::segment(&tracks).into(),
     })
 }
 
@@ -700,14 +715,14 @@ fn serve(
                     &window,
                     low_latency::requested(s, &session, query),
                 )
-                .into_bytes(),
+                .into(),
             })
         }
         ("hls", "getHLSMediaPlaylist.m3u8") => {
             let window = window(s, &session, now)?;
             Ok(Resource {
                 content_type: "application/vnd.apple.mpegurl",
-                body: hls::media_playlist(&session, token, track, &window).into_bytes(),
+                body: hls::media_playlist(&session, token, track, &window).into(),
             })
         }
         ("hls" | "dash", "getMP4InitFragment.mp4")
@@ -737,7 +752,7 @@ fn serve(
                     now,
                     &data_endpoint(s, host),
                 )
-                .into_bytes(),
+                .into(),
             })
         }
         _ => Err(VideoError::not_found(format!(
