@@ -37,8 +37,32 @@ use crate::BrokerError;
 
 /// Messages waiting for a client (queued plus in flight) beyond which new ones are dropped.
 pub const MAX_QUEUED_PER_CLIENT: usize = 10_000;
+/// A connected subscriber with this many messages waiting is backlogged: the connections
+/// whose publishes reach it read nothing more until it drains below [`BACKLOG_LOW_WATER`],
+/// so a subscriber that keeps reading receives everything instead of losing QoS 0 messages
+/// at [`MAX_QUEUED_PER_CLIENT`].
+pub const BACKLOG_HIGH_WATER: usize = 1_000;
+/// A backlogged subscriber releases its publishers once its backlog is below this.
+pub const BACKLOG_LOW_WATER: usize = 500;
+/// A backlogged subscriber whose backlog does not shrink for this long is stalled: publishers
+/// stop waiting for it (its messages beyond [`MAX_QUEUED_PER_CLIENT`] are dropped) until it
+/// drains, so one client that stops reading slows its publishers for at most this long.
+pub const BACKLOG_STALL: Duration = Duration::from_secs(1);
+/// Bytes of queued messages one pass of [`Broker::fill_outgoing`] encodes before the
+/// connection writes them (a fast subscriber of large messages gets them in large writes).
+const OUTGOING_BATCH: usize = 256 * 1024;
 /// In-flight QoS 1/2 messages the broker accepts from one client (CONNACK Receive Maximum).
 pub const SERVER_RECEIVE_MAXIMUM: u16 = 100;
+
+/// What routing a client's publish produced: the store operations that make it durable,
+/// what the publish hooks are making durable (for an acknowledged publish), and the
+/// subscribers it left backlogged.
+#[derive(Default)]
+pub struct Routed {
+    pub ops: Vec<StoreOp>,
+    pub barriers: Vec<DurableReceiver>,
+    pub backlogged: Vec<Arc<Session>>,
+}
 
 /// Where a message came from; publish hooks see it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -205,6 +229,16 @@ pub(crate) struct SessionState {
     /// Aliases assigned on the current connection.
     outbound_aliases: HashMap<String, u16>,
     dropped: u64,
+    /// Publishers wait for this session's backlog to drain (it passed the high-water mark).
+    backlogged: bool,
+    /// The backlog stopped shrinking while publishers waited: they no longer wait for it.
+    stalled: bool,
+}
+
+impl SessionState {
+    fn backlog(&self) -> usize {
+        self.queue.len() + self.inflight.len()
+    }
 }
 
 /// One MQTT session (lives across connections when persistent).
@@ -278,6 +312,8 @@ pub(crate) struct BrokerInner {
     versions: Mutex<HashMap<String, u64>>,
     /// When each client id last connected, while that matters to the CONNECT rate limit.
     recent_connects: Mutex<RecentConnects>,
+    /// Signalled when a backlogged session drains below the low-water mark.
+    drained: Notify,
 }
 
 /// Accepted CONNECTs younger than the rate limit's interval, by client id. Older entries
@@ -342,6 +378,7 @@ impl Broker {
                 next_internal: AtomicU64::new(1),
                 versions: Mutex::new(HashMap::new()),
                 recent_connects: Mutex::new(RecentConnects::default()),
+                drained: Notify::new(),
             }),
         };
         broker.restore(loaded);
@@ -405,6 +442,8 @@ impl Broker {
                     client_topic_alias_maximum: 0,
                     outbound_aliases: HashMap::new(),
                     dropped: 0,
+                    backlogged: false,
+                    stalled: false,
                 }),
                 notify: Notify::new(),
             });
@@ -585,21 +624,72 @@ impl Broker {
     /// Routes a message to every matching subscriber; returns the store operations that
     /// make it durable (retained update, queued messages of persistent sessions).
     pub fn route(&self, message: Arc<Message>) -> Vec<StoreOp> {
-        self.route_with_hooks(message, None)
+        self.route_with_hooks(message, None, None)
     }
 
-    /// [`Broker::route`] for a message that will be acknowledged: also answers what the
-    /// publish hooks are making durable, which the acknowledgement must wait for.
-    pub fn route_durable(&self, message: Arc<Message>) -> (Vec<StoreOp>, Vec<DurableReceiver>) {
-        let mut barriers = Vec::new();
-        let ops = self.route_with_hooks(message, Some(&mut barriers));
-        (ops, barriers)
+    /// [`Broker::route`] for a message a client published. When it will be acknowledged
+    /// (`durable`) the answer includes what the publish hooks are making durable, which the
+    /// acknowledgement must wait for; it always names the subscribers the message left
+    /// backlogged, which the publisher's connection waits for ([`Broker::wait_for_room`])
+    /// before it reads more.
+    pub fn route_from_client(&self, message: Arc<Message>, durable: bool) -> Routed {
+        let mut routed = Routed::default();
+        routed.ops = self.route_with_hooks(
+            message,
+            durable.then_some(&mut routed.barriers),
+            Some(&mut routed.backlogged),
+        );
+        routed
+    }
+
+    /// Resolves once none of `sessions` is backlogged any more: each has drained below the
+    /// low-water mark, disconnected, or stalled (its backlog did not shrink for
+    /// [`BACKLOG_STALL`]; it is then marked so that publishers stop waiting for it).
+    pub async fn wait_for_room(&self, sessions: Vec<Arc<Session>>) {
+        for session in sessions {
+            let mut last = usize::MAX;
+            let mut progress_at = tokio::time::Instant::now();
+            loop {
+                let drained = self.inner.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                let backlog = {
+                    let state = session.lock();
+                    if !state.backlogged || state.stalled || state.connection.is_none() {
+                        break;
+                    }
+                    state.backlog()
+                };
+                let now = tokio::time::Instant::now();
+                if backlog < last {
+                    last = backlog;
+                    progress_at = now;
+                } else if now >= progress_at + BACKLOG_STALL {
+                    let mut state = session.lock();
+                    state.stalled = true;
+                    tracing::debug!(client_id = %session.client_id, backlog, "subscriber stalled; publishers stop waiting for it");
+                    break;
+                }
+                let _ = tokio::time::timeout_at(progress_at + BACKLOG_STALL, drained).await;
+            }
+        }
+    }
+
+    /// Releases the publishers waiting for `state`'s session once its backlog is below the
+    /// low-water mark.
+    fn release_backlog(&self, state: &mut SessionState) {
+        if state.backlogged && state.backlog() < BACKLOG_LOW_WATER {
+            state.backlogged = false;
+            state.stalled = false;
+            self.inner.drained.notify_waiters();
+        }
     }
 
     fn route_with_hooks(
         &self,
         message: Arc<Message>,
         mut barriers: Option<&mut Vec<DurableReceiver>>,
+        mut backlogged: Option<&mut Vec<Arc<Session>>>,
     ) -> Vec<StoreOp> {
         let mut ops = Vec::new();
         let hooks = self
@@ -717,7 +807,7 @@ impl Broker {
                         }
                     }
                     let retain = d.retain_as_published && message.retain;
-                    self.enqueue(
+                    let full = self.enqueue(
                         &session,
                         &message,
                         qos,
@@ -725,12 +815,17 @@ impl Broker {
                         d.subscription_ids,
                         &mut ops,
                     );
+                    if let (true, Some(backlogged)) = (full, &mut backlogged) {
+                        backlogged.push(session);
+                    }
                 }
             }
         }
         ops
     }
 
+    /// Queues `message` for `session`; true when the session is connected and backlogged
+    /// (past the high-water mark and not stalled), so the publisher should wait for it.
     fn enqueue(
         &self,
         session: &Arc<Session>,
@@ -739,18 +834,23 @@ impl Broker {
         retain: bool,
         subscription_ids: Vec<u32>,
         ops: &mut Vec<StoreOp>,
-    ) {
+    ) -> bool {
         let mut state = session.lock();
         let connected = state.connection.is_some();
         if !connected && qos == 0 {
-            return;
+            return false;
         }
-        if state.queue.len() + state.inflight.len() >= MAX_QUEUED_PER_CLIENT {
+        let backlog = state.backlog();
+        if backlog >= MAX_QUEUED_PER_CLIENT {
             state.dropped += 1;
             if state.dropped.is_power_of_two() {
                 tracing::warn!(client_id = %session.client_id, dropped = state.dropped, "client queue full; dropping messages");
             }
-            return;
+            return connected && !state.stalled;
+        }
+        let full = connected && backlog + 1 >= BACKLOG_HIGH_WATER && !state.stalled;
+        if full {
+            state.backlogged = true;
         }
         let seq = if qos > 0 && state.expiry_secs > 0 {
             let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -776,6 +876,7 @@ impl Broker {
         if connected {
             session.notify.notify_one();
         }
+        full
     }
 
     /// Applies the per-client-id CONNECT rate limit: true (and the CONNECT recorded) when
@@ -926,6 +1027,8 @@ impl Broker {
                 client_topic_alias_maximum: 0,
                 outbound_aliases: HashMap::new(),
                 dropped: 0,
+                backlogged: false,
+                stalled: false,
             }),
             notify: Notify::new(),
         })
@@ -1025,6 +1128,11 @@ impl Broker {
                 }
                 // QoS 0 messages are not kept for offline clients.
                 state.queue.retain(|q| q.qos > 0);
+                if std::mem::take(&mut state.backlogged) {
+                    // Its publishers no longer wait for it.
+                    state.stalled = false;
+                    self.inner.drained.notify_waiters();
+                }
                 if state.expiry_secs > 0 {
                     let now = self.now();
                     ops.push(StoreOp::PutSession(stored_session(
@@ -1396,12 +1504,13 @@ impl Broker {
             } else {
                 deferred.push((q, pid, alias));
             }
-            if out.len() + batch_bytes > 64 * 1024 {
+            if out.len() + batch_bytes > OUTGOING_BATCH {
                 // Let the connection write; it will be notified again.
                 session.notify.notify_one();
                 break;
             }
         }
+        self.release_backlog(&mut state);
         drop(state);
         for (q, pid, alias) in &deferred {
             encode_outgoing(q, *pid, false, version, now, *alias, out);
@@ -1457,6 +1566,7 @@ impl Broker {
             if !state.queue.is_empty() {
                 session.notify.notify_one();
             }
+            self.release_backlog(&mut state);
         }
         (reply, ops)
     }

@@ -268,8 +268,10 @@ struct Connection<S> {
     /// (negative: owed), as of `budget_at`.
     byte_budget: i64,
     budget_at: Instant,
-    /// While set, reading waits for it (the client sent faster than its byte rate).
-    throttle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// While set, nothing more is decoded or read until it resolves: the client sent faster
+    /// than its byte rate, or subscribers it published to are backlogged
+    /// ([`Broker::wait_for_room`]).
+    read_gate: Option<BoxFuture<'static, ()>>,
 }
 
 fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
@@ -475,7 +477,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 .bytes_per_second_per_connection
                 .map_or(0, |rate| rate as i64),
             budget_at: Instant::now(),
-            throttle: None,
+            read_gate: None,
         };
         drop(connect);
         codec::encode(
@@ -657,6 +659,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     if self.ttl_deadline.is_some_and(|t| t <= now) {
                         return Exit::new(DisconnectReason::WebsocketTtlExpiration);
                     }
+                    if self.read_gate.is_some() {
+                        // Not reading is the broker's doing, not the client's silence.
+                        last_read = now;
+                    }
                     if self.keep_alive > 0 && now >= last_read + timeout {
                         return Exit::new(DisconnectReason::MqttKeepAliveTimeout);
                     }
@@ -680,13 +686,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 _ = &mut notified => {
                     notified.set(session.notified());
                 }
-                _ = std::future::poll_fn(|cx| match &mut self.throttle {
-                    Some(sleep) => sleep.as_mut().poll(cx),
+                _ = std::future::poll_fn(|cx| match &mut self.read_gate {
+                    Some(gate) => gate.as_mut().poll(cx),
                     None => Poll::Pending,
-                }), if self.throttle.is_some() => {
-                    self.throttle = None;
+                }), if self.read_gate.is_some() => {
+                    self.read_gate = None;
+                    // Decode what was read before the wait.
+                    if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
+                        return exit;
+                    }
+                    if self.inbuf.is_empty() {
+                        self.inbuf = BytesMut::new();
+                    }
                 }
-                read = std::future::poll_fn(|cx| poll_read_input(&mut self.stream, &mut self.inbuf, &mut self.read_size, limited, cx)), if self.throttle.is_none() => {
+                read = std::future::poll_fn(|cx| poll_read_input(&mut self.stream, &mut self.inbuf, &mut self.read_size, limited, cx)), if self.read_gate.is_none() => {
                     match read {
                         Ok(0) | Err(_) => return Exit::new(DisconnectReason::ConnectionLost),
                         Ok(n) => {
@@ -709,6 +722,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 
     async fn decode_all(&mut self, max_packet: usize) -> Result<(), Exit> {
         loop {
+            if self.read_gate.is_some() {
+                // The rest waits for the gate.
+                return Ok(());
+            }
             match codec::decode(&mut self.inbuf, Some(self.version), max_packet) {
                 Ok(Some(packet)) => self.handle(packet).await?,
                 Ok(None) => return Ok(()),
@@ -840,7 +857,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         self.byte_budget = (self.byte_budget.saturating_add(earned)).min(rate) - n as i64;
         if self.byte_budget < 0 {
             let wait = Duration::from_secs_f64(-self.byte_budget as f64 / rate as f64);
-            self.throttle = Some(Box::pin(tokio::time::sleep(wait)));
+            self.read_gate = Some(Box::pin(tokio::time::sleep(wait)));
         }
     }
 
@@ -1044,10 +1061,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 protocol_version: Some(self.version),
             },
         };
-        let (ops, barriers) = match p.qos {
-            0 => (self.broker.route(Arc::new(message)), Vec::new()),
-            _ => self.broker.route_durable(Arc::new(message)),
-        };
+        let broker::Routed {
+            ops,
+            barriers,
+            backlogged,
+        } = self.broker.route_from_client(Arc::new(message), p.qos > 0);
+        if !backlogged.is_empty() {
+            let broker = self.broker.clone();
+            // (Packets are only decoded while no gate is set, so none is replaced here.)
+            self.read_gate = Some(Box::pin(
+                async move { broker.wait_for_room(backlogged).await },
+            ));
+        }
         match p.qos {
             0 => self.broker.persist_background(ops),
             qos => {

@@ -644,3 +644,86 @@ async fn broker_section_caps_keep_alive_refuses_filters_and_lifts_the_rate_limit
         assert_eq!(sub.next_publish().await.topic, "unlimited");
     }
 }
+
+/// Encodes `count` QoS 0 publishes of `size` bytes to `topic` and writes them as fast as the
+/// broker reads them; then proves the connection is still served (PINGREQ, PINGRESP).
+async fn blast(mut client: TestClient, topic: &'static str, count: usize, size: usize) {
+    let mut out = BytesMut::new();
+    for i in 0..count {
+        let mut payload = vec![0x5au8; size];
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        codec::encode(
+            &Packet::Publish(Publish {
+                dup: false,
+                qos: 0,
+                retain: false,
+                topic: topic.into(),
+                packet_id: 0,
+                properties: Properties::default(),
+                payload: Bytes::from(payload),
+            }),
+            client.version,
+            &mut out,
+        );
+    }
+    client.stream.write_all(&out).await.unwrap();
+    client.send(Packet::PingReq).await;
+    loop {
+        match client.next().await {
+            Some(Packet::PingResp) => return,
+            Some(_) => continue,
+            None => panic!("the publisher's connection ended or went quiet"),
+        }
+    }
+}
+
+/// Counts the PUBLISHes `client` receives until `expected` arrived or none came for 5 s.
+async fn count_publishes(client: &mut TestClient, expected: usize) -> usize {
+    let mut received = 0;
+    while received < expected {
+        match client.next().await {
+            Some(Packet::Publish(_)) => received += 1,
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_wait_for_a_backlogged_subscriber_but_not_for_a_stalled_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // The strict profile: AWS's publish rate limits would close these publishers.
+    let (_broker, addr, _ctx) = start_with(dir.path(), &[("mqtt.profile", "\"strict\"")]).await;
+
+    // Fan-in: 20 publishers send 20,000 QoS 0 messages of 4 KB, twice the per-client queue
+    // bound, to one subscriber that starts reading late. Publishers are held back while its
+    // backlog drains instead of the excess being dropped.
+    let (mut sink, _) = TestClient::connect(addr, "fan-in-sink", V311, true).await;
+    sink.subscribe("fan/in", 0).await;
+    let mut publishers = Vec::new();
+    for i in 0..20 {
+        let (client, _) = TestClient::connect(addr, &format!("fan-in-{i}"), V311, true).await;
+        publishers.push(tokio::spawn(blast(client, "fan/in", 1_000, 4096)));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count_publishes(&mut sink, 20_000).await, 20_000);
+    for p in publishers {
+        p.await.unwrap();
+    }
+
+    // A subscriber that never reads stalls: after at most a stall interval its publisher is
+    // read again, and the other subscriber of the topic receives every message.
+    let (mut stalled, _) = TestClient::connect(addr, "stalled", V311, true).await;
+    stalled.subscribe("fan/stall", 0).await;
+    let (mut reader, _) = TestClient::connect(addr, "reader", V311, true).await;
+    reader.subscribe("fan/stall", 0).await;
+    let (publisher, _) = TestClient::connect(addr, "stall-publisher", V311, true).await;
+    let publisher = tokio::spawn(blast(publisher, "fan/stall", 15_000, 1024));
+    assert_eq!(count_publishes(&mut reader, 15_000).await, 15_000);
+    tokio::time::timeout(Duration::from_secs(20), publisher)
+        .await
+        .expect("the publisher was held by a stalled subscriber")
+        .unwrap();
+    drop(stalled);
+}
