@@ -1,14 +1,17 @@
 """Kinesis Video Streams playback in a real browser: a live camera (ffmpeg testsrc2 in real
 time, the frame number burned in) is pushed with `mooring video put`; Debian's chromium,
-driven by playwright-core, plays the LIVE HLS session URL boto3 returns in hls.js, in KVS's
-plain HLS and in Mooring's Low-Latency HLS (`&LowLatency=ON`). Each run asserts that playback
-starts and advances with no hls.js errors and no dropped frames over 10 s, and measures the
-glass-to-glass delay: the page reads the frame number back from every presented frame and
-the camera knows when it sent that frame.
+driven by playwright-core (tests/interop/node/play.js), plays the LIVE session URLs boto3
+returns: HLS in hls.js, in KVS's plain HLS and in Mooring's Low-Latency HLS
+(`&LowLatency=ON`), and MPEG-DASH (GetDASHStreamingSessionURL) in dash.js. Each live run
+asserts that playback starts and advances with no player errors and no dropped frames over
+10 s, at least 20 frames a second, and measures the glass-to-glass delay: the page reads the
+frame number back from every presented frame and the camera knows when it sent that frame.
+An ON_DEMAND DASH session over the recording plays in dash.js from its first frame forward.
 
-The delays are printed (run with -s); tests/interop/bench_video_playback.py reports them as
-benchmark figures against the targets (HLS <= 3 s, LL-HLS <= 1.5 s with 1 s GOPs). For
-debugging, BROWSER_HLS_CONFIG='{"debug": true}' passes hls.js settings to the LL-HLS run and
+The delays are printed (run with -s); tests/interop/bench_video_playback.py reports the HLS
+ones as benchmark figures against the targets (HLS <= 3 s, LL-HLS <= 1.5 s with 1 s GOPs).
+For debugging, BROWSER_HLS_CONFIG='{"debug": true}' passes hls.js settings to the LL-HLS run,
+BROWSER_DASH_CONFIG='{"debug": {"logLevel": 5}}' passes dash.js settings to the DASH runs and
 BROWSER_CONSOLE_FILE=path keeps the page's console."""
 
 import json
@@ -18,11 +21,12 @@ import statistics
 import subprocess
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from live_producer import BITS, BLOCK, LiveCamera
+from live_producer import BITS, BLOCK, FPS, GOP, LiveCamera
 from conftest import mooring_binary
 from test_video import create
 
@@ -32,8 +36,8 @@ SECONDS = 10
 
 
 def node_ready():
-    missing = [p for p in (NODE_DIR / "node_modules" / "hls.js", NODE_DIR / "node_modules" / "playwright-core",
-                           Path(CHROMIUM)) if not p.exists()]
+    missing = [p for p in (NODE_DIR / "node_modules" / "hls.js", NODE_DIR / "node_modules" / "dashjs",
+                           NODE_DIR / "node_modules" / "playwright-core", Path(CHROMIUM)) if not p.exists()]
     assert not missing, f"scripts/test installs these: {missing}"
 
 
@@ -63,24 +67,32 @@ def live_session_url(m, name):
         DisplayFragmentTimestamp="ALWAYS")["HLSStreamingSessionURL"]
 
 
-def play(url, low_latency, hls_config=None):
+def play(url, low_latency=False, hls_config=None, player="hls", dash_config=None, seconds=SECONDS):
     node_ready()
     r = subprocess.run(
         ["node", str(NODE_DIR / "play.js"),
-         json.dumps({"url": url, "lowLatency": low_latency, "seconds": SECONDS, "chromium": CHROMIUM,
-                     "bits": BITS, "block": BLOCK, "hlsConfig": hls_config or {},
+         json.dumps({"url": url, "player": player, "lowLatency": low_latency, "seconds": seconds,
+                     "chromium": CHROMIUM, "bits": BITS, "block": BLOCK, "hlsConfig": hls_config or {},
+                     "dashConfig": dash_config or {},
                      "consoleFile": os.environ.get("BROWSER_CONSOLE_FILE")})],
-        capture_output=True, text=True, timeout=SECONDS + 90, cwd=NODE_DIR)
+        capture_output=True, text=True, timeout=seconds + 90, cwd=NODE_DIR)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "exception" not in out, out
     return out
 
 
+def presented_frames(out, seconds=SECONDS):
+    """(wall-clock s, frame number) of every frame chromium presented in the window, at least
+    20 a second."""
+    frames = [(shown / 1000.0, n) for shown, n in out["report"]["frames"] if shown >= out["start_wall"]]
+    assert len(frames) >= seconds * 20, f"only {len(frames)} frames presented"
+    return frames
+
+
 def glass_to_glass(out, cam):
     """Delays (s) from the camera sending a frame to chromium presenting it, in the window."""
-    frames = [(shown / 1000.0, n) for shown, n in out["report"]["frames"] if shown >= out["start_wall"]]
-    assert len(frames) >= SECONDS * 20, f"only {len(frames)} frames presented"
+    frames = presented_frames(out)
     known = [(shown - cam.frames[n], n) for shown, n in frames if n in cam.frames]
     # The numbers read back are the camera's own: (almost) every one matches a sent frame
     # and they only move forward.
@@ -90,7 +102,7 @@ def glass_to_glass(out, cam):
     return [d for d, _ in known]
 
 
-def check_playback(out):
+def check_playback(out, seconds=SECONDS):
     before, after = out["before"], out["after"]
     assert out["mse_h264"], "this chromium cannot play H.264 through MSE"
     assert out["started"], json.dumps({k: v for k, v in out.items() if k != "report"} | {"errors": out["report"]["errors"]})
@@ -99,16 +111,16 @@ def check_playback(out):
     assert not [e for e in errors if e["type"] != "play" and e["details"] not in (
         "bufferStalledError", "bufferNudgeOnStall")], errors
     assert after["readyState"] >= 3, after
-    assert after["currentTime"] - before["currentTime"] >= SECONDS * 0.8, (before, after)
+    assert after["currentTime"] - before["currentTime"] >= seconds * 0.8, (before, after)
     assert after["dropped"] - before["dropped"] == 0, (before, after)
-    assert after["total"] - before["total"] >= SECONDS * 20, (before, after)
+    assert after["total"] - before["total"] >= seconds * 20, (before, after)
 
 
 def report(label, delays, out):
     median = statistics.median(delays)
     p90 = sorted(delays)[int(len(delays) * 0.9)]
     print(f"\n{label}: glass-to-glass median {median:.3f} s, p90 {p90:.3f} s, "
-          f"min {min(delays):.3f} s over {len(delays)} frames; hls.js latency "
+          f"min {min(delays):.3f} s over {len(delays)} frames; {out['version']} latency "
           f"{out['report']['latency']}, fragments {out['report']['fragments']}, parts {out['report']['parts']}")
     return median
 
@@ -212,3 +224,62 @@ def decode_frames(path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
     return len([x for x in r.stdout.splitlines() if x and not x.startswith("#")])
+
+
+def dash_session_url(m, name, **kw):
+    archived = m.client("kinesis-video-archived-media")
+    return archived.get_dash_streaming_session_url(StreamName=name, **kw)["DASHStreamingSessionURL"]
+
+
+def dash_config():
+    return json.loads(os.environ.get("BROWSER_DASH_CONFIG", "{}"))
+
+
+def test_live_dash_plays_in_dashjs_without_errors_or_dropped_frames(mooring, camera):
+    name, cam = camera
+    url = dash_session_url(mooring, name, PlaybackMode="LIVE", DisplayFragmentTimestamp="ALWAYS")
+    out = play(url, player="dash", dash_config=dash_config())
+    check_playback(out)
+    delays = glass_to_glass(out, cam)
+    median = report("DASH", delays, out)
+    # The only request the page made off Mooring's origin was dash.js's default clock source
+    # (blocked: dash.js then takes the time from the manifest response's Date header).
+    assert not [u for u in out["blocked"] if not u.startswith("https://time.akamai.com/")], out["blocked"]
+    # dash.js downloaded a segment per 1 s fragment, and played a few fragments behind the camera.
+    assert out["report"]["fragments"] >= SECONDS * 0.8, out["report"]
+    assert 0.2 < median < 15.0, median
+
+
+def test_on_demand_dash_plays_a_recording_from_its_start_in_dashjs(mooring, camera):
+    name, cam = camera
+    seconds = 5
+    # A recording a few fragments (1 s GOPs) longer than the measuring window.
+    deadline = time.time() + 30
+    while time.time() < deadline and sum('"PERSISTED"' in a for a in cam.acks) < seconds + 3:
+        time.sleep(0.2)
+    end = time.time()
+    recorded = {n: t for n, t in cam.frames.items() if t < end - 1}
+    assert len(recorded) >= (seconds + 2) * FPS, len(recorded)
+    url = dash_session_url(
+        mooring, name, PlaybackMode="ON_DEMAND", DisplayFragmentTimestamp="ALWAYS",
+        DASHFragmentSelector={"FragmentSelectorType": "PRODUCER_TIMESTAMP", "TimestampRange": {
+            "StartTimestamp": datetime.fromtimestamp(min(recorded.values()) - 1, timezone.utc),
+            "EndTimestamp": datetime.fromtimestamp(end, timezone.utc)}})
+    out = play(url, player="dash", dash_config=dash_config(), seconds=seconds)
+    check_playback(out, seconds)
+    shown = [n for _, n in out["report"]["frames"]]
+    # Played from the recording's first fragment, forward through the camera's own frames
+    # (as in glass_to_glass, (almost) every number read back is one the camera sent).
+    numbers = [n for n in shown if n in cam.frames]
+    assert len(numbers) >= 0.95 * len(shown), (len(numbers), len(shown), shown[:10])
+    print(f"\nON_DEMAND DASH: {out['version']} presented frames {numbers[0]}..{numbers[-1]}, "
+          f"{out['report']['fragments']} fragments, currentTime {out['after']['currentTime']:.2f}")
+    assert numbers[0] < min(recorded) + GOP, numbers[:10]
+    assert all(b >= a for a, b in zip(numbers, numbers[1:])), numbers
+    assert out["blocked"] == [], out["blocked"]
+    window = [n for _, n in presented_frames(out, seconds)]
+    assert window[-1] - window[0] >= seconds * 0.8 * FPS, (window[0], window[-1])
+    # The presentation starts at zero (presentationTimeOffset): currentTime is the frame's
+    # time in the recording.
+    assert abs(out["after"]["currentTime"] - (numbers[-1] - min(recorded)) / FPS) < 0.5, (
+        out["after"], numbers[-1])

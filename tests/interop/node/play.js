@@ -1,16 +1,31 @@
-// Plays an HLS session URL in hls.js inside Debian's chromium (driven by playwright-core, no
-// downloaded browser) and prints one JSON report on stdout: whether playback started, hls.js
-// errors, dropped frames over the measuring window, and for every presented frame the wall
-// clock it was shown at with the frame number read back from the blocks burned into it.
+// Plays a Kinesis Video Streams session URL inside Debian's chromium (driven by playwright-core,
+// no downloaded browser): an HLS session URL in hls.js ("player": "hls", the default) or a DASH
+// manifest URL in dash.js ("player": "dash"). Prints one JSON report on stdout: whether playback
+// started, the player's errors, dropped frames over the measuring window, and for every
+// presented frame the wall clock it was shown at with the frame number read back from the
+// blocks burned into it. The page makes no request outside Mooring's origin: any other is
+// aborted and listed in the report's "blocked" (dash.js's default clock source is on the
+// internet; it then falls back to the manifest response's Date header).
 //
-// usage: node play.js '{"url": "...", "lowLatency": false, "seconds": 10, "startTimeout": 40,
-//                      "hlsConfig": {...extra hls.js settings}}'
+// usage: node play.js '{"url": "...", "player": "hls", "lowLatency": false, "seconds": 10,
+//                      "startTimeout": 40, "hlsConfig": {...extra hls.js settings},
+//                      "dashConfig": {...dash.js settings, for player.updateSettings},
+//                      "chromium": "/usr/bin/chromium", "bits": 16, "block": 16,
+//                      "consoleFile": "path to keep the page's console in"}'
 'use strict';
 const path = require('path');
 const { chromium } = require('playwright-core');
 
 const options = JSON.parse(process.argv[2]);
-const HLS_JS = path.join(path.dirname(require.resolve('hls.js')), 'hls.min.js');
+const PLAYER_NAME = options.player || 'hls';
+// The player's script, served as a file of this name.
+const SCRIPTS = {
+  hls: path.join(path.dirname(require.resolve('hls.js')), 'hls.min.js'),
+  // dashjs's main export is its UMD build, dist/modern/umd/dash.all.min.js.
+  dash: require.resolve('dashjs'),
+};
+if (!SCRIPTS[PLAYER_NAME]) throw new Error(`unknown player ${PLAYER_NAME}`);
+const SCRIPT = path.basename(SCRIPTS[PLAYER_NAME]);
 // The page is served (by page.route, never reaching the server) from a path on Mooring's own
 // origin: a loopback server may not be fetched from a public origin (Private Network Access).
 const ORIGIN = new URL(options.url).origin;
@@ -19,28 +34,59 @@ const PLAYER = `${ORIGIN}/__browser_test__`;
 const PAGE = `<!doctype html><html><body>
 <video id="v" muted playsinline width="320" height="240"></video>
 <canvas id="c" width="320" height="240"></canvas>
-<script src="${PLAYER}/hls.min.js"></script>
+<script src="${PLAYER}/${SCRIPT}"></script>
 </body></html>`;
 
-// Runs in the page: attach hls.js and record every presented frame.
-function startPlayer({ url, lowLatency, bits, block, hlsConfig }) {
+// Runs in the page: attach the player and record every presented frame.
+function startPlayer({ player, url, lowLatency, bits, block, hlsConfig, dashConfig }) {
   const video = document.getElementById('v');
   const canvas = document.getElementById('c');
   const ctx = canvas.getContext('2d', { willReadFrequently: true });
   const state = { errors: [], frames: [], delays: [], fragments: 0, parts: 0 };
   window.report = state;
-  const hls = new Hls({ lowLatencyMode: lowLatency, debug: false, ...hlsConfig });
-  window.hls = hls;
-  hls.on(Hls.Events.ERROR, (_, d) => {
-    state.errors.push({ type: d.type, details: d.details, fatal: d.fatal,
-      reason: String(d.reason || (d.error && d.error.message) || '') });
-  });
-  hls.on(Hls.Events.FRAG_LOADED, (_, d) => {
-    if (d.part) state.parts += 1; else state.fragments += 1;
-  });
-  hls.loadSource(url);
-  hls.attachMedia(video);
-  video.play().catch((e) => state.errors.push({ type: 'play', details: String(e), fatal: false }));
+  let playingDate = () => null;
+  if (player === 'dash') {
+    const dash = dashjs.MediaPlayer().create();
+    window.player = dash;
+    window.version = `dash.js ${dashjs.Version}`;
+    const events = dashjs.MediaPlayer.events;
+    dash.updateSettings(dashConfig);
+    // dash.js has no fatal flag: any ERROR (manifest, segment, MSE, clock sync ...) or
+    // PLAYBACK_ERROR (the video element's) counts as fatal.
+    const onError = (type) => (e) => {
+      const err = (e && e.error) || {};
+      state.errors.push({ type, details: String(err.code !== undefined ? err.code : err), fatal: true,
+        reason: String(err.message || ''), data: JSON.stringify(err.data || null).slice(0, 500) });
+    };
+    dash.on(events.ERROR, onError('error'));
+    dash.on(events.PLAYBACK_ERROR, onError('playback'));
+    dash.on(events.PLAYBACK_NOT_ALLOWED,
+      () => state.errors.push({ type: 'play', details: 'playbackNotAllowed', fatal: false }));
+    dash.on(events.FRAGMENT_LOADING_COMPLETED, (e) => {
+      if (e.request && e.request.type === 'MediaSegment') state.fragments += 1;
+    });
+    window.latency = () => ({
+      latency: dash.isDynamic() ? dash.getCurrentLiveLatency() : null,
+      targetLatency: dash.isDynamic() ? dash.getTargetLiveDelay() : null,
+    });
+    dash.initialize(video, url, true);
+  } else {
+    const hls = new Hls({ lowLatencyMode: lowLatency, debug: false, ...hlsConfig });
+    window.player = hls;
+    window.version = `hls.js ${Hls.version}`;
+    hls.on(Hls.Events.ERROR, (_, d) => {
+      state.errors.push({ type: d.type, details: d.details, fatal: d.fatal,
+        reason: String(d.reason || (d.error && d.error.message) || '') });
+    });
+    hls.on(Hls.Events.FRAG_LOADED, (_, d) => {
+      if (d.part) state.parts += 1; else state.fragments += 1;
+    });
+    window.latency = () => ({ latency: hls.latency, targetLatency: hls.targetLatency });
+    playingDate = () => hls.playingDate;
+    hls.loadSource(url);
+    hls.attachMedia(video);
+    video.play().catch((e) => state.errors.push({ type: 'play', details: String(e), fatal: false }));
+  }
   const onFrame = (now, meta) => {
     ctx.drawImage(video, 0, 0, canvas.width, canvas.height);
     const row = ctx.getImageData(0, block / 2, bits * block, 1).data;
@@ -51,7 +97,8 @@ function startPlayer({ url, lowLatency, bits, block, hlsConfig }) {
     }
     const shown = performance.timeOrigin + (meta.expectedDisplayTime || now);
     state.frames.push([shown, n]);
-    if (hls.playingDate) state.delays.push(Date.now() - hls.playingDate.getTime());
+    const date = playingDate();
+    if (date) state.delays.push(Date.now() - date.getTime());
     video.requestVideoFrameCallback(onFrame);
   };
   video.requestVideoFrameCallback(onFrame);
@@ -76,27 +123,32 @@ function snapshot() {
     args: ['--no-sandbox', '--autoplay-policy=no-user-gesture-required', '--disable-gpu',
       '--disable-dev-shm-usage'],
   });
-  const out = { started: false };
+  const out = { started: false, player: PLAYER_NAME, blocked: [] };
   try {
     const page = await browser.newPage();
     const console_lines = [];
     page.on('console', (m) => console_lines.push(m.text()));
     page.on('pageerror', (e) => console_lines.push('pageerror: ' + e.message));
+    await page.route((u) => u.origin !== ORIGIN, (route) => {
+      out.blocked.push(route.request().url());
+      return route.abort('blockedbyclient');
+    });
     await page.route(`${PLAYER}/**`, (route) => {
       const u = new URL(route.request().url());
-      if (u.pathname.endsWith('/hls.min.js')) {
-        return route.fulfill({ path: HLS_JS, contentType: 'application/javascript' });
+      if (u.pathname.endsWith(`/${SCRIPT}`)) {
+        return route.fulfill({ path: SCRIPTS[PLAYER_NAME], contentType: 'application/javascript' });
       }
       return route.fulfill({ body: PAGE, contentType: 'text/html' });
     });
     await page.goto(`${PLAYER}/index.html`);
     out.mse_h264 = await page.evaluate(
       () => MediaSource.isTypeSupported('video/mp4; codecs="avc1.42c01e"'));
-    out.hls_version = await page.evaluate(() => Hls.version);
     await page.evaluate(startPlayer, {
-      url: options.url, lowLatency: !!options.lowLatency, bits: options.bits || 16,
-      block: options.block || 16, hlsConfig: options.hlsConfig || {},
+      player: PLAYER_NAME, url: options.url, lowLatency: !!options.lowLatency,
+      bits: options.bits || 16, block: options.block || 16,
+      hlsConfig: options.hlsConfig || {}, dashConfig: options.dashConfig || {},
     });
+    out.version = await page.evaluate(() => window.version);
     // Playback has started once currentTime advances with enough data buffered.
     const deadline = Date.now() + (options.startTimeout || 40) * 1000;
     let first = await page.evaluate(snapshot);
@@ -122,8 +174,7 @@ function snapshot() {
       delays: window.report.delays,
       fragments: window.report.fragments,
       parts: window.report.parts,
-      latency: window.hls.latency,
-      targetLatency: window.hls.targetLatency,
+      ...window.latency(),
     }));
     out.console = console_lines.slice(-20);
     if (options.consoleFile) require('fs').writeFileSync(options.consoleFile, console_lines.join('\n'));
