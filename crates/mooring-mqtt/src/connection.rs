@@ -9,7 +9,6 @@
 //! reason code of the server's DISCONNECT.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
