@@ -208,6 +208,58 @@ def test_live_hls_blocking_reload(mooring, av_mkv):
     assert "SERVER-CONTROL" not in fetch_text(media_playlist_url(vod, vod_master))[1]
 
 
+def audio_frames(path):
+    """Decodes the audio of a file with ffmpeg -xerror; returns the decoded frame count."""
+    r = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-map", "0:a", "-f", "framemd5", "-"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    return len([line for line in r.stdout.splitlines() if line and not line.startswith("#")])
+
+
+def test_low_latency_hls_has_audio_parts_that_decode_like_their_segment(mooring, av_mkv, tmp_path):
+    """LL-HLS (a Mooring option) for a stream with AAC audio: the audio rendition's playlist is
+    low-latency too, its parts of a fragment, after the init segment, decode to the same AAC
+    frames as the whole fragment, and ffmpeg plays the low-latency master with both tracks."""
+    ingest(mooring, "ll-audio", av_mkv)
+    url = hls_url(mooring, "ll-audio", ContainerFormat="FRAGMENTED_MP4") + "&LowLatency=ON"
+    base = url.rsplit("/", 1)[0] + "/"
+    _, master = fetch_text(url)
+    audio_uri = re.search(r'#EXT-X-MEDIA:TYPE=AUDIO,[^\n]*URI="([^"]+)"', master).group(1)
+    assert "TrackNumber=2" in audio_uri and "LowLatency=ON" in audio_uri, master
+    assert 'CODECS="avc1.' in master and "mp4a.40.2" in master, master
+    _, playlist = fetch_text(base + audio_uri)
+    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK=" in playlist, playlist
+    assert "#EXT-X-PART-INF:PART-TARGET=" in playlist, playlist
+    lines = playlist.splitlines()
+    init_uri = re.search(r'#EXT-X-MAP:URI="([^"]+)"', playlist).group(1)
+    _, _, init = fetch(base + init_uri)
+    segments = [i for i, line in enumerate(lines) if line.startswith("getMP4MediaFragment")]
+    assert segments, playlist
+    seg_index = segments[-1]
+    parts = []
+    for line in reversed(lines[:seg_index]):
+        if line.startswith(("#EXTINF", "#EXT-X-PROGRAM-DATE-TIME")):
+            continue
+        if not line.startswith("#EXT-X-PART:"):
+            break
+        assert "TrackNumber=2" in line, line
+        parts.insert(0, re.search(r'URI="([^"]+)"', line).group(1))
+    # 1 s of audio in parts of at most 0.25 s.
+    assert len(parts) >= 4, playlist
+    joined = init + b"".join(fetch(base + p)[2] for p in parts)
+    whole = init + fetch(base + lines[seg_index])[2]
+    counts = []
+    for label, data in (("parts", joined), ("segment", whole)):
+        path = tmp_path / f"audio-{label}.mp4"
+        path.write_bytes(data)
+        counts.append(audio_frames(path))
+    # AAC at 44.1 or 48 kHz: 1024 samples a frame, about 43-47 frames a second.
+    assert counts[0] == counts[1] and 40 <= counts[0] <= 50, counts
+    r = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv=p=0", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and set(r.stdout.split()) == {"aac", "h264"}, (r.stdout, r.stderr)
+
+
 def test_hls_errors(mooring, av_mkv):
     am = archived(mooring)
     kv = mooring.client("kinesisvideo")

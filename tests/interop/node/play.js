@@ -1,6 +1,8 @@
 // Plays a Kinesis Video Streams session URL inside Debian's chromium (driven by playwright-core,
-// no downloaded browser): an HLS session URL in hls.js ("player": "hls", the default) or a DASH
-// manifest URL in dash.js ("player": "dash"). Prints one JSON report on stdout: whether playback
+// no downloaded browser): an HLS session URL in hls.js ("player": "hls", the default), a DASH
+// manifest URL in dash.js ("player": "dash"), or Mooring's own player page ("player": "page",
+// "url" the page's address, e.g. /console/video/{stream}?hls_js=/__browser_test__/hls.min.js:
+// the page runs its own hls.js with its own settings and is only watched). Prints one JSON report on stdout: whether playback
 // started, the player's errors, dropped frames over the measuring window, and for every
 // presented frame the wall clock it was shown at with the frame number read back from the
 // blocks burned into it. The page makes no request outside Mooring's origin: any other is
@@ -24,6 +26,8 @@ const SCRIPTS = {
   // dashjs's main export is its UMD build, dist/modern/umd/dash.all.min.js.
   dash: require.resolve('dashjs'),
 };
+// Mooring's player page loads hls.js from where its hls_js parameter says.
+SCRIPTS.page = SCRIPTS.hls;
 if (!SCRIPTS[PLAYER_NAME]) throw new Error(`unknown player ${PLAYER_NAME}`);
 const SCRIPT = path.basename(SCRIPTS[PLAYER_NAME]);
 // The page is served (by page.route, never reaching the server) from a path on Mooring's own
@@ -37,15 +41,32 @@ const PAGE = `<!doctype html><html><body>
 <script src="${PLAYER}/${SCRIPT}"></script>
 </body></html>`;
 
-// Runs in the page: attach the player and record every presented frame.
+// Runs in the page: attach the player (or, on Mooring's player page, find the page's own) and
+// record every presented frame.
 function startPlayer({ player, url, lowLatency, bits, block, hlsConfig, dashConfig }) {
-  const video = document.getElementById('v');
-  const canvas = document.getElementById('c');
+  const video = document.getElementById('v') || document.querySelector('video');
+  let canvas = document.getElementById('c');
+  if (!canvas) {
+    canvas = document.createElement('canvas');
+    canvas.width = 320;
+    canvas.height = 240;
+    document.body.appendChild(canvas);
+  }
   const ctx = canvas.getContext('2d', { willReadFrequently: true });
   const state = { errors: [], frames: [], delays: [], fragments: 0, parts: 0 };
   window.report = state;
   let playingDate = () => null;
-  if (player === 'dash') {
+  if (player === 'page') {
+    // The page's hls.js (window.hls) and the errors it has seen (window.playerErrors).
+    const hls = window.hls;
+    window.version = `hls.js ${Hls.version}, Mooring's player page`;
+    state.errors = window.playerErrors || [];
+    hls.on(Hls.Events.FRAG_LOADED, (_, d) => {
+      if (d.part) state.parts += 1; else state.fragments += 1;
+    });
+    window.latency = () => ({ latency: hls.latency, targetLatency: hls.targetLatency });
+    playingDate = () => hls.playingDate;
+  } else if (player === 'dash') {
     const dash = dashjs.MediaPlayer().create();
     window.player = dash;
     window.version = `dash.js ${dashjs.Version}`;
@@ -105,7 +126,7 @@ function startPlayer({ player, url, lowLatency, bits, block, hlsConfig, dashConf
 }
 
 function snapshot() {
-  const v = document.getElementById('v');
+  const v = document.getElementById('v') || document.querySelector('video');
   const q = v.getVideoPlaybackQuality();
   return {
     currentTime: v.currentTime,
@@ -140,7 +161,7 @@ function snapshot() {
       }
       return route.fulfill({ body: PAGE, contentType: 'text/html' });
     });
-    await page.goto(`${PLAYER}/index.html`);
+    await page.goto(PLAYER_NAME === 'page' ? options.url : `${PLAYER}/index.html`);
     out.mse_h264 = await page.evaluate(
       () => MediaSource.isTypeSupported('video/mp4; codecs="avc1.42c01e"'));
     await page.evaluate(startPlayer, {
