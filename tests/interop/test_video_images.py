@@ -2,7 +2,7 @@
 draws a picture with known colours at known places (a lime and a yellow band on blue, a red
 box that moves 8 px per frame within each second and a white box that moves 40 px per
 second), encodes it as H.264 with 1 s GOPs and two B-frames between references (with or
-without AAC on track 2), and PutMedia ingests it. The
+without AAC on track 2), or as H.265 likewise, and PutMedia ingests it. The
 returned JPEG and PNG images are decoded back to RGB with ffmpeg and the colours checked
 where the sampled frame has them, so a wrong frame, a wrong clock or a wrong scale shows.
 Gaps give NO_MEDIA, damaged frames and audio-only media MEDIA_ERROR, bad parameters the
@@ -43,9 +43,9 @@ class Clip:
         return max(0, (round(offset_ms) - self.offset_ms) // (1000 // FPS))
 
 
-def make_mkv(tmp_path_factory, seconds, name, audio):
+def make_mkv(tmp_path_factory, seconds, name, audio, codec="h264"):
     """The test picture with two B-frames between references, with or without AAC on
-    track 2."""
+    track 2, in H.264 or H.265."""
     path = tmp_path_factory.mktemp("images") / name
     video = [
         "-f", "lavfi", "-i", f"color=c=blue:s={WIDTH}x{HEIGHT}:r={FPS}:d={seconds}",
@@ -62,11 +62,13 @@ def make_mkv(tmp_path_factory, seconds, name, audio):
              "[moving][2]overlay=x='40*floor(n/25)':y=184[seconds];"
              "[seconds][3]overlay=x=256:y=184[v]")
     maps = ["-map", "[v]"] + (["-map", "4:a", "-c:a", "aac"] if audio else [])
+    encoder = (["-c:v", "libx264", "-preset", "ultrafast", "-x264-params", "bframes=2", "-crf", "16",
+                "-g", "25", "-keyint_min", "25", "-sc_threshold", "0"] if codec == "h264" else
+               ["-c:v", "libx265", "-preset", "ultrafast", "-crf", "16", "-x265-params",
+                "bframes=2:keyint=25:min-keyint=25:scenecut=0:log-level=error"])
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-y", *video, *audio_in, "-filter_complex", graph, *maps,
-         "-c:v", "libx264", "-preset", "ultrafast", "-x264-params", "bframes=2",
-         "-crf", "16", "-pix_fmt", "yuv420p", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
-         "-shortest", "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000",
+         *encoder, "-pix_fmt", "yuv420p", "-shortest", "-f", "matroska", "-live", "1", "-cluster_size_limit", "50000000",
          "-cluster_time_limit", "20000", str(path)], check=True)
     return Clip(path)
 
@@ -81,6 +83,14 @@ def pattern(tmp_path_factory):
 def short(tmp_path_factory):
     """3 s of the test picture (H.264 with B-frames, 1 s GOPs) with AAC on track 2."""
     return make_mkv(tmp_path_factory, 3, "short.mkv", audio=True)
+
+
+@pytest.fixture(scope="module")
+def hevc_pattern(tmp_path_factory):
+    """3 s of the test picture in H.265 (B-frames, 1 s GOPs)."""
+    clip = make_mkv(tmp_path_factory, 3, "hevc.mkv", audio=False, codec="h265")
+    assert b"V_MPEGH/ISO/HEVC" in clip.data
+    return clip
 
 
 def ingest(m, name, data, start, fragments, retention=1, new=True):
@@ -184,6 +194,26 @@ def test_png_images_every_200ms_show_the_sampled_frames_and_page(mooring, patter
     with pytest.raises(ClientError) as e:
         images(mooring, "img-png", t0, t0 + 5, SamplingInterval=200, NextToken=first["NextToken"])
     assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
+
+
+def test_h265_images_show_the_sampled_frames(mooring, hevc_pattern):
+    """H.265 frames decode too (libde265): every 200 ms of 3 s, in JPEG and scaled PNG."""
+    t0 = int(time.time()) - 600
+    ingest(mooring, "img-hevc", hevc_pattern.data, t0, 3)
+    entries = images(mooring, "img-hevc", t0, t0 + 3, SamplingInterval=200, Format="JPEG",
+                     FormatConfig={"JPEGQuality": "90"})["Images"]
+    assert len(entries) == 15
+    for k, entry in enumerate(entries):
+        assert set(entry) == {"TimeStamp", "ImageContent"}, entry.get("Error")
+        data = base64.b64decode(entry["ImageContent"])
+        assert data.startswith(b"\xff\xd8")
+        img = decode(data)
+        assert img[:2] == (WIDTH, HEIGHT)
+        check_frame(img, hevc_pattern, hevc_pattern.frame_at(200 * k))
+    scaled = images(mooring, "img-hevc", t0 + 1.5, t0 + 1.5, WidthPixels=640)["Images"]
+    img = decode(base64.b64decode(scaled[0]["ImageContent"]))
+    assert img[:2] == (640, 480)
+    check_frame(img, hevc_pattern, hevc_pattern.frame_at(1500), 2.0, 2.0)
 
 
 def test_jpeg_quality_scaling_and_server_timestamps(mooring, pattern):

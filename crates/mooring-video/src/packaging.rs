@@ -274,6 +274,28 @@ fn hvcc_length_size(hvcc: &[u8]) -> usize {
     usize::from(hvcc[21] & 3) + 1
 }
 
+/// The parameter sets (VPS, SPS, PPS, SEI: every NAL unit in its arrays, in order) of an hvcC
+/// record; `None` when the arrays run past the record.
+fn hvcc_parameter_sets(hvcc: &Bytes) -> Option<Vec<Bytes>> {
+    let mut at = 23;
+    let arrays = *hvcc.get(22)?;
+    let mut sets = Vec::new();
+    for _ in 0..arrays {
+        let count = u16::from_be_bytes([*hvcc.get(at + 1)?, *hvcc.get(at + 2)?]);
+        at += 3;
+        for _ in 0..count {
+            let len = usize::from(u16::from_be_bytes([*hvcc.get(at)?, *hvcc.get(at + 1)?]));
+            at += 2;
+            if at + len > hvcc.len() {
+                return None;
+            }
+            sets.push(hvcc.slice(at..at + len));
+            at += len;
+        }
+    }
+    Some(sets)
+}
+
 fn media_track(raw: RawTrack) -> VideoResult<MediaTrack> {
     let frame_rate = raw
         .default_duration_ns
@@ -330,6 +352,8 @@ fn media_track(raw: RawTrack) -> VideoResult<MediaTrack> {
             track.codec_string = hevc_codec_string(&raw.codec_private)
                 .ok_or_else(|| invalid("HEVCDecoderConfigurationRecord"))?;
             track.nal_length_size = hvcc_length_size(&raw.codec_private);
+            track.parameter_sets = hvcc_parameter_sets(&raw.codec_private)
+                .ok_or_else(|| invalid("HEVCDecoderConfigurationRecord"))?;
         }
         "A_AAC" | "A_AAC/MPEG4/LC" | "A_AAC/MPEG2/LC" => {
             if raw.codec_private.is_empty() {

@@ -1,17 +1,18 @@
 //! Still pictures from stored video, for GetImages and image generation: H.264 frames are
-//! decoded with OpenH264 (built from its bundled source) from the nearest preceding keyframe
-//! to the frames asked for, converted to RGB, optionally scaled, and encoded as JPEG or PNG
-//! with the `image` crate.
+//! decoded with OpenH264 and H.265 frames with libde265 (both built from their bundled
+//! sources) from the nearest preceding keyframe to the frames asked for, converted to RGB,
+//! optionally scaled, and encoded as JPEG or PNG with the `image` crate.
 //!
 //! Frames are fed in decode order; the decoder hands pictures back in display order, so the
 //! n-th picture out is the frame with the n-th smallest presentation time among the frames
-//! fed. Anything the decoder refuses (damaged or truncated frames, codecs OpenH264 does not
-//! decode such as H.265) is an error for the frames concerned, never a panic.
+//! fed. Anything the decoder refuses (damaged or truncated frames, other codecs) is an error
+//! for the frames concerned, never a panic.
 
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
 use image::imageops::FilterType;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
+use libde265_rs::{Channel, ChromaFormat, DeError, DecodeResult};
 use openh264::decoder::{DecodedYUV, Decoder, DecoderConfig, Flush};
 use openh264::formats::YUVSource;
 use openh264::OpenH264API;
@@ -116,9 +117,9 @@ pub fn encode(
     Ok(out)
 }
 
-/// An Annex-B access unit from a sample's 4-byte length-prefixed NAL units.
-fn annex_b(sample: &Sample) -> Result<Vec<u8>, PictureError> {
-    let units = nal_units(&sample.data, 4).map_err(|e| fail(e.message))?;
+/// An Annex-B access unit from a sample's length-prefixed NAL units.
+fn annex_b(sample: &Sample, length_size: usize) -> Result<Vec<u8>, PictureError> {
+    let units = nal_units(&sample.data, length_size).map_err(|e| fail(e.message))?;
     let mut out = Vec::with_capacity(sample.data.len() + 4);
     for unit in units {
         out.extend_from_slice(&[0, 0, 0, 1]);
@@ -150,9 +151,8 @@ pub fn decode_frames(
     samples: &[Sample],
     targets: &[usize],
 ) -> Vec<Result<Picture, PictureError>> {
-    let mut results: Vec<Option<Result<Picture, PictureError>>> = vec![None; targets.len()];
     let all_fail = |e: PictureError| targets.iter().map(|_| Err(e.clone())).collect();
-    if track.codec != Codec::H264 {
+    if !matches!(track.codec, Codec::H264 | Codec::H265) {
         return all_fail(fail(format!(
             "{} video cannot be decoded to a picture",
             track.codec_string
@@ -170,74 +170,204 @@ pub fn decode_frames(
     // Display-order rank of every fed frame; targets by rank.
     let mut display: Vec<usize> = (start..=last).collect();
     display.sort_by_key(|&i| (samples[i].pts, i));
-    let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); display.len()];
+    let mut wanted = Wanted {
+        by_rank: vec![Vec::new(); display.len()],
+        pts_by_rank: display.iter().map(|&i| samples[i].pts).collect(),
+        output: 0,
+        results: vec![None; targets.len()],
+    };
     for (slot, &target) in targets.iter().enumerate() {
         if let Some(rank) = display.iter().position(|&i| i == target) {
-            wanted[rank].push(slot);
+            wanted.by_rank[rank].push(slot);
         }
     }
-    let config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
-    let mut decoder = match Decoder::with_api_config(OpenH264API::from_source(), config) {
-        Ok(d) => d,
-        Err(e) => return all_fail(fail(format!("the H.264 decoder did not start: {e}"))),
+    let fed = &samples[start..=last];
+    let outcome = match track.codec {
+        Codec::H265 => decode_h265(track, fed, &mut wanted),
+        _ => decode_h264(track, fed, &mut wanted),
     };
-    let mut output = 0usize;
-    let mut keep = |yuv: &DecodedYUV<'_>, results: &mut Vec<Option<_>>| {
-        if let Some(slots) = wanted.get(output) {
-            if !slots.is_empty() {
-                let picture = to_picture(yuv);
-                for &slot in slots {
-                    results[slot] = Some(picture.clone());
-                }
+    let missing = outcome
+        .err()
+        .unwrap_or_else(|| fail("the decoder gave no picture for the frame"));
+    wanted
+        .results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(missing.clone())))
+        .collect()
+}
+
+/// The frames asked for, by their rank among the pictures a decoder hands out.
+struct Wanted {
+    /// For each display-order rank, the result slots that want that picture.
+    by_rank: Vec<Vec<usize>>,
+    /// The presentation time of each display-order rank.
+    pts_by_rank: Vec<i64>,
+    /// Pictures handed out so far.
+    output: usize,
+    results: Vec<Option<Result<Picture, PictureError>>>,
+}
+
+impl Wanted {
+    /// Takes the next picture in display order, converting it only when it is wanted.
+    fn next(&mut self, convert: impl FnOnce() -> Result<Picture, PictureError>) {
+        self.take(self.output, convert);
+        self.output += 1;
+    }
+
+    /// Takes the picture of the frame presented at `pts` (a decoder that carries each
+    /// frame's time through to its picture), converting it only when it is wanted.
+    fn at_pts(&mut self, pts: i64, convert: impl FnOnce() -> Result<Picture, PictureError>) {
+        if let Some(rank) = self.pts_by_rank.iter().position(|&p| p == pts) {
+            self.take(rank, convert);
+        }
+    }
+
+    fn take(&mut self, rank: usize, convert: impl FnOnce() -> Result<Picture, PictureError>) {
+        if let Some(slots) = self.by_rank.get(rank).filter(|s| !s.is_empty()) {
+            let picture = convert();
+            for &slot in slots {
+                self.results[slot] = Some(picture.clone());
             }
         }
-        output += 1;
-    };
-    let mut failure: Option<PictureError> = None;
+    }
+}
+
+/// Feeds `samples` (from a keyframe, decode order) to OpenH264; an error ends decoding.
+fn decode_h264(
+    track: &MediaTrack,
+    samples: &[Sample],
+    wanted: &mut Wanted,
+) -> Result<(), PictureError> {
+    let config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
+    let mut decoder = Decoder::with_api_config(OpenH264API::from_source(), config)
+        .map_err(|e| fail(format!("the H.264 decoder did not start: {e}")))?;
     let mut parameter_sets = Vec::new();
     for set in &track.parameter_sets {
         parameter_sets.extend_from_slice(&[0, 0, 0, 1]);
         parameter_sets.extend_from_slice(set);
     }
     if !parameter_sets.is_empty() {
-        if let Err(e) = decoder.decode(&parameter_sets) {
-            failure = Some(fail(format!("the parameter sets do not decode: {e}")));
+        decoder
+            .decode(&parameter_sets)
+            .map_err(|e| fail(format!("the parameter sets do not decode: {e}")))?;
+    }
+    for sample in samples {
+        let access_unit = annex_b(sample, track.nal_length_size)?;
+        match decoder.decode(&access_unit) {
+            Ok(Some(yuv)) => wanted.next(|| to_picture(&yuv)),
+            Ok(None) => {}
+            Err(e) => return Err(fail(format!("the frame does not decode: {e}"))),
         }
     }
-    if failure.is_none() {
-        for sample in &samples[start..=last] {
-            let access_unit = match annex_b(sample) {
-                Ok(a) => a,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+    let pictures = decoder
+        .flush_remaining()
+        .map_err(|e| fail(format!("the decoder could not finish: {e}")))?;
+    for yuv in &pictures {
+        wanted.next(|| to_picture(yuv));
+    }
+    Ok(())
+}
+
+/// Feeds `samples` (from a keyframe, decode order) to libde265, NAL unit by NAL unit after
+/// the hvcC's parameter sets, each frame's units with its presentation time, which its
+/// picture carries out; an error ends decoding.
+fn decode_h265(
+    track: &MediaTrack,
+    samples: &[Sample],
+    wanted: &mut Wanted,
+) -> Result<(), PictureError> {
+    let (mut input, mut output) = libde265_rs::new_decoder()
+        .map_err(|e| fail(format!("the H.265 decoder did not start: {e}")))?;
+    let refused = |e: DeError| fail(format!("the frame does not decode: {e}"));
+    for set in &track.parameter_sets {
+        input.push_nal(set, 0, 0).map_err(refused)?;
+    }
+    for sample in samples {
+        let units = nal_units(&sample.data, track.nal_length_size).map_err(|e| fail(e.message))?;
+        for unit in units {
+            input.push_nal(unit, sample.pts, 0).map_err(refused)?;
+        }
+        input.push_end_of_frame();
+        run_h265(&mut input, &mut output, wanted)?;
+    }
+    input.flush_data().map_err(refused)?;
+    run_h265(&mut input, &mut output, wanted)
+}
+
+/// Decodes what libde265 has been given, handing out the pictures it completes.
+fn run_h265(
+    input: &mut libde265_rs::DecoderInput,
+    output: &mut libde265_rs::DecoderOutput,
+    wanted: &mut Wanted,
+) -> Result<(), PictureError> {
+    // Each step decodes at least a slice; a bound keeps a decoder that claims more work
+    // forever from spinning.
+    for _ in 0..100_000 {
+        let step = input.decode();
+        while let Some(image) = output.next_picture() {
+            wanted.at_pts(image.pts(), || hevc_picture(&image));
+        }
+        match step {
+            Ok(DecodeResult::CallAgain)
+            | Err(DeError::ErrorImageBufferFull)
+            | Err(DeError::ErrorCannotProcessSei) => {}
+            Ok(DecodeResult::Done) | Err(DeError::ErrorWaitingForInputData) => return Ok(()),
+            Err(e) => return Err(fail(format!("the frame does not decode: {e}"))),
+        }
+    }
+    Err(fail("the H.265 decoder did not finish"))
+}
+
+/// An 8-bit 4:2:0 libde265 picture in RGB (BT.601, limited or full range as signalled).
+fn hevc_picture(image: &libde265_rs::Image<'_>) -> Result<Picture, PictureError> {
+    if image.chroma_format() != ChromaFormat::C420
+        || [Channel::Y, Channel::Cb, Channel::Cr]
+            .iter()
+            .any(|&c| image.bits_per_pixel(c) != 8)
+    {
+        return Err(fail(
+            "only 8-bit 4:2:0 H.265 pictures are converted to images",
+        ));
+    }
+    let (width, height) = (image.width(Channel::Y), image.height(Channel::Y));
+    if width == 0 || height == 0 {
+        return Err(fail("the decoder returned an empty picture"));
+    }
+    let (y, y_stride) = image.plane(Channel::Y);
+    let (cb, cb_stride) = image.plane(Channel::Cb);
+    let (cr, cr_stride) = image.plane(Channel::Cr);
+    let full = image.full_range();
+    let mut rgb = Vec::with_capacity(width as usize * height as usize * 3);
+    for row in 0..height as usize {
+        for col in 0..width as usize {
+            let sample = |plane: &[u8], stride: usize, r: usize, c: usize| -> Option<f32> {
+                plane.get(r * stride + c).map(|&v| f32::from(v))
             };
-            match decoder.decode(&access_unit) {
-                Ok(Some(yuv)) => keep(&yuv, &mut results),
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(fail(format!("the frame does not decode: {e}")));
-                    break;
-                }
-            }
+            let (Some(luma), Some(blue), Some(red)) = (
+                sample(y, y_stride, row, col),
+                sample(cb, cb_stride, row / 2, col / 2),
+                sample(cr, cr_stride, row / 2, col / 2),
+            ) else {
+                return Err(fail("the decoded picture has an unexpected size"));
+            };
+            let (luma, blue, red) = if full {
+                (luma, blue - 128.0, red - 128.0)
+            } else {
+                (
+                    (luma - 16.0) * 255.0 / 219.0,
+                    (blue - 128.0) * 255.0 / 224.0,
+                    (red - 128.0) * 255.0 / 224.0,
+                )
+            };
+            let clamp = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+            rgb.push(clamp(luma + 1.402 * red));
+            rgb.push(clamp(luma - 0.344_136 * blue - 0.714_136 * red));
+            rgb.push(clamp(luma + 1.772 * blue));
         }
     }
-    if failure.is_none() {
-        match decoder.flush_remaining() {
-            Ok(pictures) => {
-                for yuv in &pictures {
-                    keep(yuv, &mut results);
-                }
-            }
-            Err(e) => failure = Some(fail(format!("the decoder could not finish: {e}"))),
-        }
-    }
-    let missing = failure.unwrap_or_else(|| fail("the decoder gave no picture for the frame"));
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(missing.clone())))
-        .collect()
+    RgbImage::from_raw(width, height, rgb)
+        .map(Picture)
+        .ok_or_else(|| fail("the decoded picture has an unexpected size"))
 }
 
 #[cfg(test)]
