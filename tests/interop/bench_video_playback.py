@@ -5,7 +5,7 @@
    one playlist round trip on the same connection (the floor any server has).
 2. Glass-to-glass delay in chromium + hls.js for HLS and LL-HLS (targets <= 3 s and <= 1.5 s),
    as measured by tests/interop/test_video_browser.py: HLS in Mooring's own player page
-   (/console/video/{stream}, which sets hls.js's liveSyncDurationCount to 2) and in hls.js
+   (/console/video/{stream}, which sets hls.js's liveSyncDuration to 1.5 s) and in hls.js
    with its defaults (which keep three target durations, 3 s here, behind the live edge, the
    HOLD-BACK floor RFC 8216 sets for servers), and LL-HLS in hls.js's lowLatencyMode.
 3. Concurrent HLS viewers per core: client processes fetch playlist + newest fragment as fast
