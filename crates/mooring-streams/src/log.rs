@@ -367,8 +367,8 @@ fn write_all_vectored_at(
     Ok(())
 }
 
-/// Creates the spare segment file at `path`: `size` bytes allocated (`fallocate`, or a
-/// sparse file where the filesystem cannot), mapped and faulted in for writing.
+/// Creates the spare segment file at `path`: `size` bytes allocated (`fallocate`), mapped
+/// and faulted in for writing.
 fn prepare_spare(path: &Path, size: u64) -> std::io::Result<(File, WritableMap)> {
     let file = OpenOptions::new()
         .read(true)
@@ -376,10 +376,12 @@ fn prepare_spare(path: &Path, size: u64) -> std::io::Result<(File, WritableMap)>
         .create(true)
         .truncate(true)
         .open(path)?;
+    // The blocks must be allocated up front: a write through the mapping into a hole that the
+    // filesystem then has no room for would be a SIGBUS, not an error. Where `fallocate` is
+    // not supported, the stream writes without spares.
     // SAFETY: a plain system call on a descriptor this function owns.
-    let allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } == 0;
-    if !allocated {
-        file.set_len(size)?;
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     let map = WritableMap::new(&file, size as usize)?;
     Ok((file, map))
