@@ -44,9 +44,11 @@ pub const MAX_QUEUED_PER_CLIENT: usize = 10_000;
 pub const BACKLOG_HIGH_WATER: usize = 1_000;
 /// A backlogged subscriber releases its publishers once its backlog is below this.
 pub const BACKLOG_LOW_WATER: usize = 500;
-/// A backlogged subscriber whose backlog does not shrink for this long is stalled: publishers
-/// stop waiting for it (its messages beyond [`MAX_QUEUED_PER_CLIENT`] are dropped) until it
-/// drains, so one client that stops reading slows its publishers for at most this long.
+/// A backlogged subscriber that has not drained below the low-water mark this long after a
+/// publisher started waiting for it is slow: publishers stop waiting for it (its messages
+/// beyond [`MAX_QUEUED_PER_CLIENT`] are dropped, as without the wait) until it drains. So a
+/// subscriber that keeps up on average loses nothing, and one that cannot (or stops reading)
+/// holds its publishers for at most this long per backlog, not at its own pace.
 pub const BACKLOG_STALL: Duration = Duration::from_secs(1);
 /// Bytes of queued messages one pass of [`Broker::fill_outgoing`] encodes before the
 /// connection writes them (a fast subscriber of large messages gets them in large writes).
@@ -231,7 +233,8 @@ pub(crate) struct SessionState {
     dropped: u64,
     /// Publishers wait for this session's backlog to drain (it passed the high-water mark).
     backlogged: bool,
-    /// The backlog stopped shrinking while publishers waited: they no longer wait for it.
+    /// The backlog did not drain while a publisher waited: publishers no longer wait for it
+    /// (until it drains).
     stalled: bool,
 }
 
@@ -643,34 +646,27 @@ impl Broker {
     }
 
     /// Resolves once none of `sessions` is backlogged any more: each has drained below the
-    /// low-water mark, disconnected, or stalled (its backlog did not shrink for
-    /// [`BACKLOG_STALL`]; it is then marked so that publishers stop waiting for it).
+    /// low-water mark, disconnected, or is slow (still backlogged [`BACKLOG_STALL`] after the
+    /// wait began; it is then marked so that publishers stop waiting for it).
     pub async fn wait_for_room(&self, sessions: Vec<Arc<Session>>) {
+        let deadline = tokio::time::Instant::now() + BACKLOG_STALL;
         for session in sessions {
-            let mut last = usize::MAX;
-            let mut progress_at = tokio::time::Instant::now();
             loop {
                 let drained = self.inner.drained.notified();
                 tokio::pin!(drained);
                 drained.as_mut().enable();
-                let backlog = {
-                    let state = session.lock();
+                {
+                    let mut state = session.lock();
                     if !state.backlogged || state.stalled || state.connection.is_none() {
                         break;
                     }
-                    state.backlog()
-                };
-                let now = tokio::time::Instant::now();
-                if backlog < last {
-                    last = backlog;
-                    progress_at = now;
-                } else if now >= progress_at + BACKLOG_STALL {
-                    let mut state = session.lock();
-                    state.stalled = true;
-                    tracing::debug!(client_id = %session.client_id, backlog, "subscriber stalled; publishers stop waiting for it");
-                    break;
+                    if tokio::time::Instant::now() >= deadline {
+                        state.stalled = true;
+                        tracing::debug!(client_id = %session.client_id, backlog = state.backlog(), "slow subscriber; publishers stop waiting for it");
+                        break;
+                    }
                 }
-                let _ = tokio::time::timeout_at(progress_at + BACKLOG_STALL, drained).await;
+                let _ = tokio::time::timeout_at(deadline, drained).await;
             }
         }
     }

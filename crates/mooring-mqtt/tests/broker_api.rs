@@ -712,7 +712,7 @@ async fn publishers_wait_for_a_backlogged_subscriber_but_not_for_a_stalled_one()
         p.await.unwrap();
     }
 
-    // A subscriber that never reads stalls: after at most a stall interval its publisher is
+    // A subscriber that never reads is slow: after at most the stall interval its publisher is
     // read again, and the other subscriber of the topic receives every message.
     let (mut stalled, _) = TestClient::connect(addr, "stalled", V311, true).await;
     stalled.subscribe("fan/stall", 0).await;
