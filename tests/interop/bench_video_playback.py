@@ -179,14 +179,17 @@ http {{ access_log off; client_body_temp_path {workdir}; proxy_temp_path {workdi
 def browser_delays(m, name, cam):
     from test_video_browser import check_playback, glass_to_glass, play
     figures = {}
+    # (label, how it is played, target s, hls.js settings): Mooring's player page as served,
+    # or the session URL in hls.js, plain or low-latency.
     cases = (("HLS, Mooring's player page /console/video", "page", 3.0, {}),
-             ("HLS, hls.js defaults", False, 3.0, {}),
-             ("HLS, hls.js liveSyncDurationCount=2", False, 3.0, {"liveSyncDurationCount": 2}),
-             ("LL-HLS, hls.js lowLatencyMode", True, 1.5, {}))
-    for label, ll, target, config in cases:
-        if ll == "page":
+             ("HLS, hls.js defaults", "hls", 3.0, {}),
+             ("HLS, hls.js liveSyncDurationCount=2", "hls", 3.0, {"liveSyncDurationCount": 2}),
+             ("LL-HLS, hls.js lowLatencyMode", "ll-hls", 1.5, {}))
+    for label, mode, target, config in cases:
+        if mode == "page":
             out = play(f"{m.url}/console/video/{name}?hls_js=/__browser_test__/hls.min.js", player="page")
         else:
+            ll = mode == "ll-hls"
             url = session_url(m, name, ContainerFormat="FRAGMENTED_MP4", DisplayFragmentTimestamp="ALWAYS")
             out = play(url + ("&LowLatency=ON" if ll else ""), low_latency=ll, hls_config=config)
         check_playback(out)

@@ -621,11 +621,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         };
         let mut kicked_open = true;
         // Packets that arrived together with CONNECT.
-        if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
+        if let Err(exit) = Box::pin(self.decode_buffered(max_packet)).await {
             return exit;
-        }
-        if self.inbuf.is_empty() {
-            self.inbuf = BytesMut::new();
         }
         loop {
             let ops = self.broker.fill_outgoing(
@@ -691,11 +688,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }), if self.read_gate.is_some() => {
                     self.read_gate = None;
                     // Decode what was read before the wait.
-                    if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
+                    if let Err(exit) = Box::pin(self.decode_buffered(max_packet)).await {
                         return exit;
-                    }
-                    if self.inbuf.is_empty() {
-                        self.inbuf = BytesMut::new();
                     }
                 }
                 read = std::future::poll_fn(|cx| poll_read_input(&mut self.stream, &mut self.inbuf, &mut self.read_size, limited, cx)), if self.read_gate.is_none() => {
@@ -717,6 +711,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
             }
         }
+    }
+
+    /// Decodes packets already buffered (sent with CONNECT, or read before a read gate) and
+    /// gives the buffer back once it is empty.
+    async fn decode_buffered(&mut self, max_packet: usize) -> Result<(), Exit> {
+        Box::pin(self.decode_all(max_packet)).await?;
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
+        Ok(())
     }
 
     async fn decode_all(&mut self, max_packet: usize) -> Result<(), Exit> {
