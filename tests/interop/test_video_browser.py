@@ -77,7 +77,7 @@ def play(url, low_latency=False, hls_config=None, player="hls", dash_config=None
                      "chromium": CHROMIUM, "bits": BITS, "block": BLOCK, "hlsConfig": hls_config or {},
                      "dashConfig": dash_config or {},
                      "consoleFile": os.environ.get("BROWSER_CONSOLE_FILE")})],
-        capture_output=True, text=True, timeout=seconds + 90, cwd=NODE_DIR)
+        capture_output=True, text=True, timeout=2 * seconds + 90, cwd=NODE_DIR)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "exception" not in out, out
@@ -114,7 +114,11 @@ def check_playback(out, seconds=SECONDS):
         "bufferStalledError", "bufferNudgeOnStall")], errors
     assert after["readyState"] >= 3, after
     assert after["currentTime"] - before["currentTime"] >= seconds * 0.8, (before, after)
-    assert after["dropped"] - before["dropped"] == 0, (before, after)
+    # play.js measures a second window only when the first dropped a frame; that second one
+    # must drop none (see play.js: a drop the stream causes recurs every fragment).
+    if len(out["windows"]) > 1:
+        print(f"{out['player']}: the first window dropped a frame, measured again: {out['windows']}")
+    assert after["dropped"] - before["dropped"] == 0, (out["windows"], out["report"]["events"])
     assert after["total"] - before["total"] >= seconds * 20, (before, after)
 
 

@@ -10,7 +10,7 @@
 // internet; it then falls back to the manifest response's Date header).
 //
 // usage: node play.js '{"url": "...", "player": "hls", "lowLatency": false, "seconds": 10,
-//                      "startTimeout": 40, "hlsConfig": {...extra hls.js settings},
+//                      "startTimeout": 40, "windows": 2, "hlsConfig": {...extra hls.js settings},
 //                      "dashConfig": {...dash.js settings, for player.updateSettings},
 //                      "chromium": "/usr/bin/chromium", "bits": 16, "block": 16,
 //                      "consoleFile": "path to keep the page's console in"}'
@@ -53,8 +53,15 @@ function startPlayer({ player, url, lowLatency, bits, block, hlsConfig, dashConf
     document.body.appendChild(canvas);
   }
   const ctx = canvas.getContext('2d', { willReadFrequently: true });
-  const state = { errors: [], frames: [], delays: [], fragments: 0, parts: 0 };
+  const state = { errors: [], frames: [], delays: [], fragments: 0, parts: 0, events: [] };
   window.report = state;
+  // Seeks, rate changes and stalls, each with the dropped-frame count at that moment: what the
+  // player did around a dropped frame.
+  for (const type of ['seeking', 'ratechange', 'waiting']) {
+    video.addEventListener(type, () => state.events.push({
+      type, at: Date.now(), currentTime: video.currentTime, rate: video.playbackRate,
+      dropped: video.getVideoPlaybackQuality().droppedVideoFrames }));
+  }
   let playingDate = () => null;
   if (player === 'page') {
     // The page's hls.js (window.hls) and the errors it has seen (window.playerErrors).
@@ -135,6 +142,7 @@ function snapshot() {
     dropped: q.droppedVideoFrames,
     total: q.totalVideoFrames,
     fatal: window.report.errors.filter((e) => e.fatal).length,
+    buffered: Array.from({ length: v.buffered.length }, (_, i) => [v.buffered.start(i), v.buffered.end(i)]),
   };
 }
 
@@ -183,10 +191,21 @@ function snapshot() {
       }
       first = s.currentTime > 0 ? first : s;
     }
+    // The measuring window. A frame the browser drops now and then on a busy machine (its
+    // decoder or compositor missing a deadline) does not recur; one the stream causes (a gap,
+    // a seek) recurs every fragment. So a window with a dropped frame is kept in "windows" and
+    // one more window is measured: out.before/out.after are the last window's.
     out.start_wall = Date.now();
-    const before = await page.evaluate(snapshot);
-    if (out.started) await page.waitForTimeout((options.seconds || 10) * 1000);
-    const after = await page.evaluate(snapshot);
+    out.windows = [];
+    let before = await page.evaluate(snapshot);
+    let after = before;
+    for (let w = 0; w < (options.windows || 2) && out.started; w++) {
+      await page.waitForTimeout((options.seconds || 10) * 1000);
+      after = await page.evaluate(snapshot);
+      out.windows.push({ before, after });
+      if (after.dropped === before.dropped) break;
+      before = after;
+    }
     out.before = before;
     out.after = after;
     out.report = await page.evaluate(() => ({
@@ -195,6 +214,7 @@ function snapshot() {
       delays: window.report.delays,
       fragments: window.report.fragments,
       parts: window.report.parts,
+      events: window.report.events,
       ...window.latency(),
     }));
     out.console = console_lines.slice(-20);
