@@ -22,7 +22,7 @@
 //!
 //! Run: `cargo bench -p mooring-streams --no-default-features --bench append` (the AWS
 //! destinations are not needed and dominate a release build; `BENCH_SCALE=0.3` for a
-//! quicker pass, `BENCH_DIR` to pick the disk). Prints MB/s, appends/s, the ratio to the raw
+//! quicker pass, `BENCH_DIR` to pick the disk, `BENCH_SIZES=65536` for one message size). Prints MB/s, appends/s, the ratio to the raw
 //! peer, and whether the targets are met.
 
 use std::fs::File;
@@ -417,10 +417,19 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(5)
             .max(1);
+        // `BENCH_SIZES=65536` (comma-separated) measures only those message sizes.
+        let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
         for (size, count, fsync_count, sdk_count) in [
             (512usize, n(200_000), n(40_000), n(8_000)),
             (64 * 1024, n(6_000), n(1_000), n(800)),
         ] {
+            if !sizes.is_empty() && !sizes.contains(&size) {
+                continue;
+            }
             println!("message size {size} B");
             let mut raws = Vec::new();
             let mut per_records = Vec::new();
