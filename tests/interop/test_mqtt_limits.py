@@ -101,3 +101,30 @@ def test_throughput_limit_is_configurable(mooring_factory):
     elapsed, received, payloads = send_bulk(m, "bulk/tuned", 9, protocol=V5)
     assert received == payloads
     assert elapsed >= 2.0, f"1,080 KiB went through in {elapsed:.2f} s"
+
+
+def test_throughput_to_a_subscriber_over_512_kib_per_second_is_delayed_not_dropped(mooring):
+    # Four publishers send 4 x 120 KiB each, all at once: each stays within its own first
+    # second's 512 KiB, so nothing holds them back. The subscriber's 1,920 KiB then need at
+    # least (1,920 - 512 - one 256 KiB batch taken before the pause) / 512 = 2.25 s on its
+    # connection. Unthrottled, loopback delivers them in well under a second.
+    topic = "bulk/fan-in"
+    sub = Client(mooring, client_id="fan-in-subscriber")
+    sub.sub(topic, 1)
+    pubs = [Client(mooring, client_id=f"fan-in-publisher-{k}") for k in range(4)]
+    payloads = {bytes([16 * k + i]) * CHUNK for k in range(4) for i in range(4)}
+    started = time.time()
+    infos = [p.pub(topic, bytes([16 * k + i]) * CHUNK, 1, wait=False)
+             for k, p in enumerate(pubs) for i in range(4)]
+    for info in infos:
+        info.wait_for_publish(10)
+        assert info.is_published()
+    published = time.time() - started
+    received = {sub.expect(topic, timeout=60).payload for _ in range(16)}
+    elapsed = time.time() - started
+    assert received == payloads
+    # The publishers were not held back; the subscriber was.
+    assert published < 1.5, f"the publishers took {published:.2f} s"
+    assert elapsed >= 1.8, f"1,920 KiB reached one subscriber in {elapsed:.2f} s"
+    for c in [sub, *pubs]:
+        c.stop()

@@ -4,7 +4,9 @@
 //! The connection is a single task: it reads and decodes packets, answers them, writes the
 //! messages its session has queued, acknowledges QoS 1/2 publishes once the broker says
 //! they are durable (in order), watches the keep-alive (1.5 x the negotiated value), and
-//! reacts to a takeover or the server's shutdown. Every way a connection can end maps to
+//! reacts to a takeover or the server's shutdown. What it reads and the messages it sends
+//! each stay within the profile's byte rate (AWS: 512 KiB/s per connection, the excess
+//! delayed). Every way a connection can end maps to
 //! an AWS `disconnectReason`, to whether the will is published, and for MQTT 5 to the
 //! reason code of the server's DISCONNECT.
 
@@ -263,14 +265,47 @@ struct Connection<S> {
     will: Option<Box<Will>>,
     /// The lifecycle version number of this connection (for the disconnected event).
     version_number: u64,
-    /// Bytes the client may still send now under `bytes_per_second_per_connection`
-    /// (negative: owed), as of `budget_at`.
-    byte_budget: i64,
-    budget_at: Instant,
+    /// Bytes the client may still send now under `bytes_per_second_per_connection`.
+    inbound_budget: ByteBudget,
+    /// The same limit on the messages the broker sends the client, and while it is overspent,
+    /// the wait before more are taken from the session's queue (AWS: "excess delayed").
+    /// Allocated when the connection is first sent a message.
+    outbound: Option<Box<OutboundThrottle>>,
     /// While set, nothing more is decoded or read until it resolves: the client sent faster
     /// than its byte rate, or subscribers it published to are backlogged
     /// ([`Broker::wait_for_room`]).
     read_gate: Option<BoxFuture<'static, ()>>,
+}
+
+/// A byte rate's budget: bytes that may pass now (negative: owed), as of `at`. It refills at
+/// the rate, up to one second's worth.
+struct ByteBudget {
+    left: i64,
+    at: Instant,
+}
+
+impl ByteBudget {
+    fn full(rate: Option<u64>) -> ByteBudget {
+        ByteBudget {
+            left: rate.map_or(0, |rate| rate as i64),
+            at: Instant::now(),
+        }
+    }
+
+    /// Charges `n` bytes at `now`; returns how long to pause when that overspends.
+    fn spend(&mut self, rate: u64, n: usize, now: Instant) -> Option<Duration> {
+        let rate = rate as i64;
+        let earned = (now.duration_since(self.at).as_secs_f64() * rate as f64) as i64;
+        self.at = now;
+        self.left = (self.left.saturating_add(earned)).min(rate) - n as i64;
+        (self.left < 0).then(|| Duration::from_secs_f64(-self.left as f64 / rate as f64))
+    }
+}
+
+/// See [`Connection::outbound`].
+struct OutboundThrottle {
+    budget: ByteBudget,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
@@ -472,10 +507,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             kicked: Some(opened.kicked),
             will: connect.will.take().map(Box::new),
             version_number: opened.version_number,
-            byte_budget: profile
-                .bytes_per_second_per_connection
-                .map_or(0, |rate| rate as i64),
-            budget_at: Instant::now(),
+            inbound_budget: ByteBudget::full(profile.bytes_per_second_per_connection),
+            outbound: None,
             read_gate: None,
         };
         drop(connect);
@@ -625,13 +658,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return exit;
         }
         loop {
-            let ops = self.broker.fill_outgoing(
-                &self.session,
-                self.connection_id,
-                self.version,
-                &mut self.out,
-            );
-            self.broker.persist_background(ops);
+            if !self.outbound_paused() {
+                let before = self.out.len();
+                let ops = self.broker.fill_outgoing(
+                    &self.session,
+                    self.connection_id,
+                    self.version,
+                    &mut self.out,
+                );
+                self.broker.persist_background(ops);
+                let sent = self.out.len() - before;
+                if sent > 0 {
+                    self.spend_outbound_budget(sent);
+                }
+            }
+            let paused = self.outbound_paused();
             if self.flush().await.is_err() {
                 return Exit::new(DisconnectReason::ConnectionLost);
             }
@@ -681,6 +722,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
                 _ = &mut notified => {
                     notified.set(session.notified());
+                }
+                _ = std::future::poll_fn(|cx| match self.outbound.as_mut().and_then(|t| t.pause.as_mut()) {
+                    Some(pause) => std::future::Future::poll(pause.as_mut(), cx),
+                    None => Poll::Pending,
+                }), if paused => {
+                    if let Some(throttle) = &mut self.outbound {
+                        throttle.pause = None;
+                    }
                 }
                 _ = std::future::poll_fn(|cx| match &mut self.read_gate {
                     Some(gate) => gate.as_mut().poll(cx),
@@ -854,14 +903,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let Some(rate) = self.broker.profile().bytes_per_second_per_connection else {
             return;
         };
-        let rate = rate as i64;
-        let earned = (now.duration_since(self.budget_at).as_secs_f64() * rate as f64) as i64;
-        self.budget_at = now;
-        self.byte_budget = (self.byte_budget.saturating_add(earned)).min(rate) - n as i64;
-        if self.byte_budget < 0 {
-            let wait = Duration::from_secs_f64(-self.byte_budget as f64 / rate as f64);
+        if let Some(wait) = self.inbound_budget.spend(rate, n, now) {
             self.read_gate = Some(Box::pin(tokio::time::sleep(wait)));
         }
+    }
+
+    /// Charges `n` bytes of messages sent to the client against the connection's byte
+    /// rate; when it is exceeded, no more are taken from the session until it is paid back.
+    fn spend_outbound_budget(&mut self, n: usize) {
+        let Some(rate) = self.broker.profile().bytes_per_second_per_connection else {
+            return;
+        };
+        let throttle = self.outbound.get_or_insert_with(|| {
+            Box::new(OutboundThrottle {
+                budget: ByteBudget::full(Some(rate)),
+                pause: None,
+            })
+        });
+        if let Some(wait) = throttle.budget.spend(rate, n, Instant::now()) {
+            throttle.pause = Some(Box::pin(tokio::time::sleep(wait)));
+        }
+    }
+
+    /// Whether sending messages is paused by the outbound byte rate.
+    fn outbound_paused(&self) -> bool {
+        self.outbound.as_ref().is_some_and(|t| t.pause.is_some())
     }
 
     fn rare(&mut self) -> &mut RareState {
