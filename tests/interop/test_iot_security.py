@@ -285,6 +285,112 @@ def test_policy_operations(mooring):
     assert error_of(e) == ("LimitExceededException", 410)
 
 
+def test_policy_versions(mooring, tmp_path):
+    """CreatePolicyVersion, GetPolicyVersion, ListPolicyVersions, SetDefaultPolicyVersion and
+    DeletePolicyVersion through boto3 and the CLI: shapes, the 5-version limit, the errors, the
+    default version deciding a live connection's next publish, and a restart keeping it all."""
+    iot = mooring.client("iot")
+    allow_a = policy({"Effect": "Allow", "Action": ["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"],
+                      "Resource": "*"},
+                     {"Effect": "Deny", "Action": "iot:Publish", "Resource": arn(mooring, "topic/versions/b")})
+    allow_b = policy({"Effect": "Allow", "Action": ["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"],
+                      "Resource": "*"},
+                     {"Effect": "Deny", "Action": "iot:Publish", "Resource": arn(mooring, "topic/versions/a")})
+    dev = Device(mooring, tmp_path, policy=allow_a)
+    name, policy_arn = dev.policy_name, arn(mooring, f"policy/{dev.policy_name}")
+
+    r = iot.create_policy_version(policyName=name, policyDocument=allow_b)
+    assert {k: r[k] for k in ("policyArn", "policyDocument", "policyVersionId", "isDefaultVersion")} == {
+        "policyArn": policy_arn, "policyDocument": allow_b, "policyVersionId": "2", "isDefaultVersion": False}
+    g = iot.get_policy_version(policyName=name, policyVersionId="2")
+    assert {k: g[k] for k in ("policyArn", "policyName", "policyDocument", "policyVersionId", "isDefaultVersion")} == {
+        "policyArn": policy_arn, "policyName": name, "policyDocument": allow_b, "policyVersionId": "2",
+        "isDefaultVersion": False}
+    assert isinstance(g["creationDate"], datetime.datetime) and g["generationId"]
+    assert iot.get_policy_version(policyName=name, policyVersionId="1")["isDefaultVersion"] is True
+    assert iot.get_policy(policyName=name)["defaultVersionId"] == "1"
+    listed = iot.list_policy_versions(policyName=name)["policyVersions"]
+    assert [(v["versionId"], v["isDefaultVersion"]) for v in listed] == [("2", False), ("1", True)]
+    assert all(isinstance(v["createDate"], datetime.datetime) for v in listed)
+
+    # Version 1 is the default: versions/a is allowed, versions/b denied (PUBACK 0x87).
+    c = Client(mooring, client_id="versions-dev", protocol=V5, tls_context=dev.tls())
+    assert c.pubacks[c.pub("versions/a", b"1", 1).mid].value == 0
+    assert c.pubacks[c.pub("versions/b", b"1", 1).mid].value == 0x87
+    # Switching the default takes effect on the live connection's next publish.
+    iot.set_default_policy_version(policyName=name, policyVersionId="2")
+    assert iot.get_policy(policyName=name)["defaultVersionId"] == "2"
+    assert iot.get_policy(policyName=name)["policyDocument"] == allow_b
+    assert c.pubacks[c.pub("versions/a", b"2", 1).mid].value == 0x87
+    assert c.pubacks[c.pub("versions/b", b"2", 1).mid].value == 0
+
+    # setAsDefault on create; at most 5 versions; ids are never reused.
+    for expected in ("3", "4", "5"):
+        r = iot.create_policy_version(policyName=name, policyDocument=allow_a, setAsDefault=expected == "5")
+        assert r["policyVersionId"] == expected and r["isDefaultVersion"] is (expected == "5")
+    assert iot.get_policy(policyName=name)["defaultVersionId"] == "5"
+    assert c.pubacks[c.pub("versions/a", b"5", 1).mid].value == 0
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.create_policy_version(policyName=name, policyDocument=allow_a)
+    assert error_of(e) == ("VersionsLimitExceededException", 409)
+    iot.delete_policy_version(policyName=name, policyVersionId="4")
+    assert iot.create_policy_version(policyName=name, policyDocument=allow_b)["policyVersionId"] == "6"
+
+    # Errors: the default version cannot be deleted, nor a policy with other versions; unknown
+    # versions and policies are 404; a malformed document or version id is 400.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.delete_policy_version(policyName=name, policyVersionId="5")
+    assert error_of(e) == ("DeleteConflictException", 409)
+    iot.detach_policy(policyName=name, target=dev.arn)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.delete_policy(policyName=name)
+    assert error_of(e) == ("DeleteConflictException", 409)
+    iot.attach_policy(policyName=name, target=dev.arn)
+    for call, args in [(iot.get_policy_version, {"policyVersionId": "4"}),
+                       (iot.set_default_policy_version, {"policyVersionId": "9"}),
+                       (iot.delete_policy_version, {"policyVersionId": "4"})]:
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            call(policyName=name, **args)
+        assert error_of(e) == ("ResourceNotFoundException", 404), call
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.list_policy_versions(policyName="no-such-policy")
+    assert error_of(e) == ("ResourceNotFoundException", 404)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.create_policy_version(policyName=name, policyDocument="{not json")
+    assert error_of(e) == ("MalformedPolicyException", 400)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.get_policy_version(policyName=name, policyVersionId="latest")
+    assert error_of(e) == ("InvalidRequestException", 400)
+
+    # The CLI's view, and everything after a SIGKILL and restart.
+    out = json.loads(cli(mooring, "iot", "list-policy-versions", "--policy-name", name).stdout)
+    assert [(v["versionId"], v["isDefaultVersion"]) for v in out["policyVersions"]] == [
+        ("6", False), ("5", True), ("3", False), ("2", False), ("1", False)]
+    c.stop()
+    mooring.kill()
+    mooring.start()
+    iot = mooring.client("iot")
+    after = iot.list_policy_versions(policyName=name)["policyVersions"]
+    assert [(v["versionId"], v["isDefaultVersion"]) for v in after] == [
+        ("6", False), ("5", True), ("3", False), ("2", False), ("1", False)]
+    assert iot.get_policy_version(policyName=name, policyVersionId="2")["policyDocument"] == allow_b
+    # The highest id handed out survives too.
+    iot.delete_policy_version(policyName=name, policyVersionId="1")
+    assert iot.create_policy_version(policyName=name, policyDocument=allow_b)["policyVersionId"] == "7"
+    c = Client(mooring, client_id="versions-dev", protocol=V5, tls_context=dev.tls())
+    assert c.pubacks[c.pub("versions/a", b"after", 1).mid].value == 0
+    assert c.pubacks[c.pub("versions/b", b"after", 1).mid].value == 0x87
+    # Deleting every other version lets the policy go (once detached).
+    for v in ("7", "6", "3", "2"):
+        iot.delete_policy_version(policyName=name, policyVersionId=v)
+    c.stop()
+    iot.detach_policy(policyName=name, target=dev.arn)
+    iot.delete_policy(policyName=name)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        iot.get_policy(policyName=name)
+    assert error_of(e) == ("ResourceNotFoundException", 404)
+
+
 def test_thing_principals(mooring):
     iot = mooring.client("iot")
     iot.create_thing(thingName="dev-1")

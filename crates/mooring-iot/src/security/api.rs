@@ -97,6 +97,36 @@ pub fn routes() -> Vec<RouteRow> {
             delete_policy,
         ),
         (
+            Method::POST,
+            "/policies/{policyName}/version",
+            "CreatePolicyVersion",
+            create_policy_version,
+        ),
+        (
+            Method::GET,
+            "/policies/{policyName}/version",
+            "ListPolicyVersions",
+            list_policy_versions,
+        ),
+        (
+            Method::GET,
+            "/policies/{policyName}/version/{policyVersionId}",
+            "GetPolicyVersion",
+            get_policy_version,
+        ),
+        (
+            Method::PATCH,
+            "/policies/{policyName}/version/{policyVersionId}",
+            "SetDefaultPolicyVersion",
+            set_default_policy_version,
+        ),
+        (
+            Method::DELETE,
+            "/policies/{policyName}/version/{policyVersionId}",
+            "DeletePolicyVersion",
+            delete_policy_version,
+        ),
+        (
             Method::PUT,
             "/target-policies/{policyName}",
             "AttachPolicy",
@@ -149,6 +179,9 @@ pub fn security_error(e: SecurityError) -> AwsError {
         }
         SecurityError::LimitExceeded(m) => {
             AwsError::new(StatusCode::GONE, "LimitExceededException", m)
+        }
+        SecurityError::VersionsLimitExceeded(m) => {
+            AwsError::new(StatusCode::CONFLICT, "VersionsLimitExceededException", m)
         }
         SecurityError::Internal(m) => AwsError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -517,12 +550,143 @@ fn get_policy(
                 "policyName": p.name,
                 "policyArn": p.arn,
                 "policyDocument": p.document_text,
-                "defaultVersionId": "1",
+                "defaultVersionId": p.default_version.to_string(),
                 "creationDate": seconds(p.created_ms),
                 "lastModifiedDate": seconds(p.modified_ms),
                 "generationId": p.generation_id,
             }),
         ))
+    })
+}
+
+/// The `policyVersionId` path parameter: a version number.
+fn policy_version_id(params: &PathParams) -> Result<u32, AwsError> {
+    let id = params.get("policyVersionId");
+    id.parse::<u32>().map_err(|_| {
+        AwsError::client(
+            "InvalidRequestException",
+            format!("1 validation error detected: Value '{id}' at 'policyVersionId' failed to satisfy constraint: Member must satisfy regular expression pattern: [0-9]+"),
+        )
+    })
+}
+
+fn create_policy_version(
+    state: Arc<IotState>,
+    request: AwsRequest,
+    params: PathParams,
+) -> BoxFuture<'static, OperationResult> {
+    Box::pin(async move {
+        let body: CreatePolicyRequest = parse_json_body(&request.body)?;
+        let Some(document) = body.policy_document else {
+            return Err(AwsError::client(
+                "InvalidRequestException",
+                "1 validation error detected: Value null at 'policyDocument' failed to satisfy constraint: Member must not be null",
+            ));
+        };
+        let set_as_default = bool_query(&request, "setAsDefault")?.unwrap_or(false);
+        let (id, policy) = state
+            .security
+            .create_policy_version(params.get("policyName"), &document, set_as_default)
+            .await
+            .map_err(security_error)?;
+        Ok(json_response(
+            Protocol::RestJson1,
+            &json!({
+                "policyArn": policy.arn,
+                "policyDocument": document,
+                "policyVersionId": id.to_string(),
+                "isDefaultVersion": policy.default_version == id,
+            }),
+        ))
+    })
+}
+
+fn get_policy_version(
+    state: Arc<IotState>,
+    _request: AwsRequest,
+    params: PathParams,
+) -> BoxFuture<'static, OperationResult> {
+    Box::pin(async move {
+        let id = policy_version_id(&params)?;
+        let (p, version) = state
+            .security
+            .get_policy_version(params.get("policyName"), id)
+            .map_err(security_error)?;
+        Ok(json_response(
+            Protocol::RestJson1,
+            &json!({
+                "policyArn": p.arn,
+                "policyName": p.name,
+                "policyDocument": version.document_text,
+                "policyVersionId": id.to_string(),
+                "isDefaultVersion": p.default_version == id,
+                "creationDate": seconds(version.created_ms),
+                "lastModifiedDate": seconds(p.modified_ms),
+                "generationId": p.generation_id,
+            }),
+        ))
+    })
+}
+
+fn list_policy_versions(
+    state: Arc<IotState>,
+    _request: AwsRequest,
+    params: PathParams,
+) -> BoxFuture<'static, OperationResult> {
+    Box::pin(async move {
+        let p = state
+            .security
+            .get_policy(params.get("policyName"))
+            .map_err(security_error)?;
+        // Newest first.
+        let versions: Vec<_> = p
+            .versions
+            .iter()
+            .rev()
+            .map(|(id, v)| {
+                json!({
+                    "versionId": id.to_string(),
+                    "isDefaultVersion": *id == p.default_version,
+                    "createDate": seconds(v.created_ms),
+                })
+            })
+            .collect();
+        Ok(json_response(
+            Protocol::RestJson1,
+            &json!({ "policyVersions": versions }),
+        ))
+    })
+}
+
+fn set_default_policy_version(
+    state: Arc<IotState>,
+    _request: AwsRequest,
+    params: PathParams,
+) -> BoxFuture<'static, OperationResult> {
+    Box::pin(async move {
+        let id = policy_version_id(&params)?;
+        state
+            .security
+            .set_default_policy_version(params.get("policyName"), id)
+            .await
+            .map_err(security_error)?;
+        empty_ok()
+    })
+}
+
+fn delete_policy_version(
+    state: Arc<IotState>,
+    _request: AwsRequest,
+    params: PathParams,
+) -> BoxFuture<'static, OperationResult> {
+    Box::pin(async move {
+        let id = policy_version_id(&params)?;
+        state
+            .security
+            .delete_policy_version(params.get("policyName"), id)
+            .await
+            .map_err(security_error)?;
+        empty_ok()
     })
 }
 

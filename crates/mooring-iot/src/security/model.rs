@@ -1,5 +1,5 @@
-//! The security registry: certificates, policies, policy attachments and thing principals,
-//! with the rules AWS IoT applies to each operation.
+//! The security registry: certificates, policies with their versions, policy attachments and
+//! thing principals, with the rules AWS IoT applies to each operation.
 //!
 //! State is kept in memory (the broker's authorizer reads it on every connect, publish,
 //! subscribe and delivery) and written through to a [`SecurityStore`] before an operation
@@ -18,7 +18,7 @@ use super::certificates::{
     self, facts_of_der, verify_for_registration, CertificateFacts, CertificateStatus,
 };
 use super::policy::{MalformedPolicy, PolicyDocument};
-use super::store::{CertificateRow, PolicyRow, SecurityOp, SecurityStore};
+use super::store::{CertificateRow, PolicyRow, PolicyVersionRow, SecurityOp, SecurityStore};
 use crate::registry::things::{Thing, ThingChange, ThingFilter, ThingRegistry};
 
 /// Policies one target may carry.
@@ -39,6 +39,7 @@ pub enum SecurityError {
     CertificateState(String),
     DeleteConflict(String),
     LimitExceeded(String),
+    VersionsLimitExceeded(String),
     Internal(String),
 }
 
@@ -86,7 +87,11 @@ impl Certificate {
     }
 }
 
-/// One policy (a single version, "1", as CreatePolicy makes it).
+/// Most versions a policy keeps (CreatePolicyVersion beyond it: VersionsLimitExceeded).
+pub const MAX_POLICY_VERSIONS: usize = 5;
+
+/// One policy: its versions (CreatePolicy makes version "1"; ids are never reused) and,
+/// in `document`, the default version's, which is what authorization evaluates.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: String,
@@ -96,6 +101,58 @@ pub struct Policy {
     pub created_ms: i64,
     pub modified_ms: i64,
     pub generation_id: String,
+    pub default_version: u32,
+    /// The highest version id handed out.
+    pub last_version: u32,
+    pub versions: BTreeMap<u32, PolicyVersion>,
+}
+
+/// One version of a policy.
+#[derive(Debug, Clone)]
+pub struct PolicyVersion {
+    pub document_text: String,
+    pub document: Arc<PolicyDocument>,
+    pub created_ms: i64,
+}
+
+impl Policy {
+    fn row(&self) -> PolicyRow {
+        PolicyRow {
+            name: self.name.clone(),
+            document: self.document_text.clone(),
+            created_ms: self.created_ms,
+            modified_ms: self.modified_ms,
+            generation_id: self.generation_id.clone(),
+            default_version: self.default_version as i64,
+            last_version: self.last_version as i64,
+            versions: self
+                .versions
+                .iter()
+                .map(|(id, v)| PolicyVersionRow {
+                    id: *id as i64,
+                    document: v.document_text.clone(),
+                    created_ms: v.created_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes version `id` (which exists) the default.
+    fn make_default(&mut self, id: u32) {
+        let version = &self.versions[&id];
+        self.document_text = version.document_text.clone();
+        self.document = version.document.clone();
+        self.default_version = id;
+    }
+
+    fn version(&self, id: u32) -> SecurityResult<&PolicyVersion> {
+        self.versions.get(&id).ok_or_else(|| {
+            SecurityError::NotFound(format!(
+                "Policy version not found (name={}, version={id})",
+                self.name
+            ))
+        })
+    }
 }
 
 /// A page of a listing.
@@ -130,6 +187,9 @@ struct Inner {
     generation: AtomicU64,
     /// Called with a certificate id when it stops being ACTIVE or is deleted.
     on_revoked: OnceLock<RevokedHook>,
+    /// Held by each change to an existing policy's versions and by DeletePolicy (see
+    /// `update_policy`).
+    policy_updates: tokio::sync::Mutex<()>,
 }
 
 /// The security registry; cheap to clone.
@@ -193,6 +253,7 @@ impl Security {
                 state: RwLock::new(State::default()),
                 generation: AtomicU64::new(1),
                 on_revoked: OnceLock::new(),
+                policy_updates: tokio::sync::Mutex::new(()),
             }),
         };
         {
@@ -208,23 +269,12 @@ impl Security {
                 }
             }
             for row in loaded.policies {
-                match PolicyDocument::parse(&row.document) {
-                    Ok(document) => {
-                        state.policies.insert(
-                            row.name.clone(),
-                            Policy {
-                                arn: security.policy_arn(&row.name),
-                                name: row.name,
-                                document_text: row.document,
-                                document: Arc::new(document),
-                                created_ms: row.created_ms,
-                                modified_ms: row.modified_ms,
-                                generation_id: row.generation_id,
-                            },
-                        );
+                match security.policy_from_row(row.clone()) {
+                    Ok(policy) => {
+                        state.policies.insert(row.name, policy);
                     }
                     Err(e) => {
-                        tracing::warn!(policy = %row.name, error = %e, "skipping a stored policy")
+                        tracing::warn!(policy = %row.name, error = ?e, "skipping a stored policy")
                     }
                 }
             }
@@ -581,6 +631,45 @@ impl Security {
 
     // ---- policies ----------------------------------------------------------------------
 
+    fn policy_from_row(&self, mut row: PolicyRow) -> SecurityResult<Policy> {
+        if row.versions.is_empty() {
+            // Written before policies had versions: the document is version 1.
+            row.versions.push(PolicyVersionRow {
+                id: 1,
+                document: row.document.clone(),
+                created_ms: row.created_ms,
+            });
+        }
+        let mut versions = BTreeMap::new();
+        for v in row.versions {
+            let document = Arc::new(PolicyDocument::parse(&v.document)?);
+            versions.insert(
+                v.id as u32,
+                PolicyVersion {
+                    document_text: v.document,
+                    document,
+                    created_ms: v.created_ms,
+                },
+            );
+        }
+        let default_version = row.default_version as u32;
+        let default = versions.get(&default_version).ok_or_else(|| {
+            SecurityError::Internal(format!("default version {default_version} missing"))
+        })?;
+        Ok(Policy {
+            arn: self.policy_arn(&row.name),
+            name: row.name,
+            document_text: default.document_text.clone(),
+            document: default.document.clone(),
+            created_ms: row.created_ms,
+            modified_ms: row.modified_ms,
+            generation_id: row.generation_id,
+            default_version,
+            last_version: (row.last_version as u32).max(*versions.keys().last().unwrap_or(&1)),
+            versions,
+        })
+    }
+
     /// CreatePolicy.
     pub async fn create_policy(&self, name: &str, document: &str) -> SecurityResult<Policy> {
         validate_policy_name(name)?;
@@ -593,23 +682,28 @@ impl Security {
             });
         }
         let now = now_ms();
+        let parsed = Arc::new(parsed);
         let policy = Policy {
             name: name.to_string(),
             arn: self.policy_arn(name),
             document_text: document.to_string(),
-            document: Arc::new(parsed),
+            document: parsed.clone(),
             created_ms: now,
             modified_ms: now,
             generation_id: generation_id(),
+            default_version: 1,
+            last_version: 1,
+            versions: BTreeMap::from([(
+                1,
+                PolicyVersion {
+                    document_text: document.to_string(),
+                    document: parsed,
+                    created_ms: now,
+                },
+            )]),
         };
-        self.persist(vec![SecurityOp::PutPolicy(PolicyRow {
-            name: policy.name.clone(),
-            document: policy.document_text.clone(),
-            created_ms: now,
-            modified_ms: now,
-            generation_id: policy.generation_id.clone(),
-        })])
-        .await?;
+        self.persist(vec![SecurityOp::PutPolicy(policy.row())])
+            .await?;
         self.write()
             .policies
             .insert(name.to_string(), policy.clone());
@@ -642,6 +736,8 @@ impl Security {
 
     /// DeletePolicy: not while attached (409).
     pub async fn delete_policy(&self, name: &str) -> SecurityResult<()> {
+        // Not while a version is being added or removed (see `update_policy`).
+        let _serialized = self.inner.policy_updates.lock().await;
         self.get_policy(name)?;
         let attached = self
             .read()
@@ -653,11 +749,105 @@ impl Security {
                 "The policy cannot be deleted as the policy is attached to one or more principals (name={name})"
             )));
         }
+        if self.get_policy(name)?.versions.len() > 1 {
+            return Err(SecurityError::DeleteConflict(format!(
+                "Cannot delete a policy with non-default versions; delete them with DeletePolicyVersion first (name={name})"
+            )));
+        }
         self.persist(vec![SecurityOp::DeletePolicy(name.to_string())])
             .await?;
         self.write().policies.remove(name);
         self.bump();
         Ok(())
+    }
+
+    /// Applies `change` to a copy of policy `name`, persists the copy and puts it in place.
+    /// Such changes run one at a time, so concurrent ones to the same policy cannot lose
+    /// each other's versions.
+    async fn update_policy<T>(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Policy) -> SecurityResult<T>,
+    ) -> SecurityResult<T> {
+        let _serialized = self.inner.policy_updates.lock().await;
+        let mut policy = self.get_policy(name)?;
+        let out = change(&mut policy)?;
+        policy.modified_ms = now_ms();
+        policy.generation_id = generation_id();
+        self.persist(vec![SecurityOp::PutPolicy(policy.row())])
+            .await?;
+        self.write().policies.insert(name.to_string(), policy);
+        self.bump();
+        Ok(out)
+    }
+
+    /// CreatePolicyVersion: the new version's id, and the policy after it.
+    pub async fn create_policy_version(
+        &self,
+        name: &str,
+        document: &str,
+        set_as_default: bool,
+    ) -> SecurityResult<(u32, Policy)> {
+        let parsed = Arc::new(PolicyDocument::parse(document)?);
+        self.update_policy(name, |policy| {
+            if policy.versions.len() >= MAX_POLICY_VERSIONS {
+                return Err(SecurityError::VersionsLimitExceeded(format!(
+                    "The policy {name} already has the maximum number of versions ({MAX_POLICY_VERSIONS})"
+                )));
+            }
+            let id = policy.last_version + 1;
+            policy.last_version = id;
+            policy.versions.insert(
+                id,
+                PolicyVersion {
+                    document_text: document.to_string(),
+                    document: parsed.clone(),
+                    created_ms: now_ms(),
+                },
+            );
+            if set_as_default {
+                policy.make_default(id);
+            }
+            Ok((id, policy.clone()))
+        })
+        .await
+    }
+
+    /// GetPolicyVersion.
+    pub fn get_policy_version(
+        &self,
+        name: &str,
+        id: u32,
+    ) -> SecurityResult<(Policy, PolicyVersion)> {
+        let policy = self.get_policy(name)?;
+        let version = policy.version(id)?.clone();
+        Ok((policy, version))
+    }
+
+    /// SetDefaultPolicyVersion: takes effect on the next authorization of every client the
+    /// policy is attached to.
+    pub async fn set_default_policy_version(&self, name: &str, id: u32) -> SecurityResult<()> {
+        self.update_policy(name, |policy| {
+            policy.version(id)?;
+            policy.make_default(id);
+            Ok(())
+        })
+        .await
+    }
+
+    /// DeletePolicyVersion: not the default one (409).
+    pub async fn delete_policy_version(&self, name: &str, id: u32) -> SecurityResult<()> {
+        self.update_policy(name, |policy| {
+            policy.version(id)?;
+            if id == policy.default_version {
+                return Err(SecurityError::DeleteConflict(format!(
+                    "Cannot delete the default version of a policy (name={name}, version={id})"
+                )));
+            }
+            policy.versions.remove(&id);
+            Ok(())
+        })
+        .await
     }
 
     fn check_target(&self, target: &str) -> SecurityResult<()> {

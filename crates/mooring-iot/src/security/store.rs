@@ -7,7 +7,8 @@ use mooring_core::store::StoreError;
 use mooring_core::Db;
 use rusqlite::params;
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE iot_certificates (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE iot_certificates (
         certificate_id TEXT PRIMARY KEY,
         certificate_pem TEXT NOT NULL,
         ca_certificate_id TEXT,
@@ -34,7 +35,21 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE iot_certificates (
         principal TEXT NOT NULL,
         principal_type TEXT NOT NULL,
         PRIMARY KEY (thing, principal)
-    )"];
+    )",
+    // Policy versions: every version's document (iot_policies.document stays the default
+    // one's), the default version's id and the highest id handed out (ids are never reused).
+    "CREATE TABLE iot_policy_versions (
+        policy TEXT NOT NULL,
+        version_id INTEGER NOT NULL,
+        document TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (policy, version_id)
+    );
+    ALTER TABLE iot_policies ADD COLUMN default_version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE iot_policies ADD COLUMN last_version INTEGER NOT NULL DEFAULT 1;
+    INSERT INTO iot_policy_versions (policy, version_id, document, created_ms)
+        SELECT name, 1, document, created_ms FROM iot_policies",
+];
 
 /// A certificate row.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,14 +64,27 @@ pub struct CertificateRow {
     pub generation_id: String,
 }
 
-/// A policy row.
+/// A policy row, with its versions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyRow {
     pub name: String,
+    /// The default version's document.
     pub document: String,
     pub created_ms: i64,
     pub modified_ms: i64,
     pub generation_id: String,
+    pub default_version: i64,
+    /// The highest version id handed out.
+    pub last_version: i64,
+    pub versions: Vec<PolicyVersionRow>,
+}
+
+/// One version of a policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyVersionRow {
+    pub id: i64,
+    pub document: String,
+    pub created_ms: i64,
 }
 
 /// Everything stored, as read at start-up.
@@ -75,6 +103,7 @@ pub struct Loaded {
 pub enum SecurityOp {
     PutCertificate(CertificateRow),
     DeleteCertificate(String),
+    /// Writes the policy and replaces its versions.
     PutPolicy(PolicyRow),
     DeletePolicy(String),
     Attach {
@@ -140,7 +169,8 @@ impl SecurityStore for SqliteSecurityStore {
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             let mut stmt = conn.prepare(
-                "SELECT name, document, created_ms, modified_ms, generation_id FROM iot_policies",
+                "SELECT name, document, created_ms, modified_ms, generation_id, default_version,
+                        last_version FROM iot_policies",
             )?;
             loaded.policies = stmt
                 .query_map([], |r| {
@@ -150,9 +180,36 @@ impl SecurityStore for SqliteSecurityStore {
                         created_ms: r.get(2)?,
                         modified_ms: r.get(3)?,
                         generation_id: r.get(4)?,
+                        default_version: r.get(5)?,
+                        last_version: r.get(6)?,
+                        versions: Vec::new(),
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            let mut stmt = conn.prepare(
+                "SELECT policy, version_id, document, created_ms FROM iot_policy_versions
+                 ORDER BY policy, version_id",
+            )?;
+            let versions = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        PolicyVersionRow {
+                            id: r.get(1)?,
+                            document: r.get(2)?,
+                            created_ms: r.get(3)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut by_policy: std::collections::HashMap<String, Vec<PolicyVersionRow>> =
+                std::collections::HashMap::new();
+            for (policy, version) in versions {
+                by_policy.entry(policy).or_default().push(version);
+            }
+            for policy in &mut loaded.policies {
+                policy.versions = by_policy.remove(&policy.name).unwrap_or_default();
+            }
             let mut stmt = conn.prepare("SELECT policy, target FROM iot_policy_targets")?;
             loaded.policy_targets = stmt
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -196,12 +253,30 @@ impl SecurityStore for SqliteSecurityStore {
                     SecurityOp::PutPolicy(p) => {
                         tx.execute(
                             "INSERT OR REPLACE INTO iot_policies (name, document, created_ms,
-                             modified_ms, generation_id) VALUES (?1, ?2, ?3, ?4, ?5)",
-                            params![p.name, p.document, p.created_ms, p.modified_ms, p.generation_id],
+                             modified_ms, generation_id, default_version, last_version)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![
+                                p.name,
+                                p.document,
+                                p.created_ms,
+                                p.modified_ms,
+                                p.generation_id,
+                                p.default_version,
+                                p.last_version
+                            ],
                         )?;
+                        tx.execute("DELETE FROM iot_policy_versions WHERE policy = ?1", [&p.name])?;
+                        for v in &p.versions {
+                            tx.execute(
+                                "INSERT INTO iot_policy_versions (policy, version_id, document,
+                                 created_ms) VALUES (?1, ?2, ?3, ?4)",
+                                params![p.name, v.id, v.document, v.created_ms],
+                            )?;
+                        }
                     }
                     SecurityOp::DeletePolicy(name) => {
                         tx.execute("DELETE FROM iot_policies WHERE name = ?1", [name])?;
+                        tx.execute("DELETE FROM iot_policy_versions WHERE policy = ?1", [name])?;
                     }
                     SecurityOp::Attach { policy, target } => {
                         tx.execute(
@@ -239,5 +314,49 @@ impl SecurityStore for SqliteSecurityStore {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_stored_before_versions_existed_become_version_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        {
+            // The schema as the first migration left it, with one policy.
+            let db = Db::open(&path).unwrap();
+            db.migrate("iot_security", &MIGRATIONS[..1]).unwrap();
+            db.write_blocking(|tx| {
+                tx.execute(
+                    "INSERT INTO iot_policies (name, document, created_ms, modified_ms,
+                     generation_id) VALUES ('old', '{\"doc\":1}', 5, 6, 'g')",
+                    [],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        let store = SqliteSecurityStore::open(Db::open(&path).unwrap()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.policies,
+            vec![PolicyRow {
+                name: "old".into(),
+                document: "{\"doc\":1}".into(),
+                created_ms: 5,
+                modified_ms: 6,
+                generation_id: "g".into(),
+                default_version: 1,
+                last_version: 1,
+                versions: vec![PolicyVersionRow {
+                    id: 1,
+                    document: "{\"doc\":1}".into(),
+                    created_ms: 5,
+                }],
+            }]
+        );
     }
 }
