@@ -2,7 +2,7 @@
 against the real `mooring` binary.
 
 boto3 and the AWS CLI drive every certificate, policy, principal and endpoint operation and
-check the exact shapes and errors; awsiotsdk connects over mTLS with a certificate from
+check the exact shapes and errors (policy versions and thing-group policies included); awsiotsdk connects over mTLS with a certificate from
 CreateKeysAndCertificate; paho (3.1.1 and 5) over mTLS checks policy denials (refused connect
 with its connect_failed event, denied publish, denied subscribe) and that deactivating a
 certificate drops its live connection; iot-data publishes reach a paho subscriber and
@@ -389,6 +389,56 @@ def test_policy_versions(mooring, tmp_path):
     with pytest.raises(botocore.exceptions.ClientError) as e:
         iot.get_policy(policyName=name)
     assert error_of(e) == ("ResourceNotFoundException", 404)
+
+
+def test_thing_group_policies_apply_to_the_things_connections(mooring, tmp_path):
+    """A policy attached to a thing group applies to connections whose client id is a thing
+    in that group (or in a descendant) attached to the certificate, as AWS IoT's thing group
+    policies do; leaving the group takes it away on the next publish."""
+    iot = mooring.client("iot")
+    # The certificate's own policy connects and subscribes; publishing comes from the group.
+    dev = Device(mooring, tmp_path, policy=policy(
+        {"Effect": "Allow", "Action": ["iot:Connect", "iot:Subscribe", "iot:Receive"], "Resource": "*"}))
+    iot.create_thing(thingName="grouped-dev")
+    iot.attach_thing_principal(thingName="grouped-dev", principal=dev.arn)
+    parent = iot.create_thing_group(thingGroupName="tg-parent")
+    iot.create_thing_group(thingGroupName="tg-child", parentGroupName="tg-parent")
+    iot.create_policy(policyName="tg-publish", policyDocument=policy(
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": arn(mooring, "topic/groups/*")}))
+    iot.attach_policy(policyName="tg-publish", target=parent["thingGroupArn"])
+    assert [p["policyName"] for p in iot.list_attached_policies(target=parent["thingGroupArn"])["policies"]] == [
+        "tg-publish"]
+
+    c = Client(mooring, client_id="grouped-dev", protocol=V5, tls_context=dev.tls())
+    assert c.pubacks[c.pub("groups/a", b"before", 1).mid].value == 0x87
+    # In the child group: the parent's policy is inherited.
+    iot.add_thing_to_thing_group(thingGroupName="tg-child", thingName="grouped-dev")
+    deadline = time.time() + 10
+    while c.pubacks[c.pub("groups/a", b"member", 1).mid].value != 0:
+        assert time.time() < deadline, "the group's policy never applied"
+        time.sleep(0.1)
+    assert c.pubacks[c.pub("elsewhere", b"member", 1).mid].value == 0x87
+    # Another client id on the same certificate is not the thing: no group policy.
+    other = Client(mooring, client_id="not-the-thing", protocol=V5, tls_context=dev.tls())
+    assert other.pubacks[other.pub("groups/a", b"other", 1).mid].value == 0x87
+    other.stop()
+    # Out of the group again: denied on the next publish.
+    iot.remove_thing_from_thing_group(thingGroupName="tg-child", thingName="grouped-dev")
+    deadline = time.time() + 10
+    while c.pubacks[c.pub("groups/a", b"left", 1).mid].value != 0x87:
+        assert time.time() < deadline, "the group's policy still applies"
+        time.sleep(0.1)
+    c.stop()
+    # Memberships made before a restart apply after it.
+    iot.add_thing_to_thing_group(thingGroupName="tg-child", thingName="grouped-dev")
+    mooring.kill()
+    mooring.start()
+    c = Client(mooring, client_id="grouped-dev", protocol=V5, tls_context=dev.tls())
+    deadline = time.time() + 10
+    while c.pubacks[c.pub("groups/a", b"restarted", 1).mid].value != 0:
+        assert time.time() < deadline, "the group's policy did not apply after a restart"
+        time.sleep(0.1)
+    c.stop()
 
 
 def test_thing_principals(mooring):

@@ -128,6 +128,7 @@ impl Iot {
                 .context("opening the security registry")?;
         let groups = ThingGroupRegistry::open(ctx.db.clone(), ctx.arns.clone(), things.clone())
             .context("opening the thing group registry")?;
+        security.registry.follow_groups(groups.clone());
         let jobs = Jobs::open(ctx, things.clone(), groups.clone(), config.jobs.clone())
             .context("opening the jobs store")?;
         jobs.run(&ctx.shutdown);

@@ -137,10 +137,15 @@ impl PolicyAuthorizer {
                         }
                     }
                 }
+                let mut documents = self.security.documents_for(&certificate.arn);
+                if attached {
+                    // The connection is its thing's: the policies of the thing's groups apply.
+                    documents.extend(self.security.thing_group_documents(&client.client_id));
+                }
                 ClientPolicies {
                     refused: certificate.status != CertificateStatus::Active,
                     allow_all: false,
-                    documents: self.security.documents_for(&certificate.arn),
+                    documents,
                     context,
                 }
             }

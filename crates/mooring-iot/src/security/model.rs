@@ -19,6 +19,7 @@ use super::certificates::{
 };
 use super::policy::{MalformedPolicy, PolicyDocument};
 use super::store::{CertificateRow, PolicyRow, PolicyVersionRow, SecurityOp, SecurityStore};
+use crate::registry::groups::{GroupChange, ThingGroupRegistry};
 use crate::registry::things::{Thing, ThingChange, ThingFilter, ThingRegistry};
 
 /// Policies one target may carry.
@@ -172,7 +173,14 @@ struct State {
     thing_principals: BTreeMap<String, BTreeMap<String, String>>,
     /// A copy of the things registry (type and attributes) for policy variables.
     things: HashMap<String, Thing>,
+    /// A copy of the thing groups registry: each thing's groups, and each known group's
+    /// parent (for the policies attached to a thing's groups and their ancestors).
+    thing_groups: HashMap<String, BTreeSet<String>>,
+    group_parents: HashMap<String, Option<String>>,
 }
+
+/// How deep thing groups nest at most (AWS allows 7 levels).
+const MAX_GROUP_DEPTH: usize = 7;
 
 /// Called with a certificate id when it stops being ACTIVE.
 type RevokedHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -336,6 +344,97 @@ impl Security {
                 this.bump();
             }
         });
+    }
+
+    /// Follows the thing groups registry, so that policies attached to a thing group (or to
+    /// one of its ancestors) apply to the connections of its things. Needs a Tokio runtime.
+    pub fn follow_groups(&self, groups: ThingGroupRegistry) {
+        let this = self.clone();
+        let mut changes = groups.subscribe();
+        tokio::spawn(async move {
+            this.reload_groups(&groups).await;
+            loop {
+                match changes.recv().await {
+                    Ok(GroupChange::ThingAdded { group, thing }) => {
+                        let chain = groups.ancestors(&group).await.unwrap_or_default();
+                        let parent = groups.get(&group).await.ok().flatten().map(|g| g.parent);
+                        let mut state = this.write();
+                        for g in chain {
+                            state.group_parents.insert(g.name, g.parent);
+                        }
+                        if let Some(parent) = parent {
+                            state.group_parents.insert(group.clone(), parent);
+                        }
+                        state.thing_groups.entry(thing).or_default().insert(group);
+                    }
+                    Ok(GroupChange::ThingRemoved { group, thing }) => {
+                        let mut state = this.write();
+                        if let Some(set) = state.thing_groups.get_mut(&thing) {
+                            set.remove(&group);
+                        }
+                    }
+                    Ok(GroupChange::GroupDeleted { group }) => {
+                        let mut state = this.write();
+                        state.group_parents.remove(&group);
+                        for set in state.thing_groups.values_mut() {
+                            set.remove(&group);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        this.reload_groups(&groups).await;
+                    }
+                    Err(_) => return,
+                }
+                this.bump();
+            }
+        });
+    }
+
+    /// Reads every group and membership afresh.
+    async fn reload_groups(&self, groups: &ThingGroupRegistry) {
+        let Ok(all) = groups.list(None, None, false).await else {
+            return;
+        };
+        let mut thing_groups: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for g in &all {
+            for thing in groups.direct_members(&g.name).await.unwrap_or_default() {
+                thing_groups
+                    .entry(thing)
+                    .or_default()
+                    .insert(g.name.clone());
+            }
+        }
+        {
+            let mut state = self.write();
+            state.group_parents = all.into_iter().map(|g| (g.name, g.parent)).collect();
+            state.thing_groups = thing_groups;
+        }
+        self.bump();
+    }
+
+    /// The documents of the policies attached to `thing`'s groups and their ancestors.
+    pub fn thing_group_documents(&self, thing: &str) -> Vec<Arc<PolicyDocument>> {
+        let groups: BTreeSet<String> = {
+            let state = self.read();
+            let mut found = BTreeSet::new();
+            for direct in state.thing_groups.get(thing).into_iter().flatten() {
+                let mut current = Some(direct.clone());
+                for _ in 0..=MAX_GROUP_DEPTH {
+                    let Some(group) = current else { break };
+                    current = state.group_parents.get(&group).cloned().flatten();
+                    if !found.insert(group) {
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        groups
+            .iter()
+            .flat_map(|g| {
+                self.documents_for(&self.inner.arns.arn("iot", &format!("thinggroup/{g}")))
+            })
+            .collect()
     }
 
     /// Registers what to do when a certificate stops being ACTIVE (disconnect its clients).
