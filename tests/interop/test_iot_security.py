@@ -1,9 +1,10 @@
 """IoT security control plane, policy enforcement on the broker, and iot-data over HTTP,
 against the real `mooring` binary.
 
-boto3 and the AWS CLI drive every certificate, policy, principal and endpoint operation and
-check the exact shapes and errors (policy versions and thing-group policies included); awsiotsdk connects over mTLS with a certificate from
-CreateKeysAndCertificate; paho (3.1.1 and 5) over mTLS checks policy denials (refused connect
+boto3 and the AWS CLI drive every certificate, policy (with its versions), principal and
+endpoint operation and check the exact shapes and errors; awsiotsdk connects over mTLS with a
+certificate from CreateKeysAndCertificate; policies attached to a thing group apply to its
+things' connections; paho (3.1.1 and 5) over mTLS checks policy denials (refused connect
 with its connect_failed event, denied publish, denied subscribe) and that deactivating a
 certificate drops its live connection; iot-data publishes reach a paho subscriber and
 retained messages are listed and fetched; a SIGKILL and restart keeps certificates, policies
