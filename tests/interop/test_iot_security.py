@@ -442,6 +442,35 @@ def test_thing_group_policies_apply_to_the_things_connections(mooring, tmp_path)
     c.stop()
 
 
+def test_lifecycle_events_name_the_exclusive_thing(mooring, tmp_path):
+    """A certificate attached to a thing with EXCLUSIVE_THING: every lifecycle event of its
+    connections carries `thingName` (right after `clientId`); one attached NON_EXCLUSIVE_THING
+    gives none."""
+    iot = mooring.client("iot")
+    obs = observer(mooring)
+    exclusive = Device(mooring, tmp_path, policy=ALLOW_ALL)
+    shared = Device(mooring, tmp_path, policy=ALLOW_ALL)
+    for thing, dev, kind in (("excl-thing", exclusive, "EXCLUSIVE_THING"),
+                             ("shared-thing", shared, "NON_EXCLUSIVE_THING")):
+        iot.create_thing(thingName=thing)
+        iot.attach_thing_principal(thingName=thing, principal=dev.arn, thingPrincipalType=kind)
+    c = Client(mooring, client_id="excl-client", protocol=V5, tls_context=exclusive.tls())
+    c.sub("excl/#", 1)
+    c.stop()
+    for topic in ("$aws/events/presence/connected/excl-client",
+                  "$aws/events/subscriptions/subscribed/excl-client",
+                  "$aws/events/presence/disconnected/excl-client"):
+        e = event(obs.expect(topic))
+        assert list(e)[:2] == ["clientId", "thingName"] and e["thingName"] == "excl-thing", (topic, e)
+        assert e["principalIdentifier"] == exclusive.id
+    d = Client(mooring, client_id="shared-client", protocol=V5, tls_context=shared.tls())
+    d.stop()
+    for topic in ("$aws/events/presence/connected/shared-client",
+                  "$aws/events/presence/disconnected/shared-client"):
+        e = event(obs.expect(topic))
+        assert "thingName" not in e and e["principalIdentifier"] == shared.id, (topic, e)
+
+
 def test_thing_principals(mooring):
     iot = mooring.client("iot")
     iot.create_thing(thingName="dev-1")

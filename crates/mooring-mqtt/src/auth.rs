@@ -85,6 +85,11 @@ pub trait Authorizer: Send + Sync + 'static {
     fn receive(&self, _client: &ClientInfo, _topic: &str) -> bool {
         true
     }
+    /// The thing the client's principal is attached to exclusively (AttachThingPrincipal with
+    /// `EXCLUSIVE_THING`): its lifecycle events carry that `thingName`.
+    fn exclusive_thing(&self, _client: &ClientInfo) -> Option<String> {
+        None
+    }
 }
 
 /// The authorizer in force until a policy engine is installed.

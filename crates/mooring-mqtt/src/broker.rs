@@ -1599,7 +1599,7 @@ impl Broker {
     pub(crate) fn event_identity(&self, client: &ClientInfo, session_id: String) -> EventIdentity {
         EventIdentity {
             client_id: client.client_id.clone(),
-            thing_name: None,
+            thing_name: self.authorizer().exclusive_thing(client),
             session_identifier: session_id,
             principal_identifier: client.principal_identifier.clone(),
         }

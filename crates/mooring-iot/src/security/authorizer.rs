@@ -211,6 +211,14 @@ impl Authorizer for PolicyAuthorizer {
         }
     }
 
+    fn exclusive_thing(&self, client: &ClientInfo) -> Option<String> {
+        let Principal::Certificate { certificate_id, .. } = &client.principal else {
+            return None;
+        };
+        let certificate = self.security.certificate(certificate_id)?;
+        self.security.exclusive_thing_of(&certificate.arn)
+    }
+
     fn publish(&self, client: &ClientInfo, topic: &str, retain: bool) -> bool {
         let policies = self.policies(client);
         if policies.allow_all && !policies.refused {

@@ -1191,6 +1191,15 @@ impl Security {
     }
 
     /// The things `principal` is attached to, in name order.
+    /// The thing `principal` is attached to with `EXCLUSIVE_THING`, if any.
+    pub fn exclusive_thing_of(&self, principal: &str) -> Option<String> {
+        self.read()
+            .thing_principals
+            .iter()
+            .find(|(_, p)| p.get(principal).is_some_and(|k| k == "EXCLUSIVE_THING"))
+            .map(|(t, _)| t.clone())
+    }
+
     pub fn things_of(&self, principal: &str) -> Vec<String> {
         self.read()
             .thing_principals
