@@ -36,6 +36,13 @@ def error_of(excinfo):
     return e["Error"]["Code"], e["ResponseMetadata"]["HTTPStatusCode"]
 
 
+def refusal(call, **kwargs):
+    """The (error code, HTTP status) of `call(**kwargs)`, which must fail."""
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        call(**kwargs)
+    return error_of(e)
+
+
 def cli(m, *args, check=True):
     out = subprocess.run(["aws", "--endpoint-url", m.url, *args, "--output", "json"],
                          env=m.cli_env(), capture_output=True, text=True, timeout=60)
@@ -331,37 +338,23 @@ def test_policy_versions(mooring, tmp_path):
         assert r["policyVersionId"] == expected and r["isDefaultVersion"] is (expected == "5")
     assert iot.get_policy(policyName=name)["defaultVersionId"] == "5"
     assert c.pubacks[c.pub("versions/a", b"5", 1).mid].value == 0
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.create_policy_version(policyName=name, policyDocument=allow_a)
-    assert error_of(e) == ("VersionsLimitExceededException", 409)
+    assert refusal(iot.create_policy_version, policyName=name, policyDocument=allow_a) == ("VersionsLimitExceededException", 409)
     iot.delete_policy_version(policyName=name, policyVersionId="4")
     assert iot.create_policy_version(policyName=name, policyDocument=allow_b)["policyVersionId"] == "6"
 
     # Errors: the default version cannot be deleted, nor a policy with other versions; unknown
     # versions and policies are 404; a malformed document or version id is 400.
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.delete_policy_version(policyName=name, policyVersionId="5")
-    assert error_of(e) == ("DeleteConflictException", 409)
+    assert refusal(iot.delete_policy_version, policyName=name, policyVersionId="5") == ("DeleteConflictException", 409)
     iot.detach_policy(policyName=name, target=dev.arn)
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.delete_policy(policyName=name)
-    assert error_of(e) == ("DeleteConflictException", 409)
+    assert refusal(iot.delete_policy, policyName=name) == ("DeleteConflictException", 409)
     iot.attach_policy(policyName=name, target=dev.arn)
     for call, args in [(iot.get_policy_version, {"policyVersionId": "4"}),
                        (iot.set_default_policy_version, {"policyVersionId": "9"}),
                        (iot.delete_policy_version, {"policyVersionId": "4"})]:
-        with pytest.raises(botocore.exceptions.ClientError) as e:
-            call(policyName=name, **args)
-        assert error_of(e) == ("ResourceNotFoundException", 404), call
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.list_policy_versions(policyName="no-such-policy")
-    assert error_of(e) == ("ResourceNotFoundException", 404)
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.create_policy_version(policyName=name, policyDocument="{not json")
-    assert error_of(e) == ("MalformedPolicyException", 400)
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.get_policy_version(policyName=name, policyVersionId="latest")
-    assert error_of(e) == ("InvalidRequestException", 400)
+        assert refusal(call, policyName=name, **args) == ("ResourceNotFoundException", 404), call
+    assert refusal(iot.list_policy_versions, policyName="no-such-policy") == ("ResourceNotFoundException", 404)
+    assert refusal(iot.create_policy_version, policyName=name, policyDocument="{not json") == ("MalformedPolicyException", 400)
+    assert refusal(iot.get_policy_version, policyName=name, policyVersionId="latest") == ("InvalidRequestException", 400)
 
     # The CLI's view, and everything after a SIGKILL and restart.
     out = json.loads(cli(mooring, "iot", "list-policy-versions", "--policy-name", name).stdout)
@@ -387,9 +380,7 @@ def test_policy_versions(mooring, tmp_path):
     c.stop()
     iot.detach_policy(policyName=name, target=dev.arn)
     iot.delete_policy(policyName=name)
-    with pytest.raises(botocore.exceptions.ClientError) as e:
-        iot.get_policy(policyName=name)
-    assert error_of(e) == ("ResourceNotFoundException", 404)
+    assert refusal(iot.get_policy, policyName=name) == ("ResourceNotFoundException", 404)
 
 
 def test_thing_group_policies_apply_to_the_things_connections(mooring, tmp_path):

@@ -658,20 +658,38 @@ fn list_policy_versions(
     })
 }
 
+/// What SetDefaultPolicyVersion and DeletePolicyVersion do to the version in their path.
+enum VersionChange {
+    SetDefault,
+    Delete,
+}
+
+/// SetDefaultPolicyVersion and DeletePolicyVersion: both answer `{}`.
+async fn change_policy_version(
+    state: Arc<IotState>,
+    params: PathParams,
+    change: VersionChange,
+) -> OperationResult {
+    let id = policy_version_id(&params)?;
+    let name = params.get("policyName");
+    match change {
+        VersionChange::SetDefault => state.security.set_default_policy_version(name, id).await,
+        VersionChange::Delete => state.security.delete_policy_version(name, id).await,
+    }
+    .map_err(security_error)?;
+    empty_ok()
+}
+
 fn set_default_policy_version(
     state: Arc<IotState>,
     _request: AwsRequest,
     params: PathParams,
 ) -> BoxFuture<'static, OperationResult> {
-    Box::pin(async move {
-        let id = policy_version_id(&params)?;
-        state
-            .security
-            .set_default_policy_version(params.get("policyName"), id)
-            .await
-            .map_err(security_error)?;
-        empty_ok()
-    })
+    Box::pin(change_policy_version(
+        state,
+        params,
+        VersionChange::SetDefault,
+    ))
 }
 
 fn delete_policy_version(
@@ -679,15 +697,7 @@ fn delete_policy_version(
     _request: AwsRequest,
     params: PathParams,
 ) -> BoxFuture<'static, OperationResult> {
-    Box::pin(async move {
-        let id = policy_version_id(&params)?;
-        state
-            .security
-            .delete_policy_version(params.get("policyName"), id)
-            .await
-            .map_err(security_error)?;
-        empty_ok()
-    })
+    Box::pin(change_policy_version(state, params, VersionChange::Delete))
 }
 
 fn render_policy_summary(p: &Policy) -> serde_json::Value {
