@@ -504,19 +504,24 @@ struct CreatePolicyRequest {
     policy_document: Option<String>,
 }
 
+/// The required `policyDocument` of a CreatePolicy or CreatePolicyVersion body.
+fn policy_document_of(request: &AwsRequest) -> Result<String, AwsError> {
+    let body: CreatePolicyRequest = parse_json_body(&request.body)?;
+    body.policy_document.ok_or_else(|| {
+        AwsError::client(
+            "InvalidRequestException",
+            "1 validation error detected: Value null at 'policyDocument' failed to satisfy constraint: Member must not be null",
+        )
+    })
+}
+
 fn create_policy(
     state: Arc<IotState>,
     request: AwsRequest,
     params: PathParams,
 ) -> BoxFuture<'static, OperationResult> {
     Box::pin(async move {
-        let body: CreatePolicyRequest = parse_json_body(&request.body)?;
-        let Some(document) = body.policy_document else {
-            return Err(AwsError::client(
-                "InvalidRequestException",
-                "1 validation error detected: Value null at 'policyDocument' failed to satisfy constraint: Member must not be null",
-            ));
-        };
+        let document = policy_document_of(&request)?;
         let policy = state
             .security
             .create_policy(params.get("policyName"), &document)
@@ -576,13 +581,7 @@ fn create_policy_version(
     params: PathParams,
 ) -> BoxFuture<'static, OperationResult> {
     Box::pin(async move {
-        let body: CreatePolicyRequest = parse_json_body(&request.body)?;
-        let Some(document) = body.policy_document else {
-            return Err(AwsError::client(
-                "InvalidRequestException",
-                "1 validation error detected: Value null at 'policyDocument' failed to satisfy constraint: Member must not be null",
-            ));
-        };
+        let document = policy_document_of(&request)?;
         let set_as_default = bool_query(&request, "setAsDefault")?.unwrap_or(false);
         let (id, policy) = state
             .security
