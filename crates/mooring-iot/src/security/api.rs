@@ -532,7 +532,7 @@ fn create_policy(
             &json!({
                 "policyName": policy.name,
                 "policyArn": policy.arn,
-                "policyDocument": policy.document_text,
+                "policyDocument": policy.in_force().document_text,
                 "policyVersionId": "1",
             }),
         ))
@@ -554,7 +554,7 @@ fn get_policy(
             &json!({
                 "policyName": p.name,
                 "policyArn": p.arn,
-                "policyDocument": p.document_text,
+                "policyDocument": p.in_force().document_text,
                 "defaultVersionId": p.default_version.to_string(),
                 "creationDate": seconds(p.created_ms),
                 "lastModifiedDate": seconds(p.modified_ms),

@@ -215,8 +215,8 @@ impl Authorizer for PolicyAuthorizer {
         let Principal::Certificate { certificate_id, .. } = &client.principal else {
             return None;
         };
-        let certificate = self.security.certificate(certificate_id)?;
-        self.security.exclusive_thing_of(&certificate.arn)
+        self.security
+            .exclusive_thing_of(&self.security.certificate_arn(certificate_id))
     }
 
     fn publish(&self, client: &ClientInfo, topic: &str, retain: bool) -> bool {

@@ -91,17 +91,16 @@ impl Certificate {
 /// Most versions a policy keeps (CreatePolicyVersion beyond it: VersionsLimitExceeded).
 pub const MAX_POLICY_VERSIONS: usize = 5;
 
-/// One policy: its versions (CreatePolicy makes version "1"; ids are never reused) and,
-/// in `document`, the default version's, which is what authorization evaluates.
+/// One policy: its versions (CreatePolicy makes version "1"; ids are never reused), of which
+/// the default one ([`Policy::default_version`]) is what authorization evaluates.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: String,
     pub arn: String,
-    pub document_text: String,
-    pub document: Arc<PolicyDocument>,
     pub created_ms: i64,
     pub modified_ms: i64,
     pub generation_id: String,
+    /// The default version's id (always one of `versions`).
     pub default_version: u32,
     /// The highest version id handed out.
     pub last_version: u32,
@@ -117,10 +116,15 @@ pub struct PolicyVersion {
 }
 
 impl Policy {
+    /// The default version, the one authorization evaluates.
+    pub fn in_force(&self) -> &PolicyVersion {
+        &self.versions[&self.default_version]
+    }
+
     fn row(&self) -> PolicyRow {
         PolicyRow {
             name: self.name.clone(),
-            document: self.document_text.clone(),
+            document: self.in_force().document_text.clone(),
             created_ms: self.created_ms,
             modified_ms: self.modified_ms,
             generation_id: self.generation_id.clone(),
@@ -136,14 +140,6 @@ impl Policy {
                 })
                 .collect(),
         }
-    }
-
-    /// Makes version `id` (which exists) the default.
-    fn make_default(&mut self, id: u32) {
-        let version = &self.versions[&id];
-        self.document_text = version.document_text.clone();
-        self.document = version.document.clone();
-        self.default_version = id;
     }
 
     fn version(&self, id: u32) -> SecurityResult<&PolicyVersion> {
@@ -277,12 +273,13 @@ impl Security {
                 }
             }
             for row in loaded.policies {
-                match security.policy_from_row(row.clone()) {
+                let name = row.name.clone();
+                match security.policy_from_row(row) {
                     Ok(policy) => {
-                        state.policies.insert(row.name, policy);
+                        state.policies.insert(name, policy);
                     }
                     Err(e) => {
-                        tracing::warn!(policy = %row.name, error = ?e, "skipping a stored policy")
+                        tracing::warn!(policy = %name, error = ?e, "skipping a stored policy")
                     }
                 }
             }
@@ -356,14 +353,13 @@ impl Security {
             loop {
                 match changes.recv().await {
                     Ok(GroupChange::ThingAdded { group, thing }) => {
+                        // Root first, down to the group's parent.
                         let chain = groups.ancestors(&group).await.unwrap_or_default();
-                        let parent = groups.get(&group).await.ok().flatten().map(|g| g.parent);
                         let mut state = this.write();
+                        let parent = chain.last().map(|g| g.name.clone());
+                        state.group_parents.insert(group.clone(), parent);
                         for g in chain {
                             state.group_parents.insert(g.name, g.parent);
-                        }
-                        if let Some(parent) = parent {
-                            state.group_parents.insert(group.clone(), parent);
                         }
                         state.thing_groups.entry(thing).or_default().insert(group);
                     }
@@ -752,14 +748,14 @@ impl Security {
             );
         }
         let default_version = row.default_version as u32;
-        let default = versions.get(&default_version).ok_or_else(|| {
-            SecurityError::Internal(format!("default version {default_version} missing"))
-        })?;
+        if !versions.contains_key(&default_version) {
+            return Err(SecurityError::Internal(format!(
+                "default version {default_version} missing"
+            )));
+        }
         Ok(Policy {
             arn: self.policy_arn(&row.name),
             name: row.name,
-            document_text: default.document_text.clone(),
-            document: default.document.clone(),
             created_ms: row.created_ms,
             modified_ms: row.modified_ms,
             generation_id: row.generation_id,
@@ -781,12 +777,9 @@ impl Security {
             });
         }
         let now = now_ms();
-        let parsed = Arc::new(parsed);
         let policy = Policy {
             name: name.to_string(),
             arn: self.policy_arn(name),
-            document_text: document.to_string(),
-            document: parsed.clone(),
             created_ms: now,
             modified_ms: now,
             generation_id: generation_id(),
@@ -796,7 +789,7 @@ impl Security {
                 1,
                 PolicyVersion {
                     document_text: document.to_string(),
-                    document: parsed,
+                    document: Arc::new(parsed),
                     created_ms: now,
                 },
             )]),
@@ -837,7 +830,7 @@ impl Security {
     pub async fn delete_policy(&self, name: &str) -> SecurityResult<()> {
         // Not while a version is being added or removed (see `update_policy`).
         let _serialized = self.inner.policy_updates.lock().await;
-        self.get_policy(name)?;
+        let policy = self.get_policy(name)?;
         let attached = self
             .read()
             .targets
@@ -848,7 +841,7 @@ impl Security {
                 "The policy cannot be deleted as the policy is attached to one or more principals (name={name})"
             )));
         }
-        if self.get_policy(name)?.versions.len() > 1 {
+        if policy.versions.len() > 1 {
             return Err(SecurityError::DeleteConflict(format!(
                 "Cannot delete a policy with non-default versions; delete them with DeletePolicyVersion first (name={name})"
             )));
@@ -905,7 +898,7 @@ impl Security {
                 },
             );
             if set_as_default {
-                policy.make_default(id);
+                policy.default_version = id;
             }
             Ok((id, policy.clone()))
         })
@@ -928,7 +921,7 @@ impl Security {
     pub async fn set_default_policy_version(&self, name: &str, id: u32) -> SecurityResult<()> {
         self.update_policy(name, |policy| {
             policy.version(id)?;
-            policy.make_default(id);
+            policy.default_version = id;
             Ok(())
         })
         .await
@@ -1049,7 +1042,7 @@ impl Security {
             .map(|names| {
                 names
                     .iter()
-                    .filter_map(|n| state.policies.get(n).map(|p| p.document.clone()))
+                    .filter_map(|n| state.policies.get(n).map(|p| p.in_force().document.clone()))
                     .collect()
             })
             .unwrap_or_default()
