@@ -33,6 +33,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
+/// The broker process this bench starts (`--serve-broker`) uses the `mooring` binary's
+/// allocator.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
 /// Concurrent connection attempts (keeps both brokers' accept backlogs from overflowing).

@@ -9,6 +9,7 @@
 //! its own authorizer with [`crate::Broker::set_authorizer`].
 
 use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 
 /// How a client reached the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,22 +24,23 @@ pub enum Transport {
 pub enum Principal {
     /// No credentials (plain listener or unsigned WebSocket).
     Anonymous,
-    /// A client certificate: AWS's certificate id (hex SHA-256 of the DER) and the DER.
-    Certificate {
-        certificate_id: String,
-        der: Vec<u8>,
-    },
+    /// A client certificate, by AWS's certificate id (hex SHA-256 of the DER; the registry
+    /// holds the rest).
+    Certificate { certificate_id: Arc<str> },
     /// A SigV4-presigned WebSocket URL, by access key id.
-    SigV4 { access_key_id: String },
+    SigV4 { access_key_id: Arc<str> },
 }
 
 impl Principal {
-    /// The lifecycle events' `principalIdentifier`.
-    pub fn identifier(&self, account_id: &str) -> String {
+    /// The lifecycle events' `principalIdentifier` (anonymous clients share one copy).
+    pub fn identifier(&self, account_id: &str) -> Arc<str> {
+        static ANONYMOUS: OnceLock<Arc<str>> = OnceLock::new();
         match self {
-            Principal::Anonymous => "anonymous".into(),
-            Principal::Certificate { certificate_id, .. } => certificate_id.clone(),
-            Principal::SigV4 { access_key_id } => format!("{account_id}/{access_key_id}"),
+            Principal::Anonymous => ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone(),
+            Principal::Certificate { certificate_id } => certificate_id.clone(),
+            Principal::SigV4 { access_key_id } => {
+                Arc::from(format!("{account_id}/{access_key_id}"))
+            }
         }
     }
 }
@@ -46,10 +48,10 @@ impl Principal {
 /// What the authorizer sees of a connected (or connecting) client.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
-    pub client_id: String,
+    /// Shared with the session (and the broker's maps), so a connection holds one copy.
+    pub client_id: Arc<str>,
     pub principal: Principal,
-    pub principal_identifier: String,
-    pub username: Option<String>,
+    pub principal_identifier: Arc<str>,
     pub source_ip: Option<IpAddr>,
     pub transport: Transport,
     pub protocol_version: u8,

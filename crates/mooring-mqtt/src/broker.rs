@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +25,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::auth::{AllowAll, Authorizer, ClientInfo};
 use crate::codec::{self, reason, Packet, Properties, SubscriptionOptions};
+use crate::connection::{self, ParkedConnection};
 use crate::lifecycle::{self, DisconnectReason, EventIdentity};
+use crate::parking::{ParkToken, ParkingLot};
 use crate::profile::Profile;
 use crate::store::{
     BrokerStore, Loaded, MessageProperties, Persister, StoreOp, StoredMessage, StoredSession,
@@ -187,7 +189,21 @@ struct Inflight {
 
 struct ConnectionLink {
     id: u64,
-    kick: Option<oneshot::Sender<Kick>>,
+    line: KickLine,
+}
+
+/// How the broker reaches the connection of a [`ConnectionLink`]: to close it (a kick) or,
+/// while it is parked ([`crate::parking`]), to wake it.
+enum KickLine {
+    /// Its task runs and listens on this channel.
+    Running(oneshot::Sender<Kick>),
+    /// Parked: whoever gives it work (or kicks it) wakes it with the token. A parked
+    /// connection holds no channel, to stay small.
+    Parked(ParkToken),
+    /// Woken from the lot and not yet running again ([`Broker::relink`] makes it `Running`).
+    Waking,
+    /// Kicked. `Some` while the kick waits for the connection to run again and take it.
+    Kicked(Option<Kick>),
 }
 
 /// An order to close a live connection from outside it (takeover, `DeleteConnection`, a
@@ -213,11 +229,11 @@ impl Kick {
 }
 
 pub(crate) struct SessionState {
-    session_id: String,
+    session_id: uuid::Uuid,
     protocol_version: u8,
     expiry_secs: u32,
     connection: Option<ConnectionLink>,
-    generation: u64,
+    generation: u32,
     subscriptions: BTreeMap<String, StoredSubscription>,
     queue: VecDeque<Queued>,
     inflight: BTreeMap<u16, Inflight>,
@@ -225,22 +241,38 @@ pub(crate) struct SessionState {
     resend_inflight: bool,
     client: Option<Arc<ClientInfo>>,
     client_receive_maximum: u16,
-    client_max_packet_size: usize,
+    /// (MQTT 5 caps it below 2^32.)
+    client_max_packet_size: u32,
     /// Topic aliases this connection's client accepts from the broker (MQTT 5).
     client_topic_alias_maximum: u16,
-    /// Aliases assigned on the current connection.
-    outbound_aliases: HashMap<String, u16>,
-    dropped: u64,
+    /// Aliases assigned on the current connection, allocated by the first: boxed, an
+    /// unused map takes 8 bytes of every session instead of 48.
+    #[allow(clippy::box_collection)]
+    outbound_aliases: Option<Box<HashMap<String, u16>>>,
+    dropped: u32,
     /// Publishers wait for this session's backlog to drain (it passed the high-water mark).
     backlogged: bool,
     /// The backlog did not drain while a publisher waited: publishers no longer wait for it
     /// (until it drains).
     stalled: bool,
+    /// The connection task waiting for work ([`Session::notified`]), and whether work was
+    /// signalled since it last looked (a permit, as `tokio::sync::Notify` keeps one). Kept
+    /// here rather than in a `Notify` beside the state, which would take twice the room.
+    waiter: Option<std::task::Waker>,
+    signalled: bool,
 }
 
 impl SessionState {
     fn backlog(&self) -> usize {
         self.queue.len() + self.inflight.len()
+    }
+
+    /// Tells the connection task there may be work ([`Session::notified`]).
+    fn signal(&mut self) {
+        self.signalled = true;
+        if let Some(waker) = self.waiter.take() {
+            waker.wake();
+        }
     }
 }
 
@@ -248,7 +280,6 @@ impl SessionState {
 pub struct Session {
     client_id: Arc<str>,
     state: Mutex<SessionState>,
-    notify: Notify,
 }
 
 impl Session {
@@ -256,9 +287,23 @@ impl Session {
         &self.client_id
     }
 
-    /// Resolves when messages may be waiting for the connection.
-    pub async fn notified(&self) {
-        self.notify.notified().await
+    /// Resolves when messages may be waiting for the connection (at once when that was
+    /// signalled since the last time it resolved).
+    pub fn notified(&self) -> impl std::future::Future<Output = ()> + Unpin + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut state = self.lock();
+            if std::mem::take(&mut state.signalled) {
+                return std::task::Poll::Ready(());
+            }
+            if !state
+                .waiter
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waiter = Some(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
@@ -267,7 +312,7 @@ impl Session {
 
     /// The session identifier reported in lifecycle events.
     pub fn session_identifier(&self) -> String {
-        self.lock().session_id.clone()
+        self.lock().session_id.to_string()
     }
 }
 
@@ -303,7 +348,7 @@ pub(crate) struct BrokerInner {
     pub(crate) settings: BrokerSettings,
     clock: Arc<dyn Clock>,
     shutdown: Shutdown,
-    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    sessions: Mutex<SessionTable>,
     trie: RwLock<SubscriptionTrie<SubEntry>>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
     hooks: RwLock<Arc<Vec<Arc<dyn PublishHook>>>>,
@@ -312,11 +357,107 @@ pub(crate) struct BrokerInner {
     next_seq: AtomicU64,
     next_connection: AtomicU64,
     next_internal: AtomicU64,
-    versions: Mutex<HashMap<String, u64>>,
+    versions: VersionClock,
     /// When each client id last connected, while that matters to the CONNECT rate limit.
     recent_connects: Mutex<RecentConnects>,
     /// Signalled when a backlogged session drains below the low-water mark.
     drained: Notify,
+    /// Where idle connections wait without a task; started by the first one (`None` if its
+    /// thread could not start: connections then keep their tasks).
+    parking: OnceLock<Option<ParkingLot<ParkedConnection>>>,
+}
+
+/// The sessions by client id: a set of the sessions themselves, looked up by their client
+/// id, so an entry is one pointer (a map would hold the id again).
+#[derive(Default)]
+struct SessionTable(std::collections::HashSet<ByClientId>);
+
+struct ByClientId(Arc<Session>);
+
+impl std::hash::Hash for ByClientId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.client_id.hash(state)
+    }
+}
+
+impl PartialEq for ByClientId {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_id == other.0.client_id
+    }
+}
+
+impl Eq for ByClientId {}
+
+impl std::borrow::Borrow<str> for ByClientId {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
+}
+
+impl SessionTable {
+    fn get(&self, client_id: &str) -> Option<&Arc<Session>> {
+        self.0.get(client_id).map(|s| &s.0)
+    }
+
+    /// Adds `session`, replacing the one with its client id.
+    fn insert(&mut self, session: Arc<Session>) {
+        self.0.replace(ByClientId(session));
+    }
+
+    fn remove(&mut self, client_id: &str) {
+        self.0.remove(client_id);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.0.iter().map(|s| &s.0)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Lifecycle version numbers. AWS's `versionNumber` only has to grow from one connection of
+/// a client id to the next (it may skip values), so one counter serves every client id and
+/// nothing is kept or written per client id. Numbers are handed out below a durable
+/// ceiling: it is written `VERSION_STEP` ahead at start-up, and raised by another step when
+/// half of the margin is used (by the connection that crosses it, whose CONNACK waits for
+/// the write). So no number is handed out twice across restarts.
+struct VersionClock {
+    next: AtomicU64,
+    ceiling: AtomicU64,
+}
+
+const VERSION_STEP: u64 = 1 << 20;
+
+impl VersionClock {
+    /// Continues after `handed_out` (the loaded ceiling); `ceiling` is already durable.
+    fn new(handed_out: u64, ceiling: u64) -> VersionClock {
+        VersionClock {
+            next: AtomicU64::new(handed_out + 1),
+            ceiling: AtomicU64::new(ceiling),
+        }
+    }
+
+    /// The next number; adds the write that raises the ceiling to `ops` when it is due.
+    fn next(&self, ops: &mut Vec<StoreOp>) -> u64 {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let ceiling = self.ceiling.load(Ordering::Relaxed);
+        if number + VERSION_STEP / 2 > ceiling
+            && self
+                .ceiling
+                .compare_exchange(
+                    ceiling,
+                    ceiling + VERSION_STEP,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            ops.push(StoreOp::PutVersionCeiling(ceiling + VERSION_STEP));
+        }
+        number
+    }
 }
 
 /// Accepted CONNECTs younger than the rate limit's interval, by client id. Older entries
@@ -324,7 +465,7 @@ pub(crate) struct BrokerInner {
 /// large as the number of ids that connected within the interval.
 #[derive(Default)]
 struct RecentConnects {
-    at: HashMap<String, std::time::Instant>,
+    at: HashMap<Arc<str>, std::time::Instant>,
     prune_at_len: usize,
 }
 
@@ -363,14 +504,18 @@ impl Broker {
         clock: Arc<dyn Clock>,
         shutdown: Shutdown,
     ) -> Result<Broker, BrokerError> {
+        // Parked connections keep their instants relative to this.
+        crate::parking::epoch();
         let loaded = store.load()?;
+        let version_ceiling = loaded.version_ceiling + VERSION_STEP;
+        store.apply(&[StoreOp::PutVersionCeiling(version_ceiling)])?;
         let persister = Persister::start(store);
         let broker = Broker {
             inner: Arc::new(BrokerInner {
                 settings,
                 clock,
                 shutdown,
-                sessions: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(SessionTable::default()),
                 trie: RwLock::new(SubscriptionTrie::new()),
                 retained: RwLock::new(HashMap::new()),
                 hooks: RwLock::new(Arc::new(Vec::new())),
@@ -379,9 +524,10 @@ impl Broker {
                 next_seq: AtomicU64::new(crate::store::max_sequence(&loaded) + 1),
                 next_connection: AtomicU64::new(1),
                 next_internal: AtomicU64::new(1),
-                versions: Mutex::new(HashMap::new()),
+                versions: VersionClock::new(loaded.version_ceiling, version_ceiling),
                 recent_connects: Mutex::new(RecentConnects::default()),
                 drained: Notify::new(),
+                parking: OnceLock::new(),
             }),
         };
         broker.restore(loaded);
@@ -400,11 +546,6 @@ impl Broker {
                 retained.insert(m.topic.clone(), Arc::new(Message::from_stored(m)));
             }
         }
-        *self
-            .inner
-            .versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = loaded.versions.into_iter().collect();
         let mut messages = loaded.messages;
         let mut expired = Vec::new();
         for s in loaded.sessions {
@@ -429,7 +570,11 @@ impl Broker {
             let session = Arc::new(Session {
                 client_id: Arc::from(s.client_id.as_str()),
                 state: Mutex::new(SessionState {
-                    session_id: s.session_id,
+                    // (Stored by this broker, so always a UUID; a damaged one is replaced.)
+                    session_id: s
+                        .session_id
+                        .parse()
+                        .unwrap_or_else(|_| uuid::Uuid::new_v4()),
                     protocol_version: s.protocol_version,
                     expiry_secs: s.expiry_secs,
                     connection: None,
@@ -441,14 +586,15 @@ impl Broker {
                     resend_inflight: false,
                     client: None,
                     client_receive_maximum: u16::MAX,
-                    client_max_packet_size: usize::MAX,
+                    client_max_packet_size: u32::MAX,
                     client_topic_alias_maximum: 0,
-                    outbound_aliases: HashMap::new(),
+                    outbound_aliases: None,
                     dropped: 0,
                     backlogged: false,
                     stalled: false,
+                    waiter: None,
+                    signalled: false,
                 }),
-                notify: Notify::new(),
             });
             {
                 let mut trie = self.inner.trie.write().unwrap_or_else(|e| e.into_inner());
@@ -471,7 +617,7 @@ impl Broker {
                 .sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(session.client_id.clone(), session.clone());
+                .insert(session.clone());
             if s.expiry_secs != u32::MAX {
                 self.schedule_expiry(session, 0, Duration::from_millis((ends_at - now) as u64));
             }
@@ -838,7 +984,7 @@ impl Broker {
         }
         let backlog = state.backlog();
         if backlog >= MAX_QUEUED_PER_CLIENT {
-            state.dropped += 1;
+            state.dropped = state.dropped.saturating_add(1);
             if state.dropped.is_power_of_two() {
                 tracing::warn!(client_id = %session.client_id, dropped = state.dropped, "client queue full; dropping messages");
             }
@@ -868,16 +1014,16 @@ impl Broker {
             subscription_ids,
             seq,
         });
-        drop(state);
-        if connected {
-            session.notify.notify_one();
+        if let Some(link) = state.connection.as_mut() {
+            self.wake_parked(link);
+            state.signal();
         }
         full
     }
 
     /// Applies the per-client-id CONNECT rate limit: true (and the CONNECT recorded) when
     /// `client_id` may connect now.
-    pub fn admit_connect(&self, client_id: &str) -> bool {
+    pub fn admit_connect(&self, client_id: &Arc<str>) -> bool {
         let Some(per_second) = self.profile().connects_per_second_per_client else {
             return true;
         };
@@ -893,7 +1039,7 @@ impl Broker {
                 return false;
             }
         }
-        recent.at.insert(client_id.to_string(), now);
+        recent.at.insert(client_id.clone(), now);
         if recent.at.len() >= recent.prune_at_len {
             recent.at.retain(|_, t| now.duration_since(*t) < interval);
             recent.prune_at_len = (recent.at.len() * 2).max(64);
@@ -904,7 +1050,7 @@ impl Broker {
     /// Opens (creating, resuming or replacing) the session for a new connection. An
     /// existing connection with the same client id is told to close (takeover).
     pub fn open_session(&self, request: OpenRequest) -> (Opened, Vec<StoreOp>) {
-        let client_id: Arc<str> = Arc::from(request.client.client_id.as_str());
+        let client_id = request.client.client_id.clone();
         let version = request.client.protocol_version;
         let connection_id = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -921,9 +1067,7 @@ impl Broker {
                 let resumable = {
                     let mut state = session.lock();
                     if let Some(mut link) = state.connection.take() {
-                        if let Some(kick) = link.kick.take() {
-                            let _ = kick.send(Kick::new(DisconnectReason::DuplicateClientId));
-                        }
+                        self.kick(&mut link, Kick::new(DisconnectReason::DuplicateClientId));
                     }
                     !request.clean_start
                         && (self.profile().cross_version_sessions
@@ -936,13 +1080,13 @@ impl Broker {
                     self.discard_session(&session, &mut ops);
                     sessions.remove(&client_id);
                     let fresh = self.new_session(client_id.clone(), version);
-                    sessions.insert(client_id.clone(), fresh.clone());
+                    sessions.insert(fresh.clone());
                     fresh
                 }
             }
             None => {
                 let fresh = self.new_session(client_id.clone(), version);
-                sessions.insert(client_id.clone(), fresh.clone());
+                sessions.insert(fresh.clone());
                 fresh
             }
         };
@@ -952,17 +1096,18 @@ impl Broker {
             let mut state = session.lock();
             state.connection = Some(ConnectionLink {
                 id: connection_id,
-                kick: Some(kick_tx),
+                line: KickLine::Running(kick_tx),
             });
-            state.generation += 1;
+            state.generation = state.generation.wrapping_add(1);
             state.protocol_version = version;
             state.expiry_secs = expiry_secs;
             state.resend_inflight = true;
             state.client = Some(request.client.clone());
             state.client_receive_maximum = request.client_receive_maximum;
-            state.client_max_packet_size = request.client_max_packet_size;
+            state.client_max_packet_size =
+                request.client_max_packet_size.min(u32::MAX as usize) as u32;
             state.client_topic_alias_maximum = request.client_topic_alias_maximum;
-            state.outbound_aliases.clear();
+            state.outbound_aliases = None;
             if expiry_secs > 0 {
                 ops.push(StoreOp::PutSession(stored_session(&session, &state, None)));
             } else if session_present {
@@ -975,21 +1120,8 @@ impl Broker {
                 }
             }
         }
-        let version_number = {
-            let mut versions = self
-                .inner
-                .versions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let v = versions.entry(client_id.to_string()).or_insert(0);
-            *v += 1;
-            *v
-        };
-        ops.push(StoreOp::PutVersion {
-            client_id: client_id.to_string(),
-            version: version_number,
-        });
-        session.notify.notify_one();
+        let version_number = self.inner.versions.next(&mut ops);
+        session.lock().signal();
         (
             Opened {
                 session,
@@ -1007,7 +1139,7 @@ impl Broker {
         Arc::new(Session {
             client_id,
             state: Mutex::new(SessionState {
-                session_id: uuid::Uuid::new_v4().to_string(),
+                session_id: uuid::Uuid::new_v4(),
                 protocol_version: version,
                 expiry_secs: 0,
                 connection: None,
@@ -1019,14 +1151,15 @@ impl Broker {
                 resend_inflight: false,
                 client: None,
                 client_receive_maximum: u16::MAX,
-                client_max_packet_size: usize::MAX,
+                client_max_packet_size: u32::MAX,
                 client_topic_alias_maximum: 0,
-                outbound_aliases: HashMap::new(),
+                outbound_aliases: None,
                 dropped: 0,
                 backlogged: false,
                 stalled: false,
+                waiter: None,
+                signalled: false,
             }),
-            notify: Notify::new(),
         })
     }
 
@@ -1040,6 +1173,154 @@ impl Broker {
             .cloned()
     }
 
+    /// Tells the connection of `link` to close (waking it if it is parked); false when it
+    /// was already told, or has ended.
+    fn kick(&self, link: &mut ConnectionLink, kick: Kick) -> bool {
+        self.wake_parked(link);
+        match std::mem::replace(&mut link.line, KickLine::Kicked(None)) {
+            KickLine::Running(tx) => {
+                if let Err(kick) = tx.send(kick) {
+                    // The connection dropped its receiver on its way to the parking lot:
+                    // it takes the kick when it runs again.
+                    link.line = KickLine::Kicked(Some(kick));
+                }
+                true
+            }
+            KickLine::Parked(_) | KickLine::Waking => {
+                link.line = KickLine::Kicked(Some(kick));
+                true
+            }
+            KickLine::Kicked(pending) => {
+                link.line = KickLine::Kicked(pending);
+                false
+            }
+        }
+    }
+
+    /// Wakes the connection of `link` if it is parked.
+    fn wake_parked(&self, link: &mut ConnectionLink) {
+        if let KickLine::Parked(token) = link.line {
+            link.line = KickLine::Waking;
+            if let Some(Some(lot)) = self.inner.parking.get() {
+                lot.wake(token);
+            }
+        }
+    }
+
+    /// Called by a parked connection that runs again: its new kick channel, or the kick it
+    /// was given meanwhile. A connection no longer linked to its session was taken over
+    /// (the only way a link is replaced from outside).
+    pub(crate) fn relink(
+        &self,
+        session: &Session,
+        connection_id: u64,
+    ) -> Result<oneshot::Receiver<Kick>, Kick> {
+        let mut state = session.lock();
+        let Some(link) = state.connection.as_mut().filter(|l| l.id == connection_id) else {
+            return Err(Kick::new(DisconnectReason::DuplicateClientId));
+        };
+        match &mut link.line {
+            KickLine::Kicked(pending) => Err(pending
+                .take()
+                .unwrap_or(Kick::new(DisconnectReason::DuplicateClientId))),
+            line => {
+                let (tx, rx) = oneshot::channel();
+                *line = KickLine::Running(tx);
+                Ok(rx)
+            }
+        }
+    }
+
+    /// Parks an idle connection of `record.session` (see [`crate::parking`]); `kicked` is
+    /// its kick channel's receiver, dropped here. Gives the socket and record back when the
+    /// session has work for it (messages queued, a kick), or the connection cannot be
+    /// parked: the caller carries on with them (and [`Broker::relink`]s first).
+    // (The error gives the caller back what it moved in, on a rare path: no boxing.)
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn park(
+        &self,
+        socket: std::net::TcpStream,
+        deadline: Option<std::time::Instant>,
+        record: ParkedConnection,
+        kicked: Option<oneshot::Receiver<Kick>>,
+    ) -> Result<(), (std::net::TcpStream, ParkedConnection)> {
+        let Some(lot) = self.parking_lot() else {
+            return Err((socket, record));
+        };
+        let session = record.session().clone();
+        let connection_id = record.connection_id();
+        let mut state = session.lock();
+        if let Some(kick) = kicked.and_then(|mut rx| rx.try_recv().ok()) {
+            // Kicked since the connection last looked: it takes the kick when it runs again.
+            if let Some(link) = state.connection.as_mut().filter(|l| l.id == connection_id) {
+                link.line = KickLine::Kicked(Some(kick));
+            }
+            return Err((socket, record));
+        }
+        let has_work = !state.queue.is_empty() || state.resend_inflight;
+        let Some(link) = state.connection.as_mut().filter(|l| {
+            l.id == connection_id && matches!(l.line, KickLine::Running(_)) && !has_work
+        }) else {
+            return Err((socket, record));
+        };
+        // Under the session's lock, so whoever queues work next sees the token. Replacing
+        // the line drops the kick channel's sender (the record holds no receiver).
+        link.line = KickLine::Parked(lot.park(socket, deadline, record)?);
+        // The ended task's waker would keep its memory.
+        state.waiter = None;
+        Ok(())
+    }
+
+    /// The parking lot, started on first use with a task that resumes every parked
+    /// connection when the shutdown begins (the shutdown waits for that task, and so for
+    /// the connections' new tasks).
+    fn parking_lot(&self) -> Option<&ParkingLot<ParkedConnection>> {
+        self.inner
+            .parking
+            .get_or_init(|| {
+                let weak = Arc::downgrade(&self.inner);
+                let lot =
+                    ParkingLot::start(tokio::runtime::Handle::current(), move |socket, record| {
+                        if let Some(inner) = weak.upgrade() {
+                            let broker = Broker { inner };
+                            broker.shutdown().spawn(connection::resume(
+                                broker.clone(),
+                                socket,
+                                record,
+                            ));
+                        }
+                    });
+                match lot {
+                    Ok(lot) => {
+                        let weak = Arc::downgrade(&self.inner);
+                        let shutdown = self.shutdown().clone();
+                        self.shutdown().spawn(async move {
+                            shutdown.triggered().await;
+                            if let Some(inner) = weak.upgrade() {
+                                if let Some(Some(lot)) = inner.parking.get() {
+                                    lot.close();
+                                }
+                            }
+                        });
+                        Some(lot)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idle connections will not be parked");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// Connections parked now (idle plain-TCP connections without a task).
+    pub fn parked_connections(&self) -> usize {
+        match self.inner.parking.get() {
+            Some(Some(lot)) => lot.parked(),
+            _ => 0,
+        }
+    }
+
     /// Closes the live connection of `client_id` (AWS `DeleteConnection` gives
     /// `API_INITIATED_DISCONNECT`). Returns whether a connection was there to close.
     pub fn disconnect_client(&self, client_id: &str, kick: Kick) -> bool {
@@ -1047,8 +1328,10 @@ impl Broker {
             return false;
         };
         let mut state = session.lock();
-        let sender = state.connection.as_mut().and_then(|link| link.kick.take());
-        sender.is_some_and(|tx| tx.send(kick).is_ok())
+        state
+            .connection
+            .as_mut()
+            .is_some_and(|link| self.kick(link, kick))
     }
 
     /// Closes every live connection authenticated as `principal_identifier` (for example a
@@ -1059,7 +1342,7 @@ impl Broker {
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
+            .iter()
             .cloned()
             .collect();
         let mut closed = 0;
@@ -1068,12 +1351,12 @@ impl Broker {
             let matches = state
                 .client
                 .as_ref()
-                .is_some_and(|c| c.principal_identifier == principal_identifier);
+                .is_some_and(|c| &*c.principal_identifier == principal_identifier);
             if !matches {
                 continue;
             }
-            if let Some(tx) = state.connection.as_mut().and_then(|link| link.kick.take()) {
-                if tx.send(kick).is_ok() {
+            if let Some(link) = state.connection.as_mut() {
+                if self.kick(link, kick) {
                     closed += 1;
                 }
             }
@@ -1119,6 +1402,7 @@ impl Broker {
             if current {
                 state.connection = None;
                 state.client = None;
+                state.waiter = None;
                 if let Some(e) = expiry_override {
                     state.expiry_secs = e;
                 }
@@ -1167,7 +1451,7 @@ impl Broker {
         self.persist_background(ops);
     }
 
-    fn schedule_expiry(&self, session: Arc<Session>, generation: u64, after: Duration) {
+    fn schedule_expiry(&self, session: Arc<Session>, generation: u32, after: Duration) {
         let broker = self.clone();
         let shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
@@ -1179,7 +1463,7 @@ impl Broker {
         });
     }
 
-    fn expire_if_idle(&self, session: &Arc<Session>, generation: u64) {
+    fn expire_if_idle(&self, session: &Arc<Session>, generation: u32) {
         {
             let state = session.lock();
             if state.connection.is_some() || state.generation != generation {
@@ -1441,7 +1725,7 @@ impl Broker {
         }
         let receive_max = state.client_receive_maximum as usize;
         let alias_max = state.client_topic_alias_maximum;
-        let max_packet = state.client_max_packet_size;
+        let max_packet = state.client_max_packet_size as usize;
         // Messages leave the queue under the session's lock and are encoded after it is
         // released, so publishers routing to this session do not wait for the copying.
         // (A client with a Maximum Packet Size has each message sized under the lock.)
@@ -1467,11 +1751,15 @@ impl Broker {
                 0
             };
             let alias = if version == codec::V5 && alias_max > 0 {
-                topic_alias(&mut state.outbound_aliases, alias_max, &q.message.topic)
+                topic_alias(
+                    state.outbound_aliases.get_or_insert_default(),
+                    alias_max,
+                    &q.message.topic,
+                )
             } else {
                 None
             };
-            if max_packet != usize::MAX {
+            if max_packet != u32::MAX as usize {
                 let start = out.len();
                 encode_outgoing(&q, pid, false, version, now, alias, out);
                 let size = out.len() - start;
@@ -1502,7 +1790,7 @@ impl Broker {
             }
             if out.len() + batch_bytes > OUTGOING_BATCH {
                 // Let the connection write; it will be notified again.
-                session.notify.notify_one();
+                state.signal();
                 break;
             }
         }
@@ -1560,22 +1848,11 @@ impl Broker {
                 });
             }
             if !state.queue.is_empty() {
-                session.notify.notify_one();
+                state.signal();
             }
             self.release_backlog(&mut state);
         }
         (reply, ops)
-    }
-
-    /// The lifecycle version number last handed to `client_id`.
-    pub fn version_number(&self, client_id: &str) -> u64 {
-        self.inner
-            .versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client_id)
-            .copied()
-            .unwrap_or(0)
     }
 
     /// Publishes a lifecycle event (QoS 1, not waited for).
@@ -1598,10 +1875,10 @@ impl Broker {
 
     pub(crate) fn event_identity(&self, client: &ClientInfo, session_id: String) -> EventIdentity {
         EventIdentity {
-            client_id: client.client_id.clone(),
+            client_id: client.client_id.to_string(),
             thing_name: self.authorizer().exclusive_thing(client),
             session_identifier: session_id,
-            principal_identifier: client.principal_identifier.clone(),
+            principal_identifier: client.principal_identifier.to_string(),
         }
     }
 
@@ -1648,7 +1925,7 @@ impl Broker {
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
+            .iter()
             .cloned()
             .collect();
         let mut closed = 0;
@@ -1657,8 +1934,8 @@ impl Broker {
             if !state.client.as_deref().is_some_and(&predicate) {
                 continue;
             }
-            if let Some(kick) = state.connection.as_mut().and_then(|c| c.kick.take()) {
-                if kick.send(Kick::new(reason)).is_ok() {
+            if let Some(link) = state.connection.as_mut() {
+                if self.kick(link, Kick::new(reason)) {
                     closed += 1;
                 }
             }
@@ -1734,7 +2011,7 @@ fn stored_session(
 ) -> StoredSession {
     StoredSession {
         client_id: session.client_id.to_string(),
-        session_id: state.session_id.clone(),
+        session_id: state.session_id.to_string(),
         protocol_version: state.protocol_version,
         expiry_secs: state.expiry_secs,
         disconnected_ms: disconnected,

@@ -31,6 +31,7 @@ use crate::codec::{
     UnsubAck, Will, V5,
 };
 use crate::lifecycle::{self, DisconnectReason};
+use crate::parking::Millis;
 use crate::store::MessageProperties;
 use crate::topic::{self, TopicError};
 
@@ -51,6 +52,38 @@ const OUT_KEEP: usize = 64 * 1024;
 const OUT_RELEASE: usize = 4 * 1024;
 /// Longest Message Expiry Interval AWS keeps (7 days).
 const AWS_MAX_MESSAGE_EXPIRY: u32 = 604_800;
+/// A plain-TCP connection with nothing to do for this long is parked: its task ends and the
+/// parking lot ([`crate::parking`]) waits on its socket instead. A new connection parks
+/// soon after its CONNACK (most devices then sit idle, and a task that lives on only holds
+/// memory); one that was woken from the lot has shown it has traffic, so it waits longer,
+/// to spare a chatty client a park and wake-up between every two packets.
+const PARK_FIRST_AFTER: Duration = Duration::from_millis(10);
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// A byte stream a connection runs over. A plain TCP socket can be parked while idle
+/// ([`ConnectionStream::PARKABLE`]); TLS and the WebSocket bridge cannot, because their
+/// state lives in the stream, so their idle connections keep their task.
+pub trait ConnectionStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// Whether [`ConnectionStream::into_socket`] gives the socket.
+    const PARKABLE: bool = false;
+
+    /// The underlying socket, taken from the runtime's reactor.
+    fn into_socket(self) -> std::io::Result<std::net::TcpStream> {
+        Err(std::io::Error::other("this stream cannot be parked"))
+    }
+}
+
+impl ConnectionStream for tokio::net::TcpStream {
+    const PARKABLE: bool = true;
+
+    fn into_socket(self) -> std::io::Result<std::net::TcpStream> {
+        self.into_std()
+    }
+}
+
+impl ConnectionStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+impl ConnectionStream for tokio::io::DuplexStream {}
 
 /// What the listener knows about the peer.
 #[derive(Debug, Clone)]
@@ -60,7 +93,15 @@ pub struct PeerInfo {
     pub principal: Principal,
 }
 
-/// How the main loop ended.
+/// Why the main loop returned.
+enum Step {
+    /// The connection ends.
+    Exit(Exit),
+    /// The connection is idle and its stream parkable: park it.
+    Park,
+}
+
+/// How a connection ends.
 struct Exit {
     reason: DisconnectReason,
     /// MQTT 5 DISCONNECT reason code to send (none for network loss or client DISCONNECT).
@@ -81,6 +122,15 @@ impl Exit {
         }
     }
 
+    /// Closed from outside ([`Broker`] kicked it).
+    fn kicked(kick: Kick) -> Exit {
+        Exit {
+            send_will: kick.send_will,
+            expiry_override: kick.end_session.then_some(0),
+            ..Exit::new(kick.reason)
+        }
+    }
+
     fn client_error(code: u8, message: &'static str) -> Exit {
         Exit {
             code: Some(code),
@@ -96,22 +146,64 @@ impl Exit {
 /// handshake (CONNECT with its properties, the CONNACK) and the ending (DISCONNECT, will,
 /// lifecycle event) run as boxed futures that exist only while they run, and the loop in
 /// between holds only [`Connection`] and one timer.
-pub async fn serve<S>(broker: Broker, stream: S, peer: PeerInfo)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let Some(mut conn) = Box::pin(handshake(broker, stream, peer)).await else {
+pub async fn serve<S: ConnectionStream>(broker: Broker, stream: S, peer: PeerInfo) {
+    let Some(conn) = Box::pin(handshake(broker, stream, peer)).await else {
         return;
     };
-    let exit = conn.main_loop().await;
-    Box::pin(conn.finish(exit)).await
+    run(conn).await
+}
+
+/// Runs an open connection until it ends or parks.
+async fn run<S: ConnectionStream>(mut conn: Connection<S>) {
+    match conn.main_loop().await {
+        Step::Exit(exit) => Box::pin(conn.finish(exit)).await,
+        Step::Park => conn.park(),
+    }
+}
+
+/// Continues a parked connection in a new task (the parking lot's `resume`).
+pub(crate) fn resume(
+    broker: Broker,
+    socket: std::net::TcpStream,
+    record: ParkedConnection,
+) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let (kicked, exit) = match broker.relink(record.session(), record.connection_id()) {
+            Ok(kicked) => (Some(kicked), None),
+            Err(kick) => (None, Some(Exit::kicked(kick))),
+        };
+        match (tokio::net::TcpStream::from_std(socket), exit) {
+            (Ok(stream), None) => run(Connection::unpark(broker, stream, record, kicked)).await,
+            (Ok(stream), Some(exit)) => {
+                let conn = Connection::unpark(broker, stream, record, kicked);
+                Box::pin(conn.finish(exit)).await
+            }
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "resuming a parked connection failed");
+                lost_without_stream(broker, record, kicked).await
+            }
+        }
+    })
+}
+
+/// Ends a connection whose socket could not be moved to or from the parking lot as lost
+/// (will, `disconnected` event), over a stand-in stream.
+async fn lost_without_stream(
+    broker: Broker,
+    record: ParkedConnection,
+    kicked: Option<tokio::sync::oneshot::Receiver<Kick>>,
+) {
+    let (stand_in, _) = tokio::io::duplex(1);
+    let conn = Connection::unpark(broker, stand_in, record, kicked);
+    Box::pin(conn.finish(Exit::new(DisconnectReason::ConnectionLost))).await
 }
 
 /// Reads CONNECT and opens the session; `None` when the connection ended there.
-async fn handshake<S>(broker: Broker, mut stream: S, peer: PeerInfo) -> Option<Connection<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+async fn handshake<S: ConnectionStream>(
+    broker: Broker,
+    mut stream: S,
+    peer: PeerInfo,
+) -> Option<Connection<S>> {
     let max_packet = broker.profile().max_packet_size;
     let mut inbuf = BytesMut::with_capacity(READ_MIN);
     let connect = match tokio::time::timeout(
@@ -265,6 +357,10 @@ struct Connection<S> {
     will: Option<Box<Will>>,
     /// The lifecycle version number of this connection (for the disconnected event).
     version_number: u64,
+    /// When the client last sent something (the keep-alive counts from it).
+    last_read: Instant,
+    /// Whether the connection was parked before (see [`PARK_AFTER`]).
+    resumed: bool,
     /// Bytes the client may still send now under `bytes_per_second_per_connection`.
     inbound_budget: ByteBudget,
     /// The same limit on the messages the broker sends the client, and while it is overspent,
@@ -275,6 +371,58 @@ struct Connection<S> {
     /// than its byte rate, or subscribers it published to are backlogged
     /// ([`Broker::wait_for_room`]).
     read_gate: Option<BoxFuture<'static, ()>>,
+}
+
+/// What a parked connection keeps (see [`crate::parking`]): [`Connection`] without its
+/// stream, buffers and pending work (a connection parks only when it has none).
+pub(crate) struct ParkedConnection {
+    version: u8,
+    problem_information: bool,
+    keep_alive: u16,
+    expiry_secs: u32,
+    rate_count: u32,
+    client: Arc<ClientInfo>,
+    session: Arc<Session>,
+    connection_id: u64,
+    version_number: u64,
+    rare: Option<Box<RareState>>,
+    will: Option<Box<Will>>,
+    rate_window: Millis,
+    last_read: Millis,
+    inbound_budget: ParkedBudget,
+    outbound_budget: Option<ParkedBudget>,
+}
+
+/// A [`ByteBudget`] in a parked record.
+struct ParkedBudget {
+    left: i64,
+    at: Millis,
+}
+
+impl ByteBudget {
+    fn park(self) -> ParkedBudget {
+        ParkedBudget {
+            left: self.left,
+            at: Millis::of(self.at.into_std()),
+        }
+    }
+
+    fn unpark(parked: ParkedBudget) -> ByteBudget {
+        ByteBudget {
+            left: parked.left,
+            at: Instant::from_std(parked.at.instant()),
+        }
+    }
+}
+
+impl ParkedConnection {
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    pub(crate) fn connection_id(&self) -> u64 {
+        self.connection_id
+    }
 }
 
 /// A byte rate's budget: bytes that may pass now (negative: owed), as of `at`. It refills at
@@ -316,7 +464,7 @@ fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
     })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+impl<S: ConnectionStream> Connection<S> {
     async fn refuse(stream: &mut S, version: u8, v5_code: u8, v3_code: Option<u8>) {
         let mut out = BytesMut::new();
         if version == V5 {
@@ -378,13 +526,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         let account = &broker.settings().account_id;
         let client = Arc::new(ClientInfo {
-            client_id,
+            client_id: Arc::from(client_id),
             principal_identifier: match (&peer.principal, &connect.username) {
-                (Principal::Anonymous, Some(user)) if !user.is_empty() => user.clone(),
+                (Principal::Anonymous, Some(user)) if !user.is_empty() => Arc::from(user.as_str()),
                 (p, _) => p.identifier(account),
             },
             principal: peer.principal.clone(),
-            username: connect.username.clone(),
             source_ip: peer.remote.map(|a| a.ip()),
             transport: peer.transport,
             protocol_version: version,
@@ -507,6 +654,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             kicked: Some(opened.kicked),
             will: connect.will.take().map(Box::new),
             version_number: opened.version_number,
+            last_read: Instant::now(),
+            resumed: false,
             inbound_budget: ByteBudget::full(profile.bytes_per_second_per_connection),
             outbound: None,
             read_gate: None,
@@ -587,8 +736,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     qos: will.qos,
                     retain: will.retain,
                     origin: Origin {
-                        client_id: Some(self.client.client_id.clone()),
-                        principal: Some(self.client.principal_identifier.clone()),
+                        client_id: Some(self.client.client_id.to_string()),
+                        principal: Some(self.client.principal_identifier.to_string()),
                         source_ip: self.client.source_ip,
                         protocol_version: Some(self.version),
                     },
@@ -601,6 +750,115 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let (topic, payload) =
                 lifecycle::disconnected(&identity, broker.now(), self.version_number, exit.reason);
             broker.publish_event(topic, payload);
+        }
+    }
+
+    /// Silence after which the connection is closed: 1.5 x the keep-alive.
+    fn keep_alive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keep_alive as u64 * 1500)
+    }
+
+    /// Nothing pending in either direction: no bytes buffered, no acks owed, no gate, no
+    /// outbound pause, and the server is not shutting down.
+    fn is_idle(&self) -> bool {
+        self.inbuf.is_empty()
+            && self.out.is_empty()
+            && self.pending_acks.is_empty()
+            && self.read_gate.is_none()
+            && !self.outbound_paused()
+            && !self.broker.shutdown().is_triggered()
+    }
+
+    /// Hands the idle connection to the parking lot and ends its task. When the session got
+    /// work in the meantime (or the lot is closed), it carries on in a new task instead.
+    fn park(self) {
+        let broker = self.broker.clone();
+        let deadline =
+            (self.keep_alive > 0).then(|| (self.last_read + self.keep_alive_timeout()).into_std());
+        let (stream, record, kicked) = self.into_parked();
+        let socket = match stream.into_socket() {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!(error = %e, "parking a connection failed");
+                broker
+                    .shutdown()
+                    .spawn(lost_without_stream(broker.clone(), record, kicked));
+                return;
+            }
+        };
+        if let Err((socket, record)) = broker.park(socket, deadline, record, kicked) {
+            broker
+                .shutdown()
+                .spawn(resume(broker.clone(), socket, record));
+        }
+    }
+
+    fn into_parked(
+        self,
+    ) -> (
+        S,
+        ParkedConnection,
+        Option<tokio::sync::oneshot::Receiver<Kick>>,
+    ) {
+        let record = ParkedConnection {
+            version: self.version,
+            problem_information: self.problem_information,
+            keep_alive: self.keep_alive,
+            expiry_secs: self.expiry_secs,
+            rate_count: self.rate_count,
+            client: self.client,
+            session: self.session,
+            connection_id: self.connection_id,
+            version_number: self.version_number,
+            rare: self.rare,
+            will: self.will,
+            rate_window: Millis::of(self.rate_window.into_std()),
+            last_read: Millis::of(self.last_read.into_std()),
+            inbound_budget: self.inbound_budget.park(),
+            outbound_budget: self.outbound.map(|t| t.budget.park()),
+        };
+        (self.stream, record, self.kicked)
+    }
+
+    /// The connection of a parked record, over `stream`, listening to `kicked`.
+    fn unpark(
+        broker: Broker,
+        stream: S,
+        record: ParkedConnection,
+        kicked: Option<tokio::sync::oneshot::Receiver<Kick>>,
+    ) -> Connection<S> {
+        Connection {
+            broker,
+            stream,
+            version: record.version,
+            client: record.client,
+            session: record.session,
+            connection_id: record.connection_id,
+            expiry_secs: record.expiry_secs,
+            inbuf: BytesMut::new(),
+            read_size: READ_MIN,
+            out: BytesMut::new(),
+            pending_acks: AckQueue::default(),
+            pending_qos1: 0,
+            rare: record.rare,
+            problem_information: record.problem_information,
+            rate_window: Instant::from_std(record.rate_window.instant()),
+            rate_count: record.rate_count,
+            keep_alive: record.keep_alive,
+            ttl_deadline: None,
+            kicked,
+            will: record.will,
+            version_number: record.version_number,
+            last_read: Instant::from_std(record.last_read.instant()),
+            resumed: true,
+            inbound_budget: ByteBudget::unpark(record.inbound_budget),
+            outbound: record.outbound_budget.map(|budget| {
+                Box::new(OutboundThrottle {
+                    budget: ByteBudget::unpark(budget),
+                    pause: None,
+                })
+            }),
+            read_gate: None,
         }
     }
 
@@ -620,7 +878,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         Ok(())
     }
 
-    async fn main_loop(&mut self) -> Exit {
+    async fn main_loop(&mut self) -> Step {
         let max_packet = self.broker.profile().max_packet_size;
         // Under a byte rate, reads stay small so the rate holds over short bursts too.
         let limited = self
@@ -628,19 +886,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             .profile()
             .bytes_per_second_per_connection
             .is_some();
-        let timeout = Duration::from_millis(self.keep_alive as u64 * 1500);
-        let mut last_read = Instant::now();
-        // One timer serves the keep-alive and a WebSocket's life: it fires at the earlier
-        // of the two, and the keep-alive is checked against the last read then (so reads
-        // do not touch the timer).
-        let next_deadline = |last_read: Instant, keep_alive: u16, ttl: Option<Instant>| {
-            let keep = (keep_alive > 0).then(|| last_read + timeout);
-            match (keep, ttl) {
-                (Some(k), Some(t)) => Some(k.min(t)),
-                (k, t) => k.or(t),
-            }
+        let timeout = self.keep_alive_timeout();
+        let mut last_read = self.last_read;
+        // When the connection last did something (read, wrote), and when to check next
+        // whether it has been idle for `park_after`.
+        let mut active = Instant::now();
+        let parkable = S::PARKABLE && self.ttl_deadline.is_none();
+        let park_after = if self.resumed {
+            PARK_AFTER
+        } else {
+            PARK_FIRST_AFTER
         };
-        let mut armed = next_deadline(last_read, self.keep_alive, self.ttl_deadline);
+        let mut park_check = active + park_after;
+        // One timer serves the keep-alive, a WebSocket's life and parking: it fires at the
+        // earliest of the three, and the keep-alive and activity are checked then (so reads
+        // do not touch the timer).
+        let next_deadline =
+            |last_read: Instant, park_check: Instant, keep_alive: u16, ttl: Option<Instant>| {
+                let keep = (keep_alive > 0).then(|| last_read + timeout);
+                let park = parkable.then_some(park_check);
+                [keep, ttl, park].into_iter().flatten().min()
+            };
+        let mut armed = next_deadline(last_read, park_check, self.keep_alive, self.ttl_deadline);
         let timer = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now));
         tokio::pin!(timer);
         let broker = self.broker.clone();
@@ -649,13 +916,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let session = self.session.clone();
         let notified = session.notified();
         tokio::pin!(notified);
-        let Some(mut kicked) = self.kicked.take() else {
-            return Exit::new(DisconnectReason::ServerError);
+        // (No receiver: the kick's sender is gone, so no kick can come.)
+        let (mut kicked, mut kicked_open) = match self.kicked.take() {
+            Some(k) => (k, true),
+            None => (tokio::sync::oneshot::channel().1, false),
         };
-        let mut kicked_open = true;
-        // Packets that arrived together with CONNECT.
+        // Packets that arrived together with CONNECT (or before a read gate).
         if let Err(exit) = Box::pin(self.decode_buffered(max_packet)).await {
-            return exit;
+            return Step::Exit(exit);
         }
         loop {
             if !self.outbound_paused() {
@@ -670,55 +938,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 let sent = self.out.len() - before;
                 if sent > 0 {
                     self.spend_outbound_budget(sent);
+                    active = Instant::now();
                 }
             }
             let paused = self.outbound_paused();
             if self.flush().await.is_err() {
-                return Exit::new(DisconnectReason::ConnectionLost);
+                return Step::Exit(Exit::new(DisconnectReason::ConnectionLost));
             }
             tokio::select! {
                 biased;
                 r = &mut kicked, if kicked_open => {
                     kicked_open = false;
                     match r {
-                        Ok(kick) => {
-                            return Exit {
-                                send_will: kick.send_will,
-                                expiry_override: kick.end_session.then_some(0),
-                                ..Exit::new(kick.reason)
-                            }
-                        }
+                        Ok(kick) => return Step::Exit(Exit::kicked(kick)),
                         Err(_) => continue,
                     }
                 }
                 _ = &mut timer, if armed.is_some() => {
                     let now = Instant::now();
                     if self.ttl_deadline.is_some_and(|t| t <= now) {
-                        return Exit::new(DisconnectReason::WebsocketTtlExpiration);
+                        return Step::Exit(Exit::new(DisconnectReason::WebsocketTtlExpiration));
                     }
                     if self.read_gate.is_some() {
                         // Not reading is the broker's doing, not the client's silence.
                         last_read = now;
                     }
                     if self.keep_alive > 0 && now >= last_read + timeout {
-                        return Exit::new(DisconnectReason::MqttKeepAliveTimeout);
+                        return Step::Exit(Exit::new(DisconnectReason::MqttKeepAliveTimeout));
                     }
-                    armed = next_deadline(last_read, self.keep_alive, self.ttl_deadline);
+                    if parkable && now >= active + park_after && self.is_idle() {
+                        // Polled once more with a no-op waker, so the channel lets go of this
+                        // task's waker (which would keep the ended task's memory alive).
+                        let mut noop = Context::from_waker(std::task::Waker::noop());
+                        match std::future::Future::poll(Pin::new(&mut kicked), &mut noop) {
+                            Poll::Ready(Ok(kick)) => return Step::Exit(Exit::kicked(kick)),
+                            Poll::Ready(Err(_)) => kicked_open = false,
+                            Poll::Pending => {}
+                        }
+                        self.last_read = last_read;
+                        self.kicked = kicked_open.then_some(kicked);
+                        return Step::Park;
+                    }
+                    if now >= park_check {
+                        // Busy, or not idle long enough: look again later (never at a
+                        // passed instant, which would spin the timer).
+                        park_check = active.max(now) + park_after;
+                    }
+                    armed = next_deadline(last_read, park_check, self.keep_alive, self.ttl_deadline);
                     if let Some(at) = armed {
                         timer.as_mut().reset(at);
                     }
                 }
                 _ = &mut stop => {
-                    return Exit::new(DisconnectReason::ServerInitiatedDisconnect);
+                    return Step::Exit(Exit::new(DisconnectReason::ServerInitiatedDisconnect));
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
                     let Some(ack) = ack else {
-                        return Exit::new(DisconnectReason::ServerError);
+                        return Step::Exit(Exit::new(DisconnectReason::ServerError));
                     };
                     if ack.kind == AckKind::PubAck {
                         self.pending_qos1 = self.pending_qos1.saturating_sub(1);
                     }
                     codec::encode(&ack.packet(), self.version, &mut self.out);
+                    active = Instant::now();
                 }
                 _ = &mut notified => {
                     notified.set(session.notified());
@@ -738,17 +1020,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     self.read_gate = None;
                     // Decode what was read before the wait.
                     if let Err(exit) = Box::pin(self.decode_buffered(max_packet)).await {
-                        return exit;
+                        return Step::Exit(exit);
                     }
                 }
                 read = std::future::poll_fn(|cx| poll_read_input(&mut self.stream, &mut self.inbuf, &mut self.read_size, limited, cx)), if self.read_gate.is_none() => {
                     match read {
-                        Ok(0) | Err(_) => return Exit::new(DisconnectReason::ConnectionLost),
+                        Ok(0) | Err(_) => return Step::Exit(Exit::new(DisconnectReason::ConnectionLost)),
                         Ok(n) => {
                             last_read = Instant::now();
+                            active = last_read;
                             self.spend_byte_budget(n, last_read);
                             if let Err(exit) = Box::pin(self.decode_all(max_packet)).await {
-                                return exit;
+                                return Step::Exit(exit);
                             }
                             if self.inbuf.is_empty() && n < STACK_READ {
                                 // Nothing pending and no burst: give the buffer back.
@@ -1124,8 +1407,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             properties: message_properties(&p.properties),
             expires_at_ms: message_expiry(&p.properties, profile).map(|s| now + s as i64 * 1000),
             origin: Origin {
-                client_id: Some(self.client.client_id.clone()),
-                principal: Some(self.client.principal_identifier.clone()),
+                client_id: Some(self.client.client_id.to_string()),
+                principal: Some(self.client.principal_identifier.to_string()),
                 source_ip: self.client.source_ip,
                 protocol_version: Some(self.version),
             },

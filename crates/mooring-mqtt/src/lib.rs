@@ -18,6 +18,7 @@ pub mod codec;
 pub mod connection;
 pub mod lifecycle;
 pub mod listener;
+mod parking;
 pub mod profile;
 pub mod store;
 pub mod topic;

@@ -113,8 +113,7 @@ pub async fn serve_tls(broker: Broker, listener: TcpListener, acceptor: TlsAccep
                             transport: Transport::Tls,
                             remote: Some(remote),
                             principal: Principal::Certificate {
-                                certificate_id: hex::encode(Sha256::digest(&der)),
-                                der,
+                                certificate_id: Arc::from(hex::encode(Sha256::digest(&der))),
                             },
                         };
                         connection::serve(broker, tls, peer).await

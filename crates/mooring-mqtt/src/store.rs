@@ -129,10 +129,9 @@ pub enum StoreOp {
         client_id: String,
         seq: u64,
     },
-    PutVersion {
-        client_id: String,
-        version: u64,
-    },
+    /// Raises the ceiling below which lifecycle version numbers have been handed out (see
+    /// the broker's `VersionClock`).
+    PutVersionCeiling(u64),
 }
 
 /// Everything loaded at start-up.
@@ -142,7 +141,8 @@ pub struct Loaded {
     pub sessions: Vec<StoredSession>,
     /// Queued messages per client, in sequence order.
     pub messages: BTreeMap<String, Vec<(u64, StoredMessage)>>,
-    pub versions: Vec<(String, u64)>,
+    /// The highest lifecycle version number that may have been handed out.
+    pub version_ceiling: u64,
 }
 
 /// Durable storage of the broker's state.
@@ -254,12 +254,14 @@ impl BrokerStore for SqliteBrokerStore {
                     },
                 ));
             }
-            let mut stmt = conn.prepare("SELECT client_id, version FROM mqtt_client_versions")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (c, v) = row?;
-                loaded.versions.push((c, v as u64));
-            }
+            // (Rows of other client ids are from releases that numbered per client id; the
+            // ceiling covers them.)
+            let ceiling: i64 = conn.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM mqtt_client_versions",
+                [],
+                |r| r.get(0),
+            )?;
+            loaded.version_ceiling = ceiling as u64;
             Ok(loaded)
         })
     }
@@ -332,10 +334,12 @@ impl BrokerStore for SqliteBrokerStore {
                             rusqlite::params![client_id, *seq as i64],
                         )?;
                     }
-                    StoreOp::PutVersion { client_id, version } => {
+                    StoreOp::PutVersionCeiling(ceiling) => {
+                        // One row, under the empty client id (no client has it).
+                        tx.execute("DELETE FROM mqtt_client_versions WHERE client_id <> ''", [])?;
                         tx.execute(
-                            "INSERT OR REPLACE INTO mqtt_client_versions (client_id, version) VALUES (?1, ?2)",
-                            rusqlite::params![client_id, *version as i64],
+                            "INSERT OR REPLACE INTO mqtt_client_versions (client_id, version) VALUES ('', ?1)",
+                            rusqlite::params![*ceiling as i64],
                         )?;
                     }
                 }
@@ -509,10 +513,7 @@ mod tests {
                     },
                     7,
                 ),
-                StoreOp::PutVersion {
-                    client_id: "c".into(),
-                    version: 3,
-                },
+                StoreOp::PutVersionCeiling(3),
             ]));
             for w in waits {
                 w.await.unwrap().unwrap();
@@ -525,7 +526,7 @@ mod tests {
         assert_eq!(max_sequence(&loaded), 19);
         assert_eq!(loaded.sessions[0].subscriptions["x/#"].qos, 1);
         assert_eq!(loaded.retained[0].0.payload, Bytes::from_static(b"hello"));
-        assert_eq!(loaded.versions, vec![("c".to_string(), 3)]);
+        assert_eq!(loaded.version_ceiling, 3);
         store.apply(&[StoreOp::DeleteSession("c".into())]).unwrap();
         let loaded = store.load().unwrap();
         assert!(loaded.sessions.is_empty() && loaded.messages.is_empty());

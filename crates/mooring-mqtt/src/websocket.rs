@@ -65,7 +65,7 @@ impl AwsService for MqttOverWebSocket {
         Box::pin(async move {
             let principal = match &request.context.access_key_id {
                 Some(key) => Principal::SigV4 {
-                    access_key_id: key.clone(),
+                    access_key_id: std::sync::Arc::from(key.as_str()),
                 },
                 None if broker.settings().allow_anonymous => Principal::Anonymous,
                 None => {

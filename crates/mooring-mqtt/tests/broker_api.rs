@@ -287,6 +287,46 @@ async fn persistent_session_survives_a_broker_restart() {
     assert_eq!(sub.next_publish().await.payload, Bytes::from_static(b"two"));
 }
 
+/// The `versionNumber` of `client_id`'s next connection.
+async fn connected_version(broker: &Broker, addr: std::net::SocketAddr, client_id: &str) -> u64 {
+    let mut events = broker
+        .subscribe_channel(&format!("$aws/events/presence/connected/{client_id}"), 4)
+        .unwrap();
+    let mut receiver = events.receiver.take().unwrap();
+    let (client, _) = TestClient::connect(addr, client_id, V311, true).await;
+    let event = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(client);
+    let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    body["versionNumber"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn version_numbers_grow_per_client_id_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = {
+        let (broker, addr, ctx) = start_with(
+            dir.path(),
+            &[("broker.connects_per_second_per_client", "0")],
+        )
+        .await;
+        let first = connected_version(&broker, addr, "counted").await;
+        let other = connected_version(&broker, addr, "other").await;
+        let second = connected_version(&broker, addr, "counted").await;
+        assert!(first >= 1 && second > first && other != first && other != second);
+        ctx.shutdown.trigger();
+        (first, second)
+    };
+    let (broker, addr, _ctx) = start(dir.path()).await;
+    let third = connected_version(&broker, addr, "counted").await;
+    assert!(
+        third > second,
+        "{first}, {second}, then {third} after the restart"
+    );
+}
+
 #[tokio::test]
 async fn takeover_closes_the_old_connection_with_0x8e() {
     let dir = tempfile::tempdir().unwrap();
@@ -726,4 +766,142 @@ async fn publishers_wait_for_a_backlogged_subscriber_but_not_for_a_stalled_one()
         .expect("the publisher was held by a stalled subscriber")
         .unwrap();
     drop(stalled);
+}
+
+/// Waits until `count` connections are parked (idle plain-TCP connections wait in the
+/// parking lot, without a task).
+async fn until_parked(broker: &Broker, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.parked_connections() != count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} connections parked, expected {count}",
+            broker.parked_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_wake_for_messages_packets_kicks_takeovers_and_shutdown() {
+    use mooring_mqtt::lifecycle::DisconnectReason;
+    use mooring_mqtt::Kick;
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, addr, _ctx) = start_with(
+        dir.path(),
+        &[("broker.connects_per_second_per_client", "0")],
+    )
+    .await;
+    let mut events = broker
+        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
+        .unwrap();
+    let mut receiver = events.receiver.take().unwrap();
+
+    // A message queued for a parked subscriber wakes it (QoS 0 and 1).
+    let (mut sub, _) = TestClient::connect(addr, "parked-sub", V5, true).await;
+    sub.subscribe("parked/topic", 1).await;
+    until_parked(&broker, 1).await;
+    broker
+        .publish(message("parked/topic", b"zero", 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.next_publish().await.payload,
+        Bytes::from_static(b"zero")
+    );
+    until_parked(&broker, 1).await;
+    broker
+        .publish(message("parked/topic", b"one", 1))
+        .await
+        .unwrap();
+    assert_eq!(sub.next_publish().await.payload, Bytes::from_static(b"one"));
+
+    // A packet from the client wakes it.
+    until_parked(&broker, 1).await;
+    sub.send(Packet::PingReq).await;
+    assert_eq!(sub.next().await, Some(Packet::PingResp));
+
+    // A kick reaches a parked connection (DeleteConnection).
+    until_parked(&broker, 1).await;
+    assert!(broker.disconnect_client(
+        "parked-sub",
+        Kick::new(DisconnectReason::ApiInitiatedDisconnect)
+    ));
+    match sub.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x98),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert!(sub.next().await.is_none());
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "API_INITIATED_DISCONNECT"
+    );
+
+    // A takeover closes the parked connection with 0x8E.
+    let (mut first, _) = TestClient::connect(addr, "parked-twice", V5, true).await;
+    until_parked(&broker, 1).await;
+    let (mut second, _) = TestClient::connect(addr, "parked-twice", V5, true).await;
+    match first.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x8E),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "DUPLICATE_CLIENTID"
+    );
+    // The new connection works, parked or not.
+    until_parked(&broker, 1).await;
+    second.send(Packet::PingReq).await;
+    assert_eq!(second.next().await, Some(Packet::PingResp));
+
+    // A client closing its socket while parked is a lost connection.
+    until_parked(&broker, 1).await;
+    drop(second);
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "CONNECTION_LOST"
+    );
+
+    // The shutdown resumes parked connections and closes them with 0x8B.
+    let (mut last, _) = TestClient::connect(addr, "parked-at-shutdown", V5, true).await;
+    until_parked(&broker, 1).await;
+    broker.shutdown().trigger();
+    match last.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x8B),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "SERVER_INITIATED_DISCONNECT"
+    );
+    assert_eq!(broker.parked_connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_still_times_out_on_its_keep_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, addr, _ctx) = start_with(dir.path(), &[("mqtt.profile", "strict")]).await;
+    let mut events = broker
+        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
+        .unwrap();
+    let mut receiver = events.receiver.take().unwrap();
+    let (mut quiet, ack) =
+        raw_connect(addr, connect_packet("quiet", V5, 1, Properties::default())).await;
+    assert_eq!(ack.unwrap().code, 0);
+    let started = tokio::time::Instant::now();
+    until_parked(&broker, 1).await;
+    // 1.5 x the keep-alive of 1 s, checked by the lot's sweeps (every 250 ms).
+    match quiet.next().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, 0x8D),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2500),
+        "closed after {waited:?}"
+    );
+    assert_eq!(
+        next_disconnect_reason(&mut receiver).await,
+        "MQTT_KEEP_ALIVE_TIMEOUT"
+    );
 }

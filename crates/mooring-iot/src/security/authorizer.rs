@@ -25,7 +25,7 @@ use super::policy::{decide, Context, PolicyDocument, Request};
 const MAX_CACHED_CONTEXTS: usize = 100_000;
 
 /// Principal identifier and client id.
-type ClientKey = (String, String);
+type ClientKey = (Arc<str>, Arc<str>);
 
 /// What applies to one client.
 struct ClientPolicies {
@@ -61,7 +61,7 @@ impl PolicyAuthorizer {
     /// The policies and variables of `client`, computed now.
     fn compute(&self, client: &ClientInfo) -> ClientPolicies {
         let mut context = Context::new();
-        context.set("iot:ClientId", client.client_id.clone());
+        context.set("iot:ClientId", client.client_id.to_string());
         if let Some(ip) = client.source_ip {
             context.set("aws:SourceIp", ip.to_string());
         }
@@ -120,13 +120,17 @@ impl PolicyAuthorizer {
                 let attached = self
                     .security
                     .things_of(&certificate.arn)
-                    .contains(&client.client_id);
+                    .iter()
+                    .any(|thing| *thing == *client.client_id);
                 context.set(
                     "iot:Connection.Thing.IsAttached",
                     if attached { "true" } else { "false" },
                 );
                 if attached {
-                    context.set("iot:Connection.Thing.ThingName", client.client_id.clone());
+                    context.set(
+                        "iot:Connection.Thing.ThingName",
+                        client.client_id.to_string(),
+                    );
                     if let Some(thing) = self.security.thing(&client.client_id) {
                         if let Some(t) = &thing.thing_type_name {
                             context.set("iot:Connection.Thing.ThingTypeName", t.clone());

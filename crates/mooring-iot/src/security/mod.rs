@@ -127,7 +127,7 @@ impl SecurityPlane {
             let closed = broker.disconnect_clients(
                 |client| {
                     matches!(&client.principal,
-                        Principal::Certificate { certificate_id, .. } if certificate_id == id)
+                        Principal::Certificate { certificate_id } if &**certificate_id == id)
                 },
                 DisconnectReason::AuthError,
             );
