@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mooring_core::handles::PublishMessage;
 use mooring_mqtt::codec::{self, Ack, Connect, Packet, Properties, Publish, Subscribe, V311, V5};
-use mooring_mqtt::{Broker, Message, MessageProperties, Origin};
+use mooring_mqtt::{Broker, InternalSubscription, Message, MessageProperties, Origin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -385,15 +385,11 @@ async fn api_initiated_disconnect_and_principal_disconnect() {
     use mooring_mqtt::lifecycle::DisconnectReason;
     use mooring_mqtt::Kick;
     let dir = tempfile::tempdir().unwrap();
-    let (broker, addr, _ctx) = start_with(
+    let (broker, addr, _ctx, _events, mut receiver) = start_watching_disconnects(
         dir.path(),
         &[("broker.connects_per_second_per_client", "0")],
     )
     .await;
-    let mut events = broker
-        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
-        .unwrap();
-    let mut receiver = events.receiver.take().unwrap();
     let (mut victim, _) = TestClient::connect(addr, "victim", V5, false).await;
     victim.subscribe("kept/or/not", 1).await;
     assert!(!broker.disconnect_client(
@@ -460,6 +456,25 @@ async fn start_with(
     let addr = listener.local_addr().unwrap();
     tokio::spawn(mooring_mqtt::listener::serve_tcp(broker.clone(), listener));
     (broker, addr, ctx)
+}
+
+/// [`start_with`], plus the broker's `disconnected` events (while the subscription lives).
+async fn start_watching_disconnects(
+    dir: &std::path::Path,
+    settings: &[(&str, &str)],
+) -> (
+    Broker,
+    std::net::SocketAddr,
+    mooring_core::ServiceContext,
+    InternalSubscription,
+    tokio::sync::mpsc::Receiver<Arc<Message>>,
+) {
+    let (broker, addr, ctx) = start_with(dir, settings).await;
+    let mut events = broker
+        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
+        .unwrap();
+    let receiver = events.receiver.take().unwrap();
+    (broker, addr, ctx, events, receiver)
 }
 
 /// Sends a CONNECT and returns the CONNACK (or `None` when the server just closed).
@@ -787,15 +802,11 @@ async fn parked_connections_wake_for_messages_packets_kicks_takeovers_and_shutdo
     use mooring_mqtt::lifecycle::DisconnectReason;
     use mooring_mqtt::Kick;
     let dir = tempfile::tempdir().unwrap();
-    let (broker, addr, _ctx) = start_with(
+    let (broker, addr, _ctx, _events, mut receiver) = start_watching_disconnects(
         dir.path(),
         &[("broker.connects_per_second_per_client", "0")],
     )
     .await;
-    let mut events = broker
-        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
-        .unwrap();
-    let mut receiver = events.receiver.take().unwrap();
 
     // A message queued for a parked subscriber wakes it (QoS 0 and 1).
     let (mut sub, _) = TestClient::connect(addr, "parked-sub", V5, true).await;
@@ -880,11 +891,8 @@ async fn parked_connections_wake_for_messages_packets_kicks_takeovers_and_shutdo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_still_times_out_on_its_keep_alive() {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, addr, _ctx) = start_with(dir.path(), &[("mqtt.profile", "strict")]).await;
-    let mut events = broker
-        .subscribe_channel("$aws/events/presence/disconnected/+", 16)
-        .unwrap();
-    let mut receiver = events.receiver.take().unwrap();
+    let (broker, addr, _ctx, _events, mut receiver) =
+        start_watching_disconnects(dir.path(), &[("mqtt.profile", "strict")]).await;
     let (mut quiet, ack) =
         raw_connect(addr, connect_packet("quiet", V5, 1, Properties::default())).await;
     assert_eq!(ack.unwrap().code, 0);
@@ -897,7 +905,7 @@ async fn a_parked_connection_still_times_out_on_its_keep_alive() {
     }
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2500),
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
         "closed after {waited:?}"
     );
     assert_eq!(
