@@ -2,7 +2,8 @@
 //!
 //! [`codec`] is the hand-written MQTT 3.1.1/5.0 wire format; [`trie`] stores subscriptions;
 //! [`broker`] holds sessions, routing, retained messages and wills; [`connection`] drives one
-//! client; [`listener`] and [`websocket`] accept clients over TCP, TLS and WebSocket;
+//! client, and `parking` keeps idle plain-TCP connections without a task; [`listener`] and
+//! [`websocket`] accept clients over TCP, TLS and WebSocket;
 //! [`lifecycle`] renders AWS's presence and subscription events; [`profile`] lists where the
 //! `aws` profile departs from the MQTT specifications; [`auth`] is the hook through which
 //! the IoT policy engine decides what clients may do; [`store`] keeps sessions, queued

@@ -1,6 +1,7 @@
 //! Persistence of the broker's durable state behind [`BrokerStore`], implemented on core's
 //! SQLite [`Db`]: retained messages, persistent sessions (with their subscriptions), the
-//! QoS 1/2 messages queued for them, and the per-client lifecycle version numbers.
+//! QoS 1/2 messages queued for them, and the ceiling of the lifecycle version numbers handed
+//! out (one row in `mqtt_client_versions`, under the empty client id).
 //!
 //! Writes go through [`Persister`], a group-commit writer on its own thread: every batch of
 //! operations submitted while the previous transaction was committing is applied in one
