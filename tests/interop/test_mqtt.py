@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import time
+import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -673,6 +674,71 @@ def test_keep_alive_timeout_in_strict(mooring_factory):
 def test_keep_alive_is_clamped_in_aws(mooring):
     c = Client(mooring, protocol=V5, keepalive=5)
     assert c.connack_props.ServerKeepAlive == 30
+
+
+def parked_connections(m):
+    """`mooring_mqtt_connections_parked` from /metrics."""
+    body = urllib.request.urlopen(m.url + "/metrics").read().decode()
+    for line in body.splitlines():
+        if line.startswith("mooring_mqtt_connections_parked "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no mooring_mqtt_connections_parked in /metrics:\n" + body)
+
+
+def until_parked(m, at_least, timeout=10):
+    deadline = time.time() + timeout
+    while (n := parked_connections(m)) < at_least:
+        assert time.time() < deadline, f"{n} connections parked, expected {at_least}"
+        time.sleep(0.05)
+
+
+def test_idle_connections_are_parked_and_still_served(mooring):
+    # An idle plain-TCP connection gives up its task: one thread waits on its socket and
+    # resumes it when the client sends, when a message is queued for it, or when it is
+    # kicked. Paho clients and boto3 drive each of those from outside.
+    data = mooring.client("iot-data")
+    obs = observer(mooring)
+    echo = Client(mooring, client_id="parked-echo")
+    echo.sub("parked/echo", 1)
+    clients = [Client(mooring, client_id=f"parked-{i}", protocol=V5 if i % 2 else V311)
+               for i in range(20)]
+    for i, c in enumerate(clients):
+        c.sub(f"parked/{i}", 1)
+    until_parked(mooring, len(clients) + 2)
+
+    # A message queued for a parked connection (iot-data Publish, QoS 1 and 0).
+    for i in range(len(clients)):
+        data.publish(topic=f"parked/{i}", qos=1 if i % 3 else 0, payload=f"to {i}".encode())
+    for i, c in enumerate(clients):
+        assert c.expect(f"parked/{i}").payload == f"to {i}".encode()
+
+    # Packets from parked clients: QoS 1 publishes (acknowledged) that reach another
+    # parked subscriber.
+    until_parked(mooring, len(clients) + 2)
+    for i, c in enumerate(clients):
+        c.pub("parked/echo", f"from {i}".encode(), 1)
+    got = sorted(echo.expect("parked/echo").payload for _ in clients)
+    assert got == sorted(f"from {i}".encode() for i in range(len(clients)))
+
+    # A kick (DeleteConnection) reaches a parked connection.
+    until_parked(mooring, len(clients) + 2)
+    data.delete_connection(clientId="parked-1")
+    assert clients[1].disconnects.get(timeout=10).value == 0x98
+    gone = event(obs.expect("$aws/events/presence/disconnected/parked-1"))
+    assert gone["disconnectReason"] == "API_INITIATED_DISCONNECT"
+    clients[1].c.loop_stop()
+
+    # Clients closing their sockets while parked are lost connections, and leave the lot.
+    for c in clients[2:6]:
+        c.c.loop_stop()
+        c.c.socket().close()
+    lost = {}
+    while len(lost) < 4:
+        msg = obs.get(timeout=10)
+        if msg.topic.startswith("$aws/events/presence/disconnected/"):
+            lost[event(msg)["clientId"]] = event(msg)["disconnectReason"]
+    assert lost == {c.client_id: "CONNECTION_LOST" for c in clients[2:6]}
+    assert parked_connections(mooring) <= len(clients) + 2 - 5
 
 
 def test_malformed_and_oversized_packets_close_only_that_connection(mooring):

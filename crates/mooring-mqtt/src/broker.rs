@@ -365,6 +365,8 @@ pub(crate) struct BrokerInner {
     /// Where idle connections wait without a task; started by the first one (`None` if its
     /// thread could not start: connections then keep their tasks).
     parking: OnceLock<Option<ParkingLot<ParkedConnection>>>,
+    /// Connections parked now (`mooring_mqtt_connections_parked`).
+    parked_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// The sessions by client id: a set of the sessions themselves, looked up by their client
@@ -528,6 +530,7 @@ impl Broker {
                 recent_connects: Mutex::new(RecentConnects::default()),
                 drained: Notify::new(),
                 parking: OnceLock::new(),
+                parked_gauge: Default::default(),
             }),
         };
         broker.restore(loaded);
@@ -1279,8 +1282,10 @@ impl Broker {
             .parking
             .get_or_init(|| {
                 let weak = Arc::downgrade(&self.inner);
-                let lot =
-                    ParkingLot::start(tokio::runtime::Handle::current(), move |socket, record| {
+                let lot = ParkingLot::start(
+                    tokio::runtime::Handle::current(),
+                    self.inner.parked_gauge.clone(),
+                    move |socket, record| {
                         if let Some(inner) = weak.upgrade() {
                             let broker = Broker { inner };
                             broker.shutdown().spawn(connection::resume(
@@ -1289,7 +1294,8 @@ impl Broker {
                                 record,
                             ));
                         }
-                    });
+                    },
+                );
                 match lot {
                     Ok(lot) => {
                         let weak = Arc::downgrade(&self.inner);
@@ -1311,6 +1317,15 @@ impl Broker {
                 }
             })
             .as_ref()
+    }
+
+    /// Adds the broker's gauges to the process's `/metrics`.
+    pub fn register_metrics(&self, metrics: &mooring_core::metrics::Metrics) {
+        metrics.register(
+            "mqtt_connections_parked",
+            "Idle plain-TCP MQTT connections waiting in the parking lot, without a task",
+            self.inner.parked_gauge.clone(),
+        );
     }
 
     /// Connections parked now (idle plain-TCP connections without a task).

@@ -66,6 +66,7 @@ pub fn start(ctx: &ServiceContext) -> anyhow::Result<Broker> {
         ctx.shutdown.clone(),
     )?;
     ctx.handles.set_broker(Arc::new(broker.clone()));
+    broker.register_metrics(&ctx.metrics);
     tracing::info!(
         profile = broker.profile().name,
         sessions = broker.session_count(),

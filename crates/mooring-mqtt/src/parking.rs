@@ -85,6 +85,8 @@ pub(crate) struct ParkingLot<T: Send + 'static> {
 
 struct Shared<T> {
     registry: Registry,
+    /// Connections parked now, for `/metrics`.
+    gauge: prometheus_client::metrics::gauge::Gauge,
     waker: Waker,
     slots: Mutex<Slots<T>>,
     /// Tokens the broker woke, for the thread to resume.
@@ -118,7 +120,12 @@ impl<T> Slots<T> {
     }
 
     /// Takes the parked connection `token` names, if it is still parked.
-    fn take(&mut self, registry: &Registry, token: ParkToken) -> Option<Parked<T>> {
+    fn take(
+        &mut self,
+        registry: &Registry,
+        gauge: &prometheus_client::metrics::gauge::Gauge,
+        token: ParkToken,
+    ) -> Option<Parked<T>> {
         if token.index() >= self.chunks.len() * CHUNK {
             return None;
         }
@@ -130,6 +137,7 @@ impl<T> Slots<T> {
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(token.index() as u32);
         self.parked -= 1;
+        gauge.dec();
         let _ = registry.deregister(&mut SourceFd(&parked.socket.as_raw_fd()));
         Some(parked)
     }
@@ -170,13 +178,16 @@ impl<T> Slots<T> {
 impl<T: Send + 'static> ParkingLot<T> {
     /// Starts the lot's thread. `resume` runs on that thread (inside `runtime`'s context, so
     /// it may spawn tasks), or in [`ParkingLot::close`]'s caller.
+    /// `gauge` follows the number of parked connections.
     pub(crate) fn start(
         runtime: tokio::runtime::Handle,
+        gauge: prometheus_client::metrics::gauge::Gauge,
         resume: impl Fn(std::net::TcpStream, T) + Send + Sync + 'static,
     ) -> std::io::Result<ParkingLot<T>> {
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             registry: poll.registry().try_clone()?,
+            gauge,
             waker: Waker::new(poll.registry(), WAKER)?,
             slots: Mutex::new(Slots {
                 chunks: Vec::new(),
@@ -245,6 +256,7 @@ impl<T: Send + 'static> ParkingLot<T> {
             record,
         });
         slots.parked += 1;
+        shared.gauge.inc();
         if let Some(deadline) = deadline {
             if slots.earliest.is_none_or(|e| deadline < e) {
                 slots.earliest = Some(deadline);
@@ -276,7 +288,7 @@ impl<T: Send + 'static> ParkingLot<T> {
             let tokens = slots.tokens();
             tokens
                 .into_iter()
-                .filter_map(|t| slots.take(&shared.registry, t))
+                .filter_map(|t| slots.take(&shared.registry, &shared.gauge, t))
                 .collect::<Vec<_>>()
         };
         for parked in resumed {
@@ -341,7 +353,7 @@ impl<T> Shared<T> {
                 }
                 tokens
                     .into_iter()
-                    .filter_map(|t| slots.take(&self.registry, t))
+                    .filter_map(|t| slots.take(&self.registry, &self.gauge, t))
                     .collect::<Vec<_>>()
             };
             for parked in resumed {
@@ -375,7 +387,8 @@ mod tests {
             .unwrap();
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        let lot = ParkingLot::start(runtime.handle().clone(), move |_socket, record| {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let lot = ParkingLot::start(runtime.handle().clone(), gauge, move |_socket, record| {
             let _ = tx.lock().unwrap().send(record);
         })
         .unwrap();
