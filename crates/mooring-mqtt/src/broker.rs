@@ -269,10 +269,16 @@ impl SessionState {
 
     /// Tells the connection task there may be work ([`Session::notified`]).
     fn signal(&mut self) {
-        self.signalled = true;
-        if let Some(waker) = self.waiter.take() {
+        if let Some(waker) = self.signal_unwoken() {
             waker.wake();
         }
+    }
+
+    /// [`SessionState::signal`], leaving the wake-up to the caller, which does it once the
+    /// session's lock is released (so the woken task does not find it still held).
+    fn signal_unwoken(&mut self) -> Option<std::task::Waker> {
+        self.signalled = true;
+        self.waiter.take()
     }
 }
 
@@ -1017,9 +1023,16 @@ impl Broker {
             subscription_ids,
             seq,
         });
-        if let Some(link) = state.connection.as_mut() {
-            self.wake_parked(link);
-            state.signal();
+        let waiter = match state.connection.as_mut() {
+            Some(link) => {
+                self.wake_parked(link);
+                state.signal_unwoken()
+            }
+            None => None,
+        };
+        drop(state);
+        if let Some(waker) = waiter {
+            waker.wake();
         }
         full
     }

@@ -142,32 +142,25 @@ impl<T> Slots<T> {
         Some(parked)
     }
 
-    fn tokens(&self) -> Vec<ParkToken> {
-        let mut tokens = Vec::with_capacity(self.parked);
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            for (i, slot) in chunk.iter().enumerate() {
-                if slot.parked.is_some() {
-                    tokens.push(ParkToken::new(c * CHUNK + i, slot.generation));
-                }
-            }
-        }
-        tokens
+    /// Every parked record with its token.
+    fn parked_records(&self) -> impl Iterator<Item = (ParkToken, &Parked<T>)> {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk.iter().enumerate().filter_map(move |(i, slot)| {
+                let parked = slot.parked.as_ref()?;
+                Some((ParkToken::new(c * CHUNK + i, slot.generation), parked))
+            })
+        })
     }
 
     /// Tokens of the records whose deadline is at or before `now`; recomputes `earliest`.
     fn expired(&mut self, now: Millis) -> Vec<ParkToken> {
         let mut expired = Vec::new();
         let mut earliest: Option<Millis> = None;
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            for (i, slot) in chunk.iter().enumerate() {
-                let Some(deadline) = slot.parked.as_ref().and_then(|p| p.deadline) else {
-                    continue;
-                };
-                if deadline <= now {
-                    expired.push(ParkToken::new(c * CHUNK + i, slot.generation));
-                } else {
-                    earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
-                }
+        for (token, parked) in self.parked_records() {
+            match parked.deadline {
+                Some(deadline) if deadline <= now => expired.push(token),
+                Some(deadline) => earliest = Some(earliest.map_or(deadline, |e| e.min(deadline))),
+                None => {}
             }
         }
         self.earliest = earliest;
@@ -285,7 +278,7 @@ impl<T: Send + 'static> ParkingLot<T> {
         let resumed = {
             let mut slots = shared.lock_slots();
             slots.closed = true;
-            let tokens = slots.tokens();
+            let tokens: Vec<ParkToken> = slots.parked_records().map(|(t, _)| t).collect();
             tokens
                 .into_iter()
                 .filter_map(|t| slots.take(&shared.registry, &shared.gauge, t))

@@ -78,7 +78,7 @@ impl PolicyAuthorizer {
                 documents: Vec::new(),
                 context,
             },
-            Principal::Certificate { certificate_id, .. } => {
+            Principal::Certificate { certificate_id } => {
                 let Some(certificate) = self.security.certificate(certificate_id) else {
                     return ClientPolicies {
                         refused: true,
@@ -216,7 +216,7 @@ impl Authorizer for PolicyAuthorizer {
     }
 
     fn exclusive_thing(&self, client: &ClientInfo) -> Option<String> {
-        let Principal::Certificate { certificate_id, .. } = &client.principal else {
+        let Principal::Certificate { certificate_id } = &client.principal else {
             return None;
         };
         self.security
